@@ -1,0 +1,1 @@
+"""Driver pipelines: thin wiring over `shipyard`; configs under pipelines/configs/."""

@@ -1,0 +1,116 @@
+"""The `shipyard` command (also `python -m shipyard`).
+
+    shipyard run pipelines/configs/digits.yaml train.lr=0.01 tune.num_samples=4 --summary-json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from shipyard.errors import PlatformError
+
+log = logging.getLogger("shipyard")
+
+
+def _add_run_args(p: argparse.ArgumentParser, config_required: bool) -> None:
+    if config_required:
+        p.add_argument("config", help="YAML config file, e.g. pipelines/configs/digits.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides with the YAML's dotted keys, e.g. train.lr=0.01 tune.num_samples=4")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to attach to (default: $RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--summary-json", type=Path, default=None, metavar="PATH",
+                   help="also write the closing summary as JSON to PATH")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="leave the endpoint running after the check (same as serve.keep_running=true)")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("ray.data", "ray.tune", "ray.train", "ray.serve", "mlflow", "alembic", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    rows = [
+        ("best config", json.dumps(s.get("best_config", {})) or "(no search)"),
+        ("trials", json.dumps(s.get("trials", {}))),
+        ("test accuracy", f"{s['test_accuracy']:.4f}"),
+        ("model", f"{s['model_name']} v{s['model_version']}"),
+        ("promoted", f"{'yes' if s['promoted'] else 'no'} ({s['promotion_reason']})"),
+        ("champion", f"v{s['champion_version']}"),
+        ("endpoint", f"{s['endpoint']} (accuracy {s['endpoint_accuracy']:.4f}, v{s['served_version']})"
+         if s.get("endpoint") else "not served"),
+        ("MLflow parent run", s["parent_run_id"]),
+        ("time per stage", ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items())
+         + f"; total {s['total_seconds']:.1f}s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 60)
+    return "\n".join([line, "Shipyard summary", line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+
+
+def run_pipeline(config_path: str | Path | None, overrides: list[str], address: str | None = None,
+                 summary_json: Path | None = None, keep_serving: bool = False,
+                 defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load the config (fails before Ray on a bad key), run the pipeline, print and write the summary."""
+    from shipyard.config import load_config, parse_overrides
+    from shipyard.pipeline import run
+
+    merged = {**(defaults or {}), **parse_overrides(overrides)}
+    cfg = load_config(config_path, merged)
+    log.info("config:\n%s", cfg.to_yaml())
+    summary = run(cfg, address=address, keep_serving=keep_serving or None)
+    if summary.get("endpoint_example"):
+        print("endpoint answer to POST /predict with 3 test rows:", json.dumps(summary["endpoint_example"]["response"]))
+    print(format_summary(summary))
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2, default=str))
+        print(f"summary written to {summary_json}")
+    return summary
+
+
+def pipeline_main(default_config: Path, argv: list[str] | None = None, description: str = "",
+                  defaults: dict[str, Any] | None = None) -> int:
+    """Entry of `python -m pipelines.<name> [config.yaml] [key=value ...]`."""
+    p = argparse.ArgumentParser(description=description)
+    _add_run_args(p, config_required=False)
+    args = p.parse_args(argv)
+    config = default_config
+    if args.overrides and "=" not in args.overrides[0]:
+        config, args.overrides = Path(args.overrides[0]), args.overrides[1:]
+    return _guard(lambda: run_pipeline(config, args.overrides, args.address, args.summary_json, args.keep_serving,
+                                       defaults))
+
+
+def _guard(fn) -> int:
+    configure_logging()
+    try:
+        fn()
+    except PlatformError as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="shipyard", description="Shipyard: from data to a live endpoint on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run a pipeline from a YAML config",
+                           description="Run data -> tune -> train -> register -> serve from a YAML config.")
+    _add_run_args(run_p, config_required=True)
+    args = p.parse_args(argv)
+    if args.command == "run":
+        return _guard(lambda: run_pipeline(args.config, args.overrides, args.address, args.summary_json,
+                                           args.keep_serving))
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""One typed config tree for every Shipyard pipeline; the only home of defaults.
+
+    cfg = load_config("pipelines/configs/digits.yaml", ["train.lr=0.01", "tune.num_samples=4"])
+
+A YAML file holds an experiment's differences from the defaults below; `key=value` arguments
+hold one-off changes. The same dotted spelling (`train.lr`) is used in YAML, on the command line,
+in the Tune search space, in MLflow params and in error messages.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shipyard.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+"""The repository root: platform/shipyard/config.py -> ../../."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    builtin: Literal["digits"] | None = None
+    """A data set that ships with the platform (no download). Exactly one of `builtin` and `path`."""
+    path: str | None = None
+    """A parquet or CSV classification file (or a folder of them) read with Ray Data."""
+    label: str = "label"
+    """Name of the label column in `path`; every other column is a numeric feature."""
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = 0
+    """Seed of the train/val/test split: the same file and seed give the same split on any cluster."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError("set exactly one of data.builtin (e.g. digits) and data.path (a .csv or .parquet file)")
+        return self
+
+
+class ModelConfig(_Section):
+    name: str = "mlp"
+    """A built-in factory (`mlp`, `cnn`) or a user factory `package.module:function`."""
+    hidden: int = Field(128, ge=1)
+    """Width of hidden layers (MLP units, CNN channels)."""
+    depth: int = Field(2, ge=1)
+    """Number of hidden layers (MLP) or conv blocks (CNN)."""
+    dropout: float = Field(0.1, ge=0, lt=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments passed to a user factory."""
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(64, ge=1)
+    """Global batch size across all Ray Train workers."""
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    max_failures: int = Field(2, ge=0)
+    """Worker-group restarts from the last checkpoint before the run fails (Ray Train FailureConfig)."""
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    """Data-parallel Ray Train workers for the final training run."""
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+Distribution = Literal["uniform", "loguniform", "randint", "choice", "grid"]
+
+
+class TuneConfig(_Section):
+    enabled: bool = True
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    scheduler: Literal["asha", "fifo"] = "asha"
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    grace_period: int = Field(3, ge=1)
+    """ASHA: epochs every trial gets before it can be stopped."""
+    reduction_factor: float = Field(3, gt=1)
+    """ASHA: only 1/reduction_factor of the trials reaching a rung go on to the next."""
+    cpus_per_trial: float = Field(1.0, gt=0)
+    space: dict[str, dict[Distribution, list[Any]]] = Field(default_factory=dict)
+    """Search space: `{"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.hidden": {"choice": [64, 128]}}`."""
+
+    @property
+    def mode(self) -> str:
+        return "max" if self.metric == "val_accuracy" else "min"
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None
+    """MLflow tracking URI; default: a sqlite file under .shipyard/ in the project."""
+    experiment: str = "shipyard"
+    model_name: str | None = None
+    """Registered model name; default: the pipeline's name."""
+
+
+class ServeConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(0.5, gt=0)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_instances: int = Field(1024, ge=1)
+    """Most rows accepted in one request; more get a 413."""
+    keep_running: bool = False
+    """Leave the endpoint up after the pipeline's check (the driver then waits for Ctrl-C)."""
+
+
+class Config(_Section):
+    name: str = "digits"
+    """Pipeline name: names the MLflow parent run, the Ray runs and (by default) the registered model."""
+    data: DataConfig = Field(default_factory=lambda: DataConfig(builtin="digits"))
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    storage_path: str = ".shipyard/ray_results"
+    """Where Ray Train/Tune write checkpoints; relative paths are under the project root."""
+
+    @model_validator(mode="after")
+    def _space_keys_exist(self) -> Config:
+        for key in self.tune.space:
+            _check_key(key, where="tune.space")
+        return self
+
+    # -- derived values ------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.tracking.model_name or self.name
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        db = PROJECT_ROOT / ".shipyard" / "mlflow.db"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{db}"  # absolute: Tune trials chdir into their trial folder
+
+    @property
+    def storage_dir(self) -> Path:
+        p = Path(self.storage_path)
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+    def flat(self) -> dict[str, Any]:
+        """The tree as `{"train.lr": 0.003, ...}`: MLflow params and Tune keys use this spelling."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# -- loading and overriding ------------------------------------------------------------------
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("space", "options"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (dict, list)) else v
+    return out
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a user may set, e.g. `train.lr`."""
+    keys: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            else:
+                keys.append(f"{prefix}{name}")
+
+    walk(Config, "")
+    return keys
+
+
+def _check_key(key: str, where: str = "") -> None:
+    keys = valid_keys()
+    top = key.split(".")[0]
+    if key in keys or (f"{top}.options" in keys and key.startswith("model.options.")):
+        return
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    section = [k for k in keys if k.startswith(top + ".")]
+    listing = f" Keys under '{top}': {', '.join(section)}." if section else f" Valid keys: {', '.join(keys)}."
+    loc = f" in {where}" if where else ""
+    raise ConfigError(f"unknown key '{key}'{loc}{hint}{listing}")
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    _check_key(key)
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{key}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _unknown_keys(tree: dict[str, Any], prefix: str = "") -> None:
+    """Report unknown keys of a YAML tree with the closest valid spelling, before pydantic does."""
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("space", "options"):
+            _unknown_keys(v, key + ".")
+        else:
+            _check_key(key)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["train.lr=0.01", "tune.enabled=false"]` -> `{"train.lr": 0.01, "tune.enabled": False}` (YAML scalars)."""
+    out: dict[str, Any] = {}
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"expected key=value, got '{arg}' (e.g. train.lr=0.01)")
+        key, raw = arg.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"cannot parse the value of '{key}': {raw!r} ({err})") from err
+    return out
+
+
+def apply_overrides(cfg: Config | dict[str, Any], overrides: dict[str, Any], source: str = "overrides") -> Config:
+    """A new Config with dotted-key overrides applied; serves both the CLI and Tune trials."""
+    tree = copy.deepcopy(cfg.model_dump(mode="json") if isinstance(cfg, Config) else cfg)
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value)
+    return _validate(tree, source)
+
+
+def _validate(tree: dict[str, Any], source: str) -> Config:
+    _unknown_keys(tree)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError(f"invalid config from {source}:\n" + "\n".join(lines)) from err
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or the defaults) and apply `key=value` overrides. Raises ConfigError."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (configs live in pipelines/configs/)")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p} is not valid YAML: {err}") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections (data:, model:, train:, ...)")
+        source = str(p)
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    return _validate(tree, source if not overrides else f"{source} + command line")

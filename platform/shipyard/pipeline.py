@@ -1,0 +1,214 @@
+"""The driver pipeline: data -> tune -> train -> evaluate -> register/promote -> serve.
+
+    summary = run(load_config("pipelines/configs/digits.yaml", ["train.lr=0.01"]))
+
+Everything that can be checked without Ray (config, search space, data file, tracking server) is
+checked before Ray starts. Each stage logs one progress line with its elapsed time.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import numpy as np
+
+from shipyard import data, tracking, tuning
+from shipyard.config import Config, apply_overrides
+from shipyard.errors import ServingError
+
+log = logging.getLogger(__name__)
+
+
+class Stages:
+    """Wall time per stage, with one progress line at the start and end of each."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, what: str) -> Iterator[None]:
+        log.info("[%6.1fs] %-8s %s ...", time.perf_counter() - self.t0, name, what)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        log.info("[%6.1fs] %-8s done in %.1f s", time.perf_counter() - self.t0, name, self.seconds[name])
+
+
+def init_ray(address: str | None) -> bool:
+    """Start a local Ray (token auth on, dashboard on loopback) or attach to `address`/RAY_ADDRESS.
+
+    Returns True when this call started Ray, so the caller knows to shut it down.
+    """
+    import ray
+
+    # every ray.train.report waits ~one health-check interval (2 s by default; RAY_NOTES §3)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log.info("attached to the Ray cluster at %s", address)
+    else:
+        # the dashboard must stay on: Train V2 needs the State API to free stopped trials (RAY_NOTES §6)
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        log.info("started a local Ray: %s", ray.cluster_resources())
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per stage is ours to print
+    return True
+
+
+def preflight(cfg: Config) -> None:
+    """The checks that need no Ray: they fail in seconds, before any cluster is started."""
+    data.check_source(cfg.data)
+    if cfg.tune.enabled:
+        tuning.check_space(cfg)
+    tracking.check_reachable(cfg.tracking_uri)
+
+
+def run(cfg: Config, address: str | None = None, keep_serving: bool | None = None) -> dict[str, Any]:
+    """Run the whole pipeline; returns the summary (also what `--summary-json` writes)."""
+    import mlflow
+    import ray
+
+    preflight(cfg)
+    stages = Stages()
+    with stages("ray", "starting or attaching to Ray"):
+        started_ray = init_ray(address)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    summary: dict[str, Any] = {"model_name": cfg.model_name, "endpoint": None}
+    keep = cfg.serve.keep_running if keep_serving is None else keep_serving
+    served = False
+    try:
+        tracking.setup(cfg)
+        with mlflow.start_run(run_name=f"{cfg.name}-{stamp}", tags={"shipyard.kind": "pipeline"}) as parent:
+            parent_id = parent.info.run_id
+            summary["parent_run_id"] = parent_id
+            log.info("MLflow: %s, experiment '%s', parent run %s", cfg.tracking_uri, cfg.tracking.experiment,
+                     parent_id)
+            tracking.log_config(cfg)
+
+            with stages("data", f"reading {cfg.data.path or cfg.data.builtin} with Ray Data"):
+                splits = data.load_splits(cfg.data)
+                mlflow.log_params({"data.hash": splits.data_hash, "data.rows_train": splits.rows["train"],
+                                   "data.rows_val": splits.rows["val"], "data.rows_test": splits.rows["test"]})
+            summary["data_hash"] = splits.data_hash
+
+            best_cfg = cfg
+            if cfg.tune.enabled and cfg.tune.space:
+                with stages("tune", f"{cfg.tune.num_samples} trials, {cfg.tune.scheduler}, "
+                                    f"{cfg.tune.max_concurrent_trials} at a time"):
+                    found = tuning.search(cfg, splits, f"{cfg.name}-tune-{stamp}", cfg.tracking_uri, parent_id)
+                best_cfg = apply_overrides(cfg, found.best_overrides, source="best trial")
+                log.info("best trial: %s (%s %.4f); trials %s", found.best_overrides, cfg.tune.metric,
+                         found.best_metric, found.trial_status)
+                summary["best_config"] = found.best_overrides
+                summary["trials"] = found.trial_status
+                mlflow.log_params({f"best.{k}": v for k, v in found.best_overrides.items()})
+
+            with stages("train", f"{cfg.scaling.num_workers} Ray Train workers x {best_cfg.train.epochs} epochs"):
+                summary.update(_train_and_register(best_cfg, splits, parent_id, stamp))
+            mlflow.log_metrics({"test_accuracy": summary["test_accuracy"]})
+
+            if cfg.serve.enabled:
+                with stages("serve", f"deploying models:/{cfg.model_name}@champion on {cfg.serve.host}"):
+                    served = True
+                    summary.update(_serve_and_check(cfg, splits, summary))
+                mlflow.log_metric("endpoint_accuracy", summary["endpoint_accuracy"])
+            summary["stage_seconds"] = stages.seconds
+            summary["total_seconds"] = round(time.perf_counter() - stages.t0, 2)
+            mlflow.log_dict(summary, "summary.json")
+        if served and keep:
+            _wait_for_ctrl_c(summary["endpoint"])
+    finally:
+        if served:
+            from ray import serve
+
+            serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+    return summary
+
+
+def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict[str, Any]:
+    import mlflow
+
+    from shipyard.train import fit, load_trained
+
+    with mlflow.start_run(run_name="train", nested=True, tags={"shipyard.kind": "train"}) as run:
+        tracking.log_config(cfg)
+        result = fit(cfg, splits, f"{cfg.name}-train-{stamp}", cfg.tracking_uri, run.info.run_id)
+        model = load_trained(cfg, result.checkpoint_dir, splits.in_features, splits.num_classes)
+        x_test, y_test = data.to_numpy(splits.test)
+        import torch
+
+        with torch.no_grad():
+            test_acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
+        mlflow.log_metric("test_accuracy", test_acc)
+        log.info("test accuracy %.4f on %d held-out rows", test_acc, len(y_test))
+        tags = tracking.lineage_tags(cfg, splits.data_hash, parent_id, run.info.run_id, test_acc)
+        version = tracking.log_model(model, x_test[:5], cfg, splits.classes, splits.feature_names, tags)
+    decision, champion_acc = tracking.promote_if_better(cfg.model_name, version, test_acc, x_test, y_test)
+    log.info("registered %s v%s; %s -> %s", cfg.model_name, version, decision.reason,
+             "promoted to champion" if decision.promote else "champion unchanged")
+    return {"test_accuracy": test_acc, "model_version": version, "promoted": decision.promote,
+            "promotion_reason": decision.reason, "previous_champion_accuracy": champion_acc,
+            "champion_version": tracking.champion_version(cfg.model_name),
+            "train_run_id": run.info.run_id, "final_metrics": {k: result.metrics.get(k) for k in
+                                                              ("train_loss", "val_loss", "val_accuracy")}}
+
+
+def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, Any]:
+    """Deploy the champion, send it the test rows, and check its answers against its test accuracy."""
+    import requests
+    from ray import serve
+
+    from shipyard.endpoint import build_app
+
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    app = build_app({"model": f"models:/{cfg.model_name}@champion", "tracking_uri": cfg.tracking_uri,
+                     "num_replicas": cfg.serve.num_replicas, "cpus_per_replica": cfg.serve.cpus_per_replica,
+                     "max_batch_size": cfg.serve.max_batch_size,
+                     "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
+                     "max_instances": cfg.serve.max_instances})
+    serve.run(app, name=cfg.name, route_prefix="/")
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    x_test, y_test = data.to_numpy(splits.test)
+    predictions: list[Any] = []
+    served_version = None
+    for start in range(0, len(x_test), cfg.serve.max_instances):
+        resp = requests.post(f"{url}/predict", json={"instances": x_test[start:start + cfg.serve.max_instances]
+                                                     .tolist()}, timeout=60)
+        if resp.status_code != 200:
+            raise ServingError(f"endpoint {url}/predict answered {resp.status_code}: {resp.text[:500]}")
+        body = resp.json()
+        predictions += body["predictions"]
+        served_version = body["model_version"]
+    expected_labels = np.asarray(splits.classes, dtype=object)[y_test]
+    endpoint_acc = float(np.mean([p == e for p, e in zip(predictions, expected_labels)]))
+    expected_acc = (summary["test_accuracy"] if served_version == summary["model_version"]
+                    else summary["previous_champion_accuracy"])
+    log.info("endpoint %s (v%s) answered %d test rows: accuracy %.4f (expected %.4f)", url, served_version,
+             len(predictions), endpoint_acc, expected_acc)
+    if expected_acc is not None and abs(endpoint_acc - expected_acc) > 0.005:
+        raise ServingError(f"endpoint accuracy {endpoint_acc:.4f} differs from the logged test accuracy "
+                           f"{expected_acc:.4f} of v{served_version}")
+    example = requests.post(f"{url}/predict", json={"instances": x_test[:3].tolist()}, timeout=30).json()
+    return {"endpoint": url, "endpoint_accuracy": endpoint_acc, "served_version": served_version,
+            "endpoint_example": {"request_rows": 3, "response": example}}
+
+
+def _wait_for_ctrl_c(url: str) -> None:
+    log.info("endpoint stays up at %s (serve.keep_running); press Ctrl-C to stop it", url)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("stopping the endpoint")

@@ -1,0 +1,154 @@
+"""MLflow: the parent run of a pipeline, the logged model, the registry and the `champion` alias.
+
+Only the driver (and rank 0 of a Train job, see train.py) talks to MLflow.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from shipyard.config import PROJECT_ROOT, Config
+from shipyard.errors import TrackingError
+from shipyard.promotion import Decision, decide
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before Ray starts, when a tracking server does not answer."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as err:
+        raise TrackingError(f"tracking.uri {uri} does not answer ({err.__class__.__name__}); start it with "
+                            "`mlflow server --host 127.0.0.1 --port <port>` or fix tracking.uri") from err
+
+
+def setup(cfg: Config) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    import mlflow
+
+    uri = cfg.tracking_uri
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
+    location = None
+    if uri.startswith("sqlite:"):  # else artifacts land in ./mlruns of whatever folder the driver started in
+        location = (PROJECT_ROOT / ".shipyard" / "artifacts").as_uri()
+    try:
+        exp_id = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent pipeline
+        exp_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def log_config(cfg: Config) -> None:
+    """The resolved config: flat params (same spelling as the CLI) plus the YAML as an artifact."""
+    import mlflow
+
+    mlflow.log_params(cfg.flat())
+    mlflow.log_text(cfg.to_yaml(), "config.yaml")
+
+
+def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any], feature_names: list[str],
+              tags: dict[str, str]) -> str:
+    """Log the model (torch.export format: weights, not a pickle) with its signature, register a version."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        logits = model(torch.as_tensor(x_example)).numpy()
+    info = mlflow.pytorch.log_model(
+        model, name="model", signature=infer_signature(x_example, logits), input_example=x_example,
+        registered_model_name=cfg.model_name,
+        # explicit requirements: inferring them costs ~7 s and trips over torch's +cpu label (RAY_NOTES §8)
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+        metadata={"classes": classes, "feature_names": feature_names},
+    )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.model_name, version, key, value)
+    return version
+
+
+def champion_version(name: str) -> str | None:
+    import mlflow
+
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def score_version(name: str, version: str, x: np.ndarray, y: np.ndarray) -> float | None:
+    """Accuracy of a registered version on (x, y); None if it cannot take this data (other features)."""
+    import mlflow
+
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        logits = np.asarray(model.predict(x.astype(np.float32)))
+        return float((logits.argmax(1) == y).mean())
+    except Exception as err:  # a schema mismatch surfaces as MlflowException or a shape error
+        log.warning("champion v%s of %s cannot be scored on this test split: %s", version, name, err)
+        return None
+
+
+def promote_if_better(name: str, version: str, candidate_accuracy: float, x_test: np.ndarray, y_test: np.ndarray
+                      ) -> tuple[Decision, float | None]:
+    """Move `champion` to `version` only if it beats the current champion on the same test rows."""
+    import mlflow
+
+    current = champion_version(name)
+    champion_acc = None
+    if current is not None and current != version:
+        champion_acc = score_version(name, current, x_test, y_test)
+        if champion_acc is None:
+            decision = Decision(False, f"champion v{current} cannot be scored on this data (different features?);"
+                                       f" move the alias by hand or use another tracking.model_name")
+            return decision, None
+    decision = decide(candidate_accuracy, champion_acc)
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(name, version, "shipyard.promotion", decision.reason)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return decision, champion_acc
+
+
+def lineage_tags(cfg: Config, data_hash: str, parent_run_id: str, train_run_id: str, test_accuracy: float
+                 ) -> dict[str, str]:
+    return {
+        "shipyard.data_hash": data_hash,
+        "shipyard.git_commit": git_commit(),
+        "shipyard.config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True)[:4900],
+        "shipyard.parent_run_id": parent_run_id,
+        "shipyard.train_run_id": train_run_id,
+        "shipyard.test_accuracy": f"{test_accuracy:.6f}",
+        "shipyard.split": f"seed={cfg.data.seed} val={cfg.data.val_fraction} test={cfg.data.test_fraction}",
+    }

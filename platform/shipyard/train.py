@@ -1,0 +1,199 @@
+"""Training: one epoch loop shared by Ray Train workers (data-parallel) and Ray Tune trials.
+
+    result = fit(cfg, splits, mlflow_run_id)   # TorchTrainer over cfg.scaling.num_workers workers
+
+Each epoch reports `train_loss`, `val_loss`, `val_accuracy`, `epoch_time_s`, `samples_per_s` and, in Ray
+Train, a checkpoint (weights, optimizer, epoch) from which a restarted worker group resumes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from shipyard.config import Config
+from shipyard.models import build_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+SHUFFLE_BUFFER_ROWS = 10_000
+
+
+@dataclass
+class TrainResult:
+    checkpoint_dir: str
+    metrics: dict[str, Any]
+    """Metrics of the last epoch."""
+    history: list[dict[str, Any]]
+    run_path: str
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def _evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over all batches."""
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(b["x"])
+            loss_sum += nn.functional.cross_entropy(logits, b["y"], reduction="sum").item()
+            correct += (logits.argmax(1) == b["y"]).sum().item()
+            n += len(b["y"])
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train_batches, val_batches,
+              world_size: int = 1) -> dict[str, float]:
+    """One pass over this worker's training batches, then validation. Pure torch: no Ray inside."""
+    start = time.perf_counter()
+    model.train()
+    loss_sum, n = 0.0, 0
+    for b in train_batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(b["x"]), b["y"])
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(b["y"])
+        n += len(b["y"])
+    train_time_s = time.perf_counter() - start
+    val_loss, val_acc = _evaluate(model, val_batches)
+    return {"train_loss": loss_sum / max(n, 1), "val_loss": val_loss, "val_accuracy": val_acc,
+            "epoch_time_s": time.perf_counter() - start,
+            # all workers process similar shards in lockstep (DDP), so global throughput ~ world_size x local
+            "samples_per_s": n * world_size / max(train_time_s, 1e-9)}
+
+
+def _batches(ds, batch_size: int, seed: int | None = None):
+    kwargs = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_ROWS, "local_shuffle_seed": seed} if seed is not None else {}
+    return ds.iter_torch_batches(batch_size=batch_size, **kwargs)
+
+
+# -- Ray Train ----------------------------------------------------------------------------------
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker. `config`: cfg tree, data shape, MLflow run to log into."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    cfg = Config.model_validate(config["cfg"])
+    _log_to_driver()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, config["in_features"], config["num_classes"])
+    optimizer = make_optimizer(cfg, model)
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker group (FailureConfig) or a resumed run
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+        if rank == 0:
+            log.warning("resuming from the checkpoint of epoch %d", state["epoch"])
+    model = ray.train.torch.prepare_model(model)
+    logger = _RankZeroMlflow(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else None
+    per_worker_batch = max(1, cfg.train.batch_size // world)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_ds = ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, cfg.train.epochs):
+        metrics = run_epoch(model, optimizer, _batches(train_shard, per_worker_batch, cfg.train.seed + epoch),
+                            _batches(val_ds, 512), world)
+        metrics["epoch"] = epoch
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                inner = model.module if hasattr(model, "module") else model
+                torch.save({"model": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                           Path(tmp) / CHECKPOINT_FILE)
+                ckpt = Checkpoint.from_directory(tmp)
+                logger.log(metrics, epoch)
+                log.info("epoch %d/%d | train_loss %.4f | val_loss %.4f | val_accuracy %.4f | %.2f s | %.0f samples/s",
+                         epoch + 1, cfg.train.epochs, metrics["train_loss"], metrics["val_loss"],
+                         metrics["val_accuracy"], metrics["epoch_time_s"], metrics["samples_per_s"])
+            ray.train.report(metrics, checkpoint=ckpt)  # a barrier: every rank calls it
+
+
+def _log_to_driver() -> None:
+    """A Train worker is a process entry point: send shipyard's INFO lines (not Ray's) to the driver log."""
+    lib = logging.getLogger("shipyard")
+    if not lib.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        lib.addHandler(handler)
+        lib.setLevel(logging.INFO)
+        lib.propagate = False
+
+
+class _RankZeroMlflow:
+    """Per-epoch metrics into the MLflow run the driver created; only rank 0 holds one of these."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None):
+        self.client = None
+        if tracking_uri and run_id:
+            from mlflow import MlflowClient
+
+            self.client, self.run_id = MlflowClient(tracking_uri), run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlflow_run_id: str | None = None
+        ) -> TrainResult:
+    """Data-parallel training with Ray Train's TorchTrainer; returns the last checkpoint and metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "in_features": splits.in_features,
+                           "num_classes": splits.num_classes, "tracking_uri": tracking_uri,
+                           "mlflow_run_id": mlflow_run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        datasets={"train": splits.train, "val": splits.val},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # every rank validates on all of val
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(cfg.storage_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} ended without a checkpoint: {result.error}")
+    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    return TrainResult(result.checkpoint.path, dict(result.metrics), history, result.path)
+
+
+def load_trained(cfg: Config, checkpoint_dir: str, in_features: int, num_classes: int) -> nn.Module:
+    """Rebuild the model from a checkpoint folder (weights only: torch.load(weights_only=True))."""
+    model = build_model(cfg.model, in_features, num_classes)
+    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def accuracy(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+    """Share of rows whose predicted class index equals the label."""
+    return float((predict(x) == y).mean())

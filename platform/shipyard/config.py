@@ -90,6 +90,8 @@ class TuneConfig(_Section):
     reduction_factor: float = Field(3, gt=1)
     """ASHA: only 1/reduction_factor of the trials reaching a rung go on to the next."""
     cpus_per_trial: float = Field(1.0, gt=0)
+    seed: int = 0
+    """Seed of the search algorithm: the same seed samples the same trial configs."""
     space: dict[str, dict[Distribution, list[Any]]] = Field(default_factory=dict)
     """Search space: `{"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.hidden": {"choice": [64, 128]}}`."""
 

@@ -123,8 +123,10 @@ def _feature_columns(schema, label: str, source: str) -> list[str]:
 
 def split_of(frame: pd.DataFrame, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
     """0 = train, 1 = val, 2 = test for each row, from a hash of the row's content and the seed."""
-    key = f"shipyard{seed:08d}"[-16:]
-    u = pd.util.hash_pandas_object(frame, index=False, hash_key=key).to_numpy() / float(2**64)
+    row_hash = pd.util.hash_pandas_object(frame, index=False).to_numpy()
+    # hash_key only salts text columns, so mix the seed in with a second hash over the row hashes
+    mixed = pd.util.hash_array(row_hash ^ np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64))
+    u = mixed / float(2**64)
     return np.where(u < test_fraction, 2, np.where(u < test_fraction + val_fraction, 1, 0))
 
 

@@ -48,6 +48,7 @@ def init_ray(address: str | None) -> bool:
 
     # every ray.train.report waits ~one health-check interval (2 s by default; RAY_NOTES §3)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # inherited by local workers (Data's split actors)
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -46,8 +47,8 @@ def setup(cfg: Config) -> str:
     if exp is not None:
         return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
     location = None
-    if uri.startswith("sqlite:"):  # else artifacts land in ./mlruns of whatever folder the driver started in
-        location = (PROJECT_ROOT / ".shipyard" / "artifacts").as_uri()
+    if uri.startswith("sqlite:///"):  # else artifacts land in ./mlruns of whatever folder the driver started in
+        location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
     try:
         exp_id = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent pipeline

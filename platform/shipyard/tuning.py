@@ -86,6 +86,7 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     t0 = time.perf_counter()
     space = build_space(cfg.tune.space)
@@ -100,6 +101,7 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
         param_space=space,
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=cfg.tune.max_concurrent_trials, scheduler=scheduler,
+                                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed),
                                     reuse_actors=True),  # trial start-up (process + torch import) dominates here
         run_config=tune.RunConfig(
             name=run_name, storage_path=str(cfg.storage_dir),

@@ -1,0 +1,24 @@
+# The two README commands:  `make digits`  and  `make test`  (each installs first; install is idempotent).
+PY := .venv/bin/python
+
+.PHONY: install digits test test-unit clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml scripts/install.sh
+	./scripts/install.sh
+	touch $@
+
+# Install, then run the digits pipeline end to end (ends with the endpoint's answer and the summary).
+digits: install
+	$(PY) -m pipelines.digits --summary-json .shipyard/digits-summary.json
+
+# Install, then run the whole test suite (unit tests, then local-Ray integration tests).
+test: install
+	./scripts/test.sh
+
+test-unit: install
+	$(PY) -m pytest tests/unit -q
+
+clean:
+	rm -rf .shipyard .pytest_cache

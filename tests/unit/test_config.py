@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+
+from shipyard.config import Config, apply_overrides, load_config, parse_overrides, valid_keys
+from shipyard.errors import ConfigError
+from shipyard.tuning import check_space
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    extra = {"data.path": "x.csv"} if path.stem == "tabular" else {}
+    cfg = load_config(path, extra)
+    assert isinstance(cfg, Config)
+    check_space(cfg)
+
+
+def test_cli_overrides_are_typed_and_applied():
+    cfg = load_config(ROOT / "pipelines/configs/digits.yaml", ["train.lr=0.01", "tune.num_samples=4",
+                                                               "tune.enabled=false"])
+    assert cfg.train.lr == 0.01 and cfg.tune.num_samples == 4 and cfg.tune.enabled is False
+
+
+def test_unknown_override_suggests_closest_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lerning_rate'.*did you mean 'train.lr'"):
+        load_config(None, ["train.lerning_rate=0.1"])
+
+
+def test_unknown_yaml_key_names_key_and_suggestion(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epocs: 3\n")
+    with pytest.raises(ConfigError, match=r"'train.epocs'.*did you mean 'train.epochs'"):
+        load_config(f)
+
+
+def test_unknown_section_is_reported():
+    with pytest.raises(ConfigError, match=r"'trian.lr'.*did you mean 'train.lr'"):
+        load_config(None, ["trian.lr=0.1"])
+
+
+def test_mistyped_value_names_the_key():
+    with pytest.raises(ConfigError, match=r"train.epochs"):
+        load_config(None, ["train.epochs=many"])
+    with pytest.raises(ConfigError, match=r"train.lr: Input should be greater than 0"):
+        load_config(None, ["train.lr=-1"])
+
+
+def test_data_needs_exactly_one_source():
+    with pytest.raises(ConfigError, match="exactly one of data.builtin"):
+        load_config(ROOT / "pipelines/configs/digits.yaml", ["data.path=x.csv"])  # digits.yaml sets builtin
+    with pytest.raises(ConfigError, match="exactly one of data.builtin"):
+        load_config(ROOT / "pipelines/configs/tabular.yaml")  # no data.path given
+    assert load_config(None, ["data.path=x.csv"]).data.path == "x.csv"
+
+
+def test_missing_config_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["train.lr"])
+
+
+def test_flat_params_use_cli_spelling():
+    flat = Config().flat()
+    assert flat["train.lr"] == Config().train.lr
+    assert set(valid_keys()) <= set(flat)
+
+
+def test_apply_overrides_returns_new_validated_config():
+    base = Config()
+    cfg = apply_overrides(base, {"model.hidden": 32})
+    assert cfg.model.hidden == 32 and base.model.hidden != 32
+
+
+@pytest.mark.parametrize("space, match", [
+    ({"train.lrr": {"loguniform": [1e-4, 1e-2]}}, r"'train.lrr' in tune.space; did you mean 'train.lr'"),
+    ({"train.lr": {"gaussian": [0, 1]}}, r"tune.space.train.lr.gaussian"),
+    ({"train.lr": {"loguniform": [1e-2, 1e-4]}}, r"tune.space.train.lr.loguniform: low 0.01 must be below high"),
+    ({"model.hidden": {"choice": [32, -1]}}, r"model.hidden"),
+])
+def test_bad_search_space_fails_before_ray_naming_the_key(space, match):
+    with pytest.raises(ConfigError, match=match):
+        check_space(load_config(None, {"tune.space": space}))

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from shipyard.config import ModelConfig
+from shipyard.errors import ConfigError
+from shipyard.models import build_model
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_builtin_factories_map_rows_to_logits(name):
+    model = build_model(ModelConfig(name=name, hidden=16, depth=2), in_features=64, num_classes=10)
+    assert model(torch.randn(5, 64)).shape == (5, 10)
+
+
+def test_user_factory_by_import_path_with_options():
+    model = build_model(ModelConfig(name="tests.unit.user_models:linear", options={"bias": False}), 7, 3)
+    assert isinstance(model, torch.nn.Linear) and model.bias is None
+    assert model(torch.randn(2, 7)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name, match", [
+    ("resnet", r"neither a built-in \(mlp, cnn\) nor an import path"),
+    ("no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"),
+    ("tests.unit.user_models:missing", "has no callable 'missing'"),
+    ("tests.unit.user_models:not_a_module", "not a torch.nn.Module"),
+])
+def test_bad_model_names_are_clear(name, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(ModelConfig(name=name), 4, 2)
+
+
+def test_unknown_factory_option_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"model.options \['width'\]"):
+        build_model(ModelConfig(name="tests.unit.user_models:linear", options={"width": 3}), 4, 2)
+
+
+def test_cnn_needs_square_images():
+    with pytest.raises(ConfigError, match="square image"):
+        build_model(ModelConfig(name="cnn"), in_features=10, num_classes=2)

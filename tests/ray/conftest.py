@@ -1,0 +1,61 @@
+"""Integration fixtures: one local Ray (num_cpus=2) for the session, stopped by the driver that started it."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.helpers import free_port
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # before ray.init: see RAY_NOTES §3
+os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    # keep the dashboard: Train V2 needs it to free stopped trials (RAY_NOTES §6); loopback only
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port())
+    yield ray
+    ray.shutdown()  # stops the processes this driver started, not other Ray instances on the host
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """Per-test MLflow sqlite store and Ray storage: nothing leaks into the project."""
+    return {"tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "storage_path": str(tmp_path / "results")}
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process on loopback, stopped by pid."""
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts"),
+         "--workers", "1"],
+        stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
+    yield url
+    os.killpg(proc.pid, 15)  # the server and its uvicorn workers
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def serve_port():
+    return free_port()

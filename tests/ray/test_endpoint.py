@@ -1,0 +1,80 @@
+"""The Serve endpoint on a registered model: answers, versions, and 4xx on malformed bodies."""
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+import torch
+
+from shipyard import tracking
+from shipyard.config import load_config
+from shipyard.endpoint import build_app
+from shipyard.models import mlp
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_local, tmp_path_factory):
+    from ray import serve
+
+    d = tmp_path_factory.mktemp("endpoint")
+    cfg = load_config(None, {"tracking.uri": f"sqlite:///{d}/mlflow.db", "name": "tiny"})
+    tracking.setup(cfg)
+    torch.manual_seed(0)
+    model = mlp(4, 3, hidden=8).eval()
+    with mlflow.start_run():
+        version = tracking.log_model(model, np.zeros((2, 4), np.float32), cfg, ["a", "b", "c"],
+                                     ["w", "x", "y", "z"], {"shipyard.data_hash": "test"})
+    mlflow.MlflowClient().set_registered_model_alias("tiny", "champion", version)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": "models:/tiny@champion", "tracking_uri": cfg.tracking_uri,
+                         "max_instances": 8}), name="tiny", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", model
+    serve.shutdown()
+
+
+def test_predict_answers_with_labels_and_version(endpoint):
+    url, model = endpoint
+    rows = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    body = requests.post(f"{url}/predict", json={"instances": rows.tolist()}, timeout=30).json()
+    expected = [["a", "b", "c"][i] for i in model(torch.from_numpy(rows)).argmax(1).tolist()]
+    assert body == {"predictions": expected, "model_version": "1"}
+
+
+def test_health_metadata_and_openapi(endpoint):
+    url, _ = endpoint
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+    meta = requests.get(f"{url}/metadata", timeout=10).json()
+    assert meta["model_name"] == "tiny" and meta["schema"]["features"] == 4
+    assert "/predict" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+
+
+@pytest.mark.parametrize("body, status, match", [
+    ({"instances": [[1, 2, 3]]}, 422, "instances[0] has 3 features; model tiny v1 expects 4"),
+    ({"instances": [[1, 2, "x", 4]]}, 422, "float"),
+    ({"instances": []}, 422, "at least 1"),
+    ({"rows": [[1, 2, 3, 4]]}, 422, "instances"),
+    ({"instances": [[1, 2, 3, 4]] * 9}, 413, "9 instances in one request; the limit is 8"),
+])
+def test_malformed_bodies_get_4xx_naming_the_problem(endpoint, body, status, match):
+    url, _ = endpoint
+    resp = requests.post(f"{url}/predict", json=body, timeout=30)
+    assert resp.status_code == status
+    assert match in resp.text
+
+
+def test_nan_not_json_and_huge_bodies_are_rejected_and_server_stays_up(endpoint):
+    url, _ = endpoint
+    nan = requests.post(f"{url}/predict", data='{"instances": [[NaN, 1, 2, 3]]}',
+                        headers={"content-type": "application/json"}, timeout=30)
+    assert nan.status_code == 422
+    assert requests.post(f"{url}/predict", data="{not json", headers={"content-type": "application/json"},
+                         timeout=30).status_code == 422
+    big = requests.post(f"{url}/predict", data=json.dumps({"instances": [[0.0] * 4] * 200_000}),
+                        headers={"content-type": "application/json"}, timeout=30)
+    assert big.status_code == 413
+    assert requests.post(f"{url}/predict", json={"instances": [[0, 0, 0, 0]]}, timeout=30).status_code == 200

@@ -1,0 +1,69 @@
+"""A CSV/parquet file never seen in the repo, end to end, and bad files rejected with clear errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.datasets import make_classification
+
+from shipyard.cli import run_pipeline
+from shipyard.config import load_config
+from shipyard.data import load_splits
+from shipyard.errors import DataError
+
+from tests.helpers import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
+TABULAR = ROOT / "pipelines" / "configs" / "tabular.yaml"
+pytestmark = pytest.mark.ray
+
+
+def make_table(n=600, seed=0) -> pd.DataFrame:
+    x, y = make_classification(n_samples=n, n_features=6, n_informative=4, n_classes=3, random_state=seed)
+    df = pd.DataFrame(x, columns=[f"f{i}" for i in range(6)])
+    df["species"] = np.array(["setosa", "versicolor", "virginica"])[y]
+    return df
+
+
+def test_tabular_csv_end_to_end_serves_string_labels(ray_local, workdir, tmp_path, serve_port):
+    path = tmp_path / "flowers.csv"
+    make_table().to_csv(path, index=False)
+    summary = run_pipeline(TABULAR, [f"data.path={path}", "data.label=species", "name=flowers",
+                                     *[f"{k}={v}" for k, v in {**TINY, **workdir, "serve.port": serve_port}.items()]])
+    assert summary["model_name"] == "flowers" and summary["promoted"]
+    assert summary["test_accuracy"] > 0.6
+    assert summary["endpoint_example"]["response"]["predictions"][0] in {"setosa", "versicolor", "virginica"}
+
+
+def test_parquet_split_is_reproducible(ray_local, tmp_path):
+    path = tmp_path / "t.parquet"
+    make_table().to_parquet(path)
+    cfg = load_config(TABULAR, {"data.path": str(path), "data.label": "species"})
+    a, b = load_splits(cfg.data), load_splits(cfg.data)
+    assert a.rows == b.rows and a.data_hash == b.data_hash
+    xa, xb = np.stack(a.test.to_pandas()["x"]), np.stack(b.test.to_pandas()["x"])
+    assert np.array_equal(np.sort(xa, axis=0), np.sort(xb, axis=0))
+
+
+@pytest.mark.parametrize("mutate, label, match", [
+    (lambda df: df, "kind", r"column 'kind' not in .*; its columns are: f0"),
+    (lambda df: df.assign(f0=["a"] * len(df)), "species", r"non-numeric feature columns .*: f0"),
+    (lambda df: df.assign(f1=np.where(np.arange(len(df)) % 7 == 0, np.nan, df.f1)), "species",
+     r"missing or infinite values in feature columns \['f1'\]"),
+])
+def test_bad_files_get_one_clear_error(ray_local, tmp_path, mutate, label, match):
+    path = tmp_path / "bad.csv"
+    mutate(make_table()).to_csv(path, index=False)
+    cfg = load_config(TABULAR, {"data.path": str(path), "data.label": label})
+    with pytest.raises(DataError, match=match):
+        load_splits(cfg.data)
+
+
+def test_tabular_script_names_model_after_the_file():
+    sys.path.insert(0, str(ROOT))
+    from pipelines.tabular import defaults_for
+
+    assert defaults_for(["data.path=/x/My Data.csv"]) == {"name": "tabular-My-Data"}
+    assert defaults_for(["data.path=a.csv", "tracking.model_name=m"]) == {}

@@ -100,8 +100,11 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
         tune.with_resources(trainable, {"cpu": cfg.tune.cpus_per_trial}),
         param_space=space,
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
-                                    max_concurrent_trials=cfg.tune.max_concurrent_trials, scheduler=scheduler,
-                                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed),
+                                    scheduler=scheduler,
+                                    # the generator caps concurrency itself: Tune ignores max_concurrent_trials
+                                    # next to a SearchGenerator (it warns and runs as many as fit)
+                                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
+                                                                     max_concurrent=cfg.tune.max_concurrent_trials),
                                     reuse_actors=True),  # trial start-up (process + torch import) dominates here
         run_config=tune.RunConfig(
             name=run_name, storage_path=str(cfg.storage_dir),

@@ -49,7 +49,7 @@ def test_digits_end_to_end_then_worse_run_keeps_champion(ray_local, workdir, ser
         assert "train.lr" in trial.data.params and "val_accuracy" in trial.data.metrics
 
     champion = client.get_model_version_by_alias("digits", "champion")
-    assert champion.version == "1"
+    assert str(champion.version) == "1"
     for tag in ("shipyard.data_hash", "shipyard.git_commit", "shipyard.config", "shipyard.parent_run_id",
                 "shipyard.train_run_id"):
         assert champion.tags[tag]
@@ -60,7 +60,7 @@ def test_digits_end_to_end_then_worse_run_keeps_champion(ray_local, workdir, ser
                                             "serve.port": serve_port}))
     assert worse["model_version"] == "2" and not worse["promoted"]
     assert worse["test_accuracy"] < first["test_accuracy"]
-    assert client.get_model_version_by_alias("digits", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("digits", "champion").version) == "1"
     assert worse["served_version"] == "1"  # the endpoint serves the champion, not the rejected candidate
     assert "does not beat" in client.get_model_version("digits", "2").tags["shipyard.promotion"]
 
@@ -70,6 +70,6 @@ def test_pipeline_against_a_real_mlflow_server(ray_local, mlflow_server, tmp_pat
                                               "storage_path": tmp_path / "results", "serve.port": serve_port}))
     assert summary["promoted"] and summary["served_version"] == summary["model_version"]
     client = mlflow.MlflowClient(mlflow_server)
-    assert client.get_model_version_by_alias("digits", "champion").version == summary["model_version"]
+    assert str(client.get_model_version_by_alias("digits", "champion").version) == summary["model_version"]
     run = client.get_run(summary["train_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]

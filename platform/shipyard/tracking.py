@@ -123,9 +123,14 @@ def score_version(name: str, version: str, x: np.ndarray, y: np.ndarray) -> floa
 
 def promote_if_better(name: str, version: str, candidate_accuracy: float, x_test: np.ndarray, y_test: np.ndarray
                       ) -> tuple[Decision, float | None]:
-    """Move `champion` to `version` only if it beats the current champion on the same test rows."""
+    """Move `champion` to `version` only if it beats the current champion on the same test rows.
+
+    The champion is re-scored on the candidate's test split rather than trusting its logged figure,
+    which may come from other data or another split.
+    """
     import mlflow
 
+    client = mlflow.MlflowClient()
     current = champion_version(name)
     champion_acc = None
     if current is not None and current != version:
@@ -134,8 +139,13 @@ def promote_if_better(name: str, version: str, candidate_accuracy: float, x_test
             decision = Decision(False, f"champion v{current} cannot be scored on this data (different features?);"
                                        f" move the alias by hand or use another tracking.model_name")
             return decision, None
+        mine, theirs = (client.get_model_version(name, v).tags for v in (version, current))
+        for key in ("shipyard.data_hash", "shipyard.split"):
+            if theirs.get(key) != mine.get(key):
+                # its training rows may sit in this test split, which flatters it: say so, decide anyway
+                log.warning("champion v%s was trained with another %s (%s, now %s): the comparison may favour it",
+                            current, key, theirs.get(key), mine.get(key))
     decision = decide(candidate_accuracy, champion_acc)
-    client = mlflow.MlflowClient()
     client.set_model_version_tag(name, version, "shipyard.promotion", decision.reason)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version)

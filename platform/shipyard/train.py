@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -90,6 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = Config.model_validate(config["cfg"])
     _log_to_driver()
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only Ray Data blocks
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)
@@ -137,6 +139,11 @@ def _log_to_driver() -> None:
         lib.addHandler(handler)
         lib.setLevel(logging.INFO)
         lib.propagate = False
+    # Ray Train V2 names some loggers by file path (logging.getLogger(__file__)), which its LoggingConfig
+    # level does not reach; they print two INFO lines per report and rank.
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(".py") and "/ray/train/" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class _RankZeroMlflow:
@@ -161,6 +168,7 @@ class _RankZeroMlflow:
 def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlflow_run_id: str | None = None
         ) -> TrainResult:
     """Data-parallel training with Ray Train's TorchTrainer; returns the last checkpoint and metrics."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -177,7 +185,9 @@ def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlf
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(cfg.storage_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # Ray Train's own INFO lines (two per report and rank) would drown the one line per epoch
+            logging_config=ray.LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
     if result.checkpoint is None:

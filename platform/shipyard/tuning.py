@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,7 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
     from ray import tune
 
     cfg = apply_overrides(base, trial_config, source="tune trial")
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only Ray Data blocks
     torch.manual_seed(cfg.train.seed)
     torch.set_num_threads(1)  # trials run side by side, one CPU each
     model = build_model(cfg.model, in_features, num_classes)
@@ -70,6 +72,31 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
         metrics = run_epoch(model, optimizer, _batches(train_ds, cfg.train.batch_size, cfg.train.seed + epoch),
                             _batches(val_ds, 512))
         tune.report({**metrics, "epoch": epoch})
+
+
+def _progress_callback(cfg: Config, total: int):
+    """One line per finished trial instead of Tune's tables (RunConfig(verbose=0) silences those)."""
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "errored")
+
+        def _line(self, trial, status: str) -> None:
+            TrialProgress.done += 1
+            last = trial.last_result or {}
+            epochs = last.get("training_iteration", 0)
+            if status == "done" and epochs < cfg.train.epochs:
+                status = f"stopped early by {cfg.tune.scheduler}"
+            log.info("trial %d/%d %s: %s after %d/%d epochs, %s %.4f", TrialProgress.done, total, trial.trial_id,
+                     status, epochs, cfg.train.epochs, cfg.tune.metric, last.get(cfg.tune.metric, float("nan")))
+
+    return TrialProgress()
 
 
 @dataclass
@@ -107,8 +134,8 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
                                                                      max_concurrent=cfg.tune.max_concurrent_trials),
                                     reuse_actors=True),  # trial start-up (process + torch import) dominates here
         run_config=tune.RunConfig(
-            name=run_name, storage_path=str(cfg.storage_dir),
-            callbacks=[MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=cfg.tracking.experiment,
+            name=run_name, storage_path=str(cfg.storage_dir), verbose=0,
+            callbacks=[_progress_callback(cfg, cfg.tune.num_samples),MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=cfg.tracking.experiment,
                                             tags={"mlflow.parentRunId": parent_run_id, "shipyard.kind": "trial"},
                                             save_artifact=False)]),
     )

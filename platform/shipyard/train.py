@@ -76,9 +76,9 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train_batches,
             "samples_per_s": n * world_size / max(train_time_s, 1e-9)}
 
 
-def _batches(ds, batch_size: int, seed: int | None = None):
+def _batches(ds, batch_size: int, seed: int | None = None, device: torch.device | str = "cpu"):
     kwargs = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_ROWS, "local_shuffle_seed": seed} if seed is not None else {}
-    return ds.iter_torch_batches(batch_size=batch_size, **kwargs)
+    return ds.iter_torch_batches(batch_size=batch_size, device=device, **kwargs)
 
 
 # -- Ray Train ----------------------------------------------------------------------------------
@@ -107,14 +107,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch = state["epoch"] + 1
         if rank == 0:
             log.warning("resuming from the checkpoint of epoch %d", state["epoch"])
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model)  # DDP; moves the model to this worker's GPU when use_gpu
+    device = ray.train.torch.get_device()
     logger = _RankZeroMlflow(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else None
     per_worker_batch = max(1, cfg.train.batch_size // world)
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.train.epochs):
-        metrics = run_epoch(model, optimizer, _batches(train_shard, per_worker_batch, cfg.train.seed + epoch),
-                            _batches(val_ds, 512), world)
+        metrics = run_epoch(model, optimizer, _batches(train_shard, per_worker_batch, cfg.train.seed + epoch, device),
+                            _batches(val_ds, 512, device=device), world)
         metrics["epoch"] = epoch
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

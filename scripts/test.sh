@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the test suite in the project virtualenv. pytest's exit 5 ("no tests collected") counts as a pass
-# only when a marker/keyword selection left nothing to run; any other failure fails.
+# Run the test suite in the project virtualenv; extra arguments go to pytest (e.g. tests/unit, -k promote).
+# pytest's exit 5 ("no tests collected", e.g. a -k that matches nothing) is reported and counts as a pass;
+# every other non-zero exit fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python -m pytest -ra "$@"

@@ -38,7 +38,7 @@ def configure_logging() -> None:
 
 def format_summary(s: dict[str, Any]) -> str:
     rows = [
-        ("best config", json.dumps(s.get("best_config", {})) or "(no search)"),
+        ("best config", json.dumps(s["best_config"]) if s.get("best_config") else "(no search)"),
         ("trials", json.dumps(s.get("trials", {}))),
         ("test accuracy", f"{s['test_accuracy']:.4f}"),
         ("model", f"{s['model_name']} v{s['model_version']}"),
@@ -56,28 +56,27 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def run_pipeline(config_path: str | Path | None, overrides: list[str], address: str | None = None,
-                 summary_json: Path | None = None, keep_serving: bool = False,
-                 defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+                 summary_json: Path | None = None, keep_serving: bool = False) -> dict[str, Any]:
     """Load the config (fails before Ray on a bad key), run the pipeline, print and write the summary."""
     from shipyard.config import load_config, parse_overrides
     from shipyard.pipeline import run
 
-    merged = {**(defaults or {}), **parse_overrides(overrides)}
-    cfg = load_config(config_path, merged)
+    cfg = load_config(config_path, parse_overrides(overrides))
     log.info("config:\n%s", cfg.to_yaml())
-    summary = run(cfg, address=address, keep_serving=keep_serving or None)
-    if summary.get("endpoint_example"):
-        print("endpoint answer to POST /predict with 3 test rows:", json.dumps(summary["endpoint_example"]["response"]))
-    print(format_summary(summary))
-    if summary_json:
-        summary_json.parent.mkdir(parents=True, exist_ok=True)
-        summary_json.write_text(json.dumps(summary, indent=2, default=str))
-        print(f"summary written to {summary_json}")
-    return summary
+    def report(summary: dict[str, Any]) -> None:  # called before an endpoint kept up waits for Ctrl-C
+        if summary.get("endpoint_example"):
+            print("endpoint answer to POST /predict with 3 test rows:",
+                  json.dumps(summary["endpoint_example"]["response"]))
+        print(format_summary(summary))
+        if summary_json:
+            summary_json.parent.mkdir(parents=True, exist_ok=True)
+            summary_json.write_text(json.dumps(summary, indent=2, default=str))
+            print(f"summary written to {summary_json}")
+
+    return run(cfg, address=address, keep_serving=keep_serving or None, report=report)
 
 
-def pipeline_main(default_config: Path, argv: list[str] | None = None, description: str = "",
-                  defaults: dict[str, Any] | None = None) -> int:
+def pipeline_main(default_config: Path, argv: list[str] | None = None, description: str = "") -> int:
     """Entry of `python -m pipelines.<name> [config.yaml] [key=value ...]`."""
     p = argparse.ArgumentParser(description=description)
     _add_run_args(p, config_required=False)
@@ -85,8 +84,7 @@ def pipeline_main(default_config: Path, argv: list[str] | None = None, descripti
     config = default_config
     if args.overrides and "=" not in args.overrides[0]:
         config, args.overrides = Path(args.overrides[0]), args.overrides[1:]
-    return _guard(lambda: run_pipeline(config, args.overrides, args.address, args.summary_json, args.keep_serving,
-                                       defaults))
+    return _guard(lambda: run_pipeline(config, args.overrides, args.address, args.summary_json, args.keep_serving))
 
 
 def _guard(fn) -> int:

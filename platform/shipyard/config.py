@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,7 +106,7 @@ class TrackingConfig(_Section):
     """MLflow tracking URI; default: a sqlite file under .shipyard/ in the project."""
     experiment: str = "shipyard"
     model_name: str | None = None
-    """Registered model name; default: the pipeline's name."""
+    """Registered model name; default: the pipeline's name (plus the data file's stem for data.path)."""
 
 
 class ServeConfig(_Section):
@@ -135,21 +136,26 @@ class Config(_Section):
     storage_path: str = ".shipyard/ray_results"
     """Where Ray Train/Tune write checkpoints; relative paths are under the project root."""
 
-    @model_validator(mode="after")
-    def _space_keys_exist(self) -> Config:
-        for key in self.tune.space:
-            _check_key(key, where="tune.space")
-        return self
-
     # -- derived values ------------------------------------------------------------------
     @property
     def model_name(self) -> str:
-        return self.tracking.model_name or self.name
+        """tracking.model_name, else the pipeline name, plus the file's stem for a data file: two different
+        tables never compete for one champion."""
+        if self.tracking.model_name:
+            return self.tracking.model_name
+        if self.data.path:
+            stem = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(self.data.path.rstrip("/")).stem).strip("-")
+            return f"{self.name}-{stem}" if stem else self.name
+        return self.name
 
     @property
     def tracking_uri(self) -> str:
-        if self.tracking.uri:
-            return self.tracking.uri
+        uri = self.tracking.uri
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # relative: Train workers and Tune trials run in other folders and would each open a new DB
+            return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        if uri:
+            return uri
         db = PROJECT_ROOT / ".shipyard" / "mlflow.db"
         db.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{db}"  # absolute: Tune trials chdir into their trial folder
@@ -168,6 +174,21 @@ class Config(_Section):
 
 
 # -- loading and overriding ------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; read it as the float every user means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"
+               r"|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -220,14 +241,23 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+SECTIONS = {name for name, f in Config.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+
+
 def _unknown_keys(tree: dict[str, Any], prefix: str = "") -> None:
     """Report unknown keys of a YAML tree with the closest valid spelling, before pydantic does."""
     for k, v in tree.items():
         key = f"{prefix}{k}"
+        if not prefix and k in SECTIONS and not isinstance(v, dict):
+            raise ConfigError(f"'{k}' must be a section of keys (e.g. {k}: {{...}}), got {v!r}")
         if isinstance(v, dict) and k not in ("space", "options"):
             _unknown_keys(v, key + ".")
         else:
             _check_key(key)
+            if key == "tune.space" and isinstance(v, dict):
+                for space_key in v:
+                    _check_key(space_key, where="tune.space")
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -238,7 +268,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raise ConfigError(f"expected key=value, got '{arg}' (e.g. train.lr=0.01)")
         key, raw = arg.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+            out[key.strip()] = _yaml_load(raw) if raw != "" else None
         except yaml.YAMLError as err:
             raise ConfigError(f"cannot parse the value of '{key}': {raw!r} ({err})") from err
     return out
@@ -273,7 +303,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         if not p.is_file():
             raise ConfigError(f"config file not found: {p} (configs live in pipelines/configs/)")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = _yaml_load(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{p} is not valid YAML: {err}") from err
         if not isinstance(tree, dict):

@@ -8,6 +8,7 @@ layout, so the same file and seed give the same split whatever the parallelism o
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from shipyard.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+SUFFIXES = {".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
@@ -65,6 +66,8 @@ def check_source(cfg: DataConfig) -> None:
     bad = [f for f in files if f.suffix not in SUFFIXES]
     if bad:
         raise DataError(f"data.path: {bad[0]} is neither .csv nor .parquet; convert it or rename its suffix")
+    if len({f.suffix for f in files}) > 1:
+        raise DataError(f"data.path: {p} mixes .csv and .parquet files; keep one format per folder")
 
 
 def _hash_files(path: str) -> str:
@@ -89,12 +92,27 @@ def _read(cfg: DataConfig):
         digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()
         return ray.data.from_pandas(frame), "label", digest
     path = str(Path(cfg.path).expanduser().resolve()) if "://" not in cfg.path else cfg.path
-    fmt = SUFFIXES.get(Path(cfg.path).suffix, None) or SUFFIXES[_files(Path(path))[0].suffix]
-    try:
-        ds = ray.data.read_csv(path) if fmt == "csv" else ray.data.read_parquet(path)
-    except Exception as err:  # pyarrow's parse errors are long; keep them but say which file
-        raise DataError(f"data.path: cannot read {path} as {fmt}: {err}") from err
+    suffix = Path(cfg.path).suffix or (_files(Path(path))[0].suffix if "://" not in path else ".parquet")
+    fmt = SUFFIXES.get(suffix, "parquet")
+    read = ray.data.read_csv if fmt == "csv" else ray.data.read_parquet
+    with _clear_errors(f"data.path: cannot read {path} as {fmt}"):
+        ds = read(path, file_extensions=[fmt])  # stray files in a folder (_SUCCESS, README) are skipped
     return ds, cfg.label, _hash_files(path)
+
+
+@contextlib.contextmanager
+def _clear_errors(what: str):
+    """Ray wraps errors raised in its tasks; surface our DataError's own message, or say what failed."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as err:
+        cause = _find_cause(err, DataError)
+        if cause is not None:
+            cause = getattr(cause, "cause", cause)  # RayTaskError(DataError) keeps the original as .cause
+            raise DataError(*cause.args) from None
+        raise DataError(f"{what}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}") from err
 
 
 def _feature_columns(schema, label: str, source: str) -> list[str]:
@@ -135,8 +153,9 @@ def load_splits(cfg: DataConfig) -> Splits:
     check_source(cfg)
     ds, label, digest = _read(cfg)
     source = cfg.path or f"builtin:{cfg.builtin}"
-    features = _feature_columns(ds.schema(), label, source)
-    labels = ds.unique(label)
+    with _clear_errors(f"{source}: cannot parse the file"):  # ragged rows, mixed types: found while reading
+        features = _feature_columns(ds.schema(), label, source)
+        labels = ds.unique(label)
     if len(labels) < 2:
         raise DataError(f"{source}: label column '{label}' has {len(labels)} distinct value(s); "
                         "a classifier needs at least 2 (is the file empty?)")
@@ -156,11 +175,8 @@ def load_splits(cfg: DataConfig) -> Splits:
         return {"x": x, "y": batch[label].map(index).to_numpy(dtype=np.int64),
                 "split": split_of(batch[features + [label]], seed, val_f, test_f)}
 
-    try:
+    with _clear_errors(f"{source}: could not prepare the data"):
         encoded = ds.map_batches(encode, batch_format="pandas").materialize()
-    except Exception as err:
-        cause = _find_cause(err, DataError)
-        raise (cause or DataError(f"{source}: could not prepare the data: {err}")) from err
     parts = {}
     for i, name in enumerate(("train", "val", "test")):
         parts[name] = encoded.filter(expr=f"split == {i}").drop_columns(["split"]).materialize()

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 from ray import serve
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,8 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    instances: list[list[float]] = Field(..., min_length=1, description="rows of numeric features")
+    # strict: "1.5" and true are not numbers (ints are accepted as floats)
+    instances: list[list[StrictFloat]] = Field(..., min_length=1, description="rows of numeric features")
 
 
 class PredictResponse(BaseModel):

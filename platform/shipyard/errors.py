@@ -13,6 +13,10 @@ class DataError(PlatformError, ValueError):
     """A data file or column cannot be used for training."""
 
 
+class TrainingError(PlatformError, RuntimeError):
+    """A training run or search ended without a usable result."""
+
+
 class TrackingError(PlatformError, RuntimeError):
     """The MLflow tracking server or registry cannot be used."""
 

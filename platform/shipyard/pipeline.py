@@ -12,13 +12,13 @@ import logging
 import os
 import time
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from shipyard import data, tracking, tuning
 from shipyard.config import Config, apply_overrides
-from shipyard.errors import ServingError
+from shipyard.errors import PlatformError, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,16 @@ def init_ray(address: str | None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
-        log.info("attached to the Ray cluster at %s", address)
+        # a cluster started with `ray start` checks tokens, but clients only send one in token mode (RAY_NOTES §2)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as err:
+            raise PlatformError(
+                f"cannot attach to the Ray cluster at {address}: {err}. Check the address (`ray status` on the "
+                "head prints it) and that this machine holds the cluster's token (~/.ray/auth_token or "
+                "RAY_AUTH_TOKEN)") from err
+        log.info("attached to the Ray cluster at %s: %s", address, ray.cluster_resources())
     else:
         # the dashboard must stay on: Train V2 needs the State API to free stopped trials (RAY_NOTES §6)
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
@@ -74,8 +82,12 @@ def preflight(cfg: Config) -> None:
     tracking.check_reachable(cfg.tracking_uri)
 
 
-def run(cfg: Config, address: str | None = None, keep_serving: bool | None = None) -> dict[str, Any]:
-    """Run the whole pipeline; returns the summary (also what `--summary-json` writes)."""
+def run(cfg: Config, address: str | None = None, keep_serving: bool | None = None,
+        report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the whole pipeline; returns the summary (also what `--summary-json` writes).
+
+    `report(summary)` is called once the summary is complete, before an endpoint kept up waits for Ctrl-C.
+    """
     import mlflow
     import ray
 
@@ -126,13 +138,16 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
             summary["stage_seconds"] = stages.seconds
             summary["total_seconds"] = round(time.perf_counter() - stages.t0, 2)
             mlflow.log_dict(summary, "summary.json")
+        if report is not None:
+            report(summary)
         if served and keep:
             _wait_for_ctrl_c(summary["endpoint"])
     finally:
         if served:
             from ray import serve
 
-            serve.shutdown()
+            # on a cluster we attached to, remove only our app: other teams' endpoints stay up
+            serve.shutdown() if started_ray else serve.delete(cfg.name)
         if started_ray:
             ray.shutdown()
     return summary
@@ -146,7 +161,7 @@ def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict
     with mlflow.start_run(run_name="train", nested=True, tags={"shipyard.kind": "train"}) as run:
         tracking.log_config(cfg)
         result = fit(cfg, splits, f"{cfg.name}-train-{stamp}", cfg.tracking_uri, run.info.run_id)
-        model = load_trained(cfg, result.checkpoint_dir, splits.in_features, splits.num_classes)
+        model = load_trained(cfg, result.checkpoint, splits.in_features, splits.num_classes)
         x_test, y_test = data.to_numpy(splits.test)
         import torch
 
@@ -162,7 +177,7 @@ def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict
     return {"test_accuracy": test_acc, "model_version": version, "promoted": decision.promote,
             "promotion_reason": decision.reason, "previous_champion_accuracy": champion_acc,
             "champion_version": tracking.champion_version(cfg.model_name),
-            "train_run_id": run.info.run_id, "final_metrics": {k: result.metrics.get(k) for k in
+            "train_run_id": run.info.run_id, "checkpoint": result.checkpoint.path, "final_metrics": {k: result.metrics.get(k) for k in
                                                               ("train_loss", "val_loss", "val_accuracy")}}
 
 
@@ -174,7 +189,11 @@ def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, 
     from shipyard.endpoint import build_app
 
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    app = build_app({"model": f"models:/{cfg.model_name}@champion", "tracking_uri": cfg.tracking_uri,
+    model_uri = f"models:/{cfg.model_name}@champion"
+    if not summary["promoted"] and summary["previous_champion_accuracy"] is None:
+        model_uri = f"models:/{cfg.model_name}/{summary['model_version']}"  # the champion can't take this data
+        log.warning("serving the candidate %s: %s", model_uri, summary["promotion_reason"])
+    app = build_app({"model": model_uri, "tracking_uri": cfg.tracking_uri,
                      "num_replicas": cfg.serve.num_replicas, "cpus_per_replica": cfg.serve.cpus_per_replica,
                      "max_batch_size": cfg.serve.max_batch_size,
                      "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,

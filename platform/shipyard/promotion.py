@@ -10,15 +10,15 @@ class Decision:
     reason: str
 
 
-def decide(candidate: float, champion: float | None, higher_is_better: bool = True, min_delta: float = 0.0
-           ) -> Decision:
+def decide(candidate_accuracy: float, champion_accuracy: float | None) -> Decision:
     """Promote only if the candidate strictly beats the champion, both scored on the same held-out split.
 
     A tie keeps the champion: moving the alias for no gain would churn the endpoint.
     """
-    if champion is None:
+    if champion_accuracy is None:
         return Decision(True, "no current champion: the first candidate always wins")
-    gain = candidate - champion if higher_is_better else champion - candidate
-    if gain > min_delta:
-        return Decision(True, f"candidate {candidate:.4f} beats champion {champion:.4f} on the same test split")
-    return Decision(False, f"candidate {candidate:.4f} does not beat champion {champion:.4f} on the same test split")
+    if candidate_accuracy > champion_accuracy:
+        return Decision(True, f"candidate {candidate_accuracy:.4f} beats champion {champion_accuracy:.4f} "
+                              "on the same test split")
+    return Decision(False, f"candidate {candidate_accuracy:.4f} does not beat champion {champion_accuracy:.4f} "
+                           "on the same test split")

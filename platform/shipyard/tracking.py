@@ -85,13 +85,20 @@ def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any], fea
 
     with torch.no_grad():
         logits = model(torch.as_tensor(x_example)).numpy()
-    info = mlflow.pytorch.log_model(
-        model, name="model", signature=infer_signature(x_example, logits), input_example=x_example,
-        registered_model_name=cfg.model_name,
-        # explicit requirements: inferring them costs ~7 s and trips over torch's +cpu label (RAY_NOTES §8)
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-        metadata={"classes": classes, "feature_names": feature_names},
-    )
+    try:
+        info = mlflow.pytorch.log_model(
+            model, name="model", signature=infer_signature(x_example, logits), input_example=x_example,
+            registered_model_name=cfg.model_name,
+            # explicit requirements: inferring them costs ~7 s and trips over torch's +cpu label (RAY_NOTES §8)
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+            metadata={"classes": classes, "feature_names": feature_names},
+        )
+    except Exception as err:  # torch.export cannot trace every model (data-dependent control flow, ...)
+        raise TrackingError(
+            f"could not log model.name={cfg.model.name} in torch.export form ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:300]}); the weights are safe in the last training checkpoint. "
+            "Make the model's forward traceable by torch.export (no Python control flow on tensor values)"
+        ) from err
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     for key, value in tags.items():
@@ -138,6 +145,7 @@ def promote_if_better(name: str, version: str, candidate_accuracy: float, x_test
         if champion_acc is None:
             decision = Decision(False, f"champion v{current} cannot be scored on this data (different features?);"
                                        f" move the alias by hand or use another tracking.model_name")
+            client.set_model_version_tag(name, version, "shipyard.promotion", decision.reason)
             return decision, None
         mine, theirs = (client.get_model_version(name, v).tags for v in (version, current))
         for key in ("shipyard.data_hash", "shipyard.split"):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from shipyard.config import Config
+from shipyard.errors import TrainingError
 from shipyard.models import build_model
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ SHUFFLE_BUFFER_ROWS = 10_000
 
 @dataclass
 class TrainResult:
-    checkpoint_dir: str
+    checkpoint: Any
+    """ray.train.Checkpoint of the last epoch: weights, optimizer, epoch."""
     metrics: dict[str, Any]
     """Metrics of the last epoch."""
     history: list[dict[str, Any]]
@@ -96,19 +98,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, config["in_features"], config["num_classes"])
-    optimizer = make_optimizer(cfg, model)
-    start_epoch = 0
+    start_epoch, state = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group (FailureConfig) or a resumed run
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
+            state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
         if rank == 0:
             log.warning("resuming from the checkpoint of epoch %d", state["epoch"])
     model = ray.train.torch.prepare_model(model)  # DDP; moves the model to this worker's GPU when use_gpu
     device = ray.train.torch.get_device()
+    # after prepare_model: load_state_dict moves optimizer state to where the parameters are now
+    optimizer = make_optimizer(cfg, model)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
     logger = _RankZeroMlflow(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else None
     per_worker_batch = max(1, cfg.train.batch_size // world)
     train_shard = ray.train.get_dataset_shard("train")
@@ -169,7 +173,6 @@ class _RankZeroMlflow:
 def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlflow_run_id: str | None = None
         ) -> TrainResult:
     """Data-parallel training with Ray Train's TorchTrainer; returns the last checkpoint and metrics."""
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -188,19 +191,25 @@ def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlf
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             # Ray Train's own INFO lines (two per report and rank) would drown the one line per epoch
-            logging_config=ray.LoggingConfig(log_level="WARNING")),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise TrainingError(f"training run {run_name} failed after {cfg.train.max_failures} restart(s): {err}. "
+                            f"Worker logs: {Path(cfg.storage_dir) / run_name}") from err
     if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name} ended without a checkpoint: {result.error}")
+        raise TrainingError(f"training run {run_name} ended without a checkpoint ({result.error}); "
+                            f"see {result.path}")
     history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    return TrainResult(result.checkpoint.path, dict(result.metrics), history, result.path)
+    return TrainResult(result.checkpoint, dict(result.metrics), history, result.path)
 
 
-def load_trained(cfg: Config, checkpoint_dir: str, in_features: int, num_classes: int) -> nn.Module:
-    """Rebuild the model from a checkpoint folder (weights only: torch.load(weights_only=True))."""
+def load_trained(cfg: Config, checkpoint, in_features: int, num_classes: int) -> nn.Module:
+    """Rebuild the model on the CPU from a Ray checkpoint (local or remote storage), weights only."""
     model = build_model(cfg.model, in_features, num_classes)
-    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, weights_only=True)
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
     model.load_state_dict(state["model"])
     return model.eval()
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from shipyard.config import Config, apply_overrides
-from shipyard.errors import ConfigError
+from shipyard.errors import ConfigError, TrainingError
 from shipyard.models import build_model
 from shipyard.train import _batches, make_optimizer, run_epoch
 
@@ -130,8 +130,8 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
                                     scheduler=scheduler,
                                     # the generator caps concurrency itself: Tune ignores max_concurrent_trials
                                     # next to a SearchGenerator (it warns and runs as many as fit)
-                                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
-                                                                     max_concurrent=cfg.tune.max_concurrent_trials),
+                                    search_alg=BasicVariantGenerator(
+                                        random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent_trials),
                                     reuse_actors=True),  # trial start-up (process + torch import) dominates here
         run_config=tune.RunConfig(
             name=run_name, storage_path=str(cfg.storage_dir), verbose=0,
@@ -143,7 +143,8 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     ok = [r for r in results if r.error is None and r.metrics and cfg.tune.metric in r.metrics]
     if not ok:
         errors = [str(r.error) for r in results if r.error is not None][:1]
-        raise RuntimeError(f"every trial of the search failed; first error: {errors[0] if errors else 'unknown'}")
+        raise TrainingError(f"every trial of the search failed; first error: {errors[0] if errors else 'unknown'}."
+                            f" Trial logs: {results.experiment_path}")
     best = results.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
     status: dict[str, int] = {}
     for r in results:

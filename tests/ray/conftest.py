@@ -35,11 +35,12 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process on loopback, stopped by pid."""
     d = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
+    log_file = open(d / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts"),
          "--workers", "1"],
-        stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -54,6 +55,7 @@ def mlflow_server(tmp_path_factory):
     yield url
     os.killpg(proc.pid, 15)  # the server and its uvicorn workers
     proc.wait(timeout=30)
+    log_file.close()
 
 
 @pytest.fixture

@@ -55,7 +55,9 @@ def test_health_metadata_and_openapi(endpoint):
 
 @pytest.mark.parametrize("body, status, match", [
     ({"instances": [[1, 2, 3]]}, 422, "instances[0] has 3 features; model tiny v1 expects 4"),
-    ({"instances": [[1, 2, "x", 4]]}, 422, "float"),
+    ({"instances": [[1, 2, "x", 4]]}, 422, "Input should be a valid number"),
+    ({"instances": [[1, 2, "3.5", 4]]}, 422, "Input should be a valid number"),
+    ({"instances": [[1, 2, True, 4]]}, 422, "Input should be a valid number"),
     ({"instances": []}, 422, "at least 1"),
     ({"rows": [[1, 2, 3, 4]]}, 422, "instances"),
     ({"instances": [[1, 2, 3, 4]] * 9}, 413, "9 instances in one request; the limit is 8"),
@@ -78,3 +80,35 @@ def test_nan_not_json_and_huge_bodies_are_rejected_and_server_stays_up(endpoint)
                         headers={"content-type": "application/json"}, timeout=30)
     assert big.status_code == 413
     assert requests.post(f"{url}/predict", json={"instances": [[0, 0, 0, 0]]}, timeout=30).status_code == 200
+
+
+def test_concurrent_requests_of_different_sizes_each_get_their_own_answers(endpoint):
+    """Requests are batched together (@serve.batch); every caller must still get exactly its rows back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, model = endpoint
+    rng = np.random.default_rng(1)
+    payloads = [rng.normal(size=(n, 4)).astype(np.float32) for n in (1, 3, 8, 2, 5, 1, 7, 4) * 4]
+
+    def ask(rows):
+        return requests.post(f"{url}/predict", json={"instances": rows.tolist()}, timeout=60).json()
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(ask, payloads))
+    for rows, answer in zip(payloads, answers):
+        expected = [["a", "b", "c"][i] for i in model(torch.from_numpy(rows)).argmax(1).tolist()]
+        assert answer["predictions"] == expected
+
+
+def test_a_registered_version_can_be_served_by_number(ray_local, endpoint):
+    from ray import serve
+
+    url, _ = endpoint
+    tracking_uri = mlflow.get_tracking_uri()
+    serve.run(build_app({"model": "models:/tiny/1", "tracking_uri": tracking_uri}), name="tiny-v1",
+              route_prefix="/v1")
+    try:
+        body = requests.post(f"{url}/v1/predict", json={"instances": [[0, 0, 0, 0]]}, timeout=30).json()
+        assert body["model_version"] == "1"
+    finally:
+        serve.delete("tiny-v1")

@@ -1,8 +1,10 @@
 """End to end on a local Ray: data -> tune -> train -> register/promote -> serve, checked in MLflow."""
+import json
 from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from shipyard.cli import run_pipeline
 
@@ -18,28 +20,39 @@ def overrides(d: dict) -> list[str]:
     return [f"{k}={v}" for k, v in d.items()]
 
 
-def test_digits_end_to_end_then_worse_run_keeps_champion(ray_local, workdir, serve_port, tmp_path):
+BAD = {"train.epochs": 1, "train.lr": 1e-5, "tune.enabled": False}
+"""One epoch at a tiny learning rate, no search: a clearly worse model."""
+
+
+def test_digits_promotes_only_better_models_and_serves_the_champion(ray_local, workdir, serve_port, tmp_path):
+    # 1. a poor first model: the first version always becomes champion
+    first = run_pipeline(DIGITS, overrides({**workdir, **BAD, "serve.port": serve_port}))
+    assert first["promoted"] and first["model_version"] == "1" and first["served_version"] == "1"
+    assert "trials" not in first  # tune.enabled=false: no search
+
+    # 2. the real pipeline (search + training) beats it on the same test rows and takes the alias
     summary_path = tmp_path / "summary.json"
-    first = run_pipeline(DIGITS, overrides({**TINY, **workdir, "serve.port": serve_port}),
-                         summary_json=summary_path)
-    assert summary_path.exists()
+    good = run_pipeline(DIGITS, overrides({**TINY, **workdir, "serve.port": serve_port}), summary_json=summary_path)
+    assert json.loads(summary_path.read_text())["model_version"] == "2"
     for key in ("test_accuracy", "model_name", "model_version", "promoted", "endpoint", "stage_seconds",
                 "parent_run_id"):
-        assert key in first
-    assert first["promoted"] and first["model_version"] == "1"
-    assert first["test_accuracy"] > 0.85
-    assert first["endpoint"] == f"http://127.0.0.1:{serve_port}"
-    assert first["served_version"] == "1"
-    assert first["endpoint_accuracy"] == pytest.approx(first["test_accuracy"], abs=0.005)
-    assert set(first["stage_seconds"]) == {"ray", "data", "tune", "train", "serve"}
+        assert key in good
+    assert good["promoted"] and good["test_accuracy"] > max(0.85, first["test_accuracy"])
+    assert good["previous_champion_accuracy"] == pytest.approx(first["test_accuracy"])
+    assert good["endpoint"] == f"http://127.0.0.1:{serve_port}" and good["served_version"] == "2"
+    assert good["endpoint_accuracy"] == pytest.approx(good["test_accuracy"], abs=0.005)
+    assert set(good["stage_seconds"]) == {"ray", "data", "tune", "train", "serve"}
+
+    # the per-epoch checkpoint holds weights, optimizer state and the epoch (loadable without pickles)
+    state = torch.load(Path(good["checkpoint"]) / "state.pt", weights_only=True)
+    assert set(state) == {"model", "optimizer", "epoch"} and state["epoch"] == 2
 
     client = mlflow.MlflowClient(workdir["tracking.uri"])
-    parent = client.get_run(first["parent_run_id"])
+    parent = client.get_run(good["parent_run_id"])
     assert parent.data.params["train.epochs"] == "3"  # the resolved config is logged
-    exp = parent.info.experiment_id
-    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{first['parent_run_id']}'")
-    kinds = sorted(r.data.tags.get("shipyard.kind") for r in children)
-    assert kinds == ["train", "trial", "trial"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{good['parent_run_id']}'")
+    assert sorted(r.data.tags.get("shipyard.kind") for r in children) == ["train", "trial", "trial"]
     train_run = next(r for r in children if r.data.tags["shipyard.kind"] == "train")
     history = client.get_metric_history(train_run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [0, 1, 2]  # one point per epoch, logged by rank 0 only
@@ -49,20 +62,21 @@ def test_digits_end_to_end_then_worse_run_keeps_champion(ray_local, workdir, ser
         assert "train.lr" in trial.data.params and "val_accuracy" in trial.data.metrics
 
     champion = client.get_model_version_by_alias("digits", "champion")
-    assert str(champion.version) == "1"
+    assert str(champion.version) == "2"
     for tag in ("shipyard.data_hash", "shipyard.git_commit", "shipyard.config", "shipyard.parent_run_id",
-                "shipyard.train_run_id"):
+                "shipyard.train_run_id", "shipyard.split"):
         assert champion.tags[tag]
-    assert champion.tags["shipyard.data_hash"] == first["data_hash"]
+    assert champion.tags["shipyard.data_hash"] == good["data_hash"]
+    assert champion.tags["shipyard.train_run_id"] == train_run.info.run_id
+    assert "beats" in champion.tags["shipyard.promotion"]
 
-    # a clearly worse run: one epoch at a tiny learning rate, no search
-    worse = run_pipeline(DIGITS, overrides({**workdir, "train.epochs": 1, "train.lr": 1e-5, "tune.enabled": False,
-                                            "serve.port": serve_port}))
-    assert worse["model_version"] == "2" and not worse["promoted"]
-    assert worse["test_accuracy"] < first["test_accuracy"]
-    assert str(client.get_model_version_by_alias("digits", "champion").version) == "1"
-    assert worse["served_version"] == "1"  # the endpoint serves the champion, not the rejected candidate
-    assert "does not beat" in client.get_model_version("digits", "2").tags["shipyard.promotion"]
+    # 3. a worse run registers a version but leaves the alias, and the endpoint keeps serving the champion
+    worse = run_pipeline(DIGITS, overrides({**workdir, **BAD, "serve.port": serve_port}))
+    assert worse["model_version"] == "3" and not worse["promoted"]
+    assert str(client.get_model_version_by_alias("digits", "champion").version) == "2"
+    assert worse["served_version"] == "2"
+    assert worse["endpoint_accuracy"] == pytest.approx(good["test_accuracy"], abs=0.005)
+    assert "does not beat" in client.get_model_version("digits", "3").tags["shipyard.promotion"]
 
 
 def test_pipeline_against_a_real_mlflow_server(ray_local, mlflow_server, tmp_path, serve_port):

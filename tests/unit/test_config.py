@@ -79,7 +79,7 @@ def test_apply_overrides_returns_new_validated_config():
 
 
 @pytest.mark.parametrize("space, match", [
-    ({"train.lrr": {"loguniform": [1e-4, 1e-2]}}, r"'train.lrr' in tune.space; did you mean 'train.lr'"),
+    ({"train.lrr": {"loguniform": [1e-4, 1e-2]}}, r"^unknown key 'train.lrr' in tune.space; did you mean 'train.lr'"),
     ({"train.lr": {"gaussian": [0, 1]}}, r"tune.space.train.lr.gaussian"),
     ({"train.lr": {"loguniform": [1e-2, 1e-4]}}, r"tune.space.train.lr.loguniform: low 0.01 must be below high"),
     ({"model.hidden": {"choice": [32, -1]}}, r"model.hidden"),
@@ -87,3 +87,29 @@ def test_apply_overrides_returns_new_validated_config():
 def test_bad_search_space_fails_before_ray_naming_the_key(space, match):
     with pytest.raises(ConfigError, match=match):
         check_space(load_config(None, {"tune.space": space}))
+
+
+def test_model_is_named_after_the_data_file_unless_set():
+    assert load_config(None, ["name=tabular", "data.path=/x/My Data.csv"]).model_name == "tabular-My-Data"
+    assert load_config(None, ["data.path=a.csv", "tracking.model_name=m"]).model_name == "m"
+    assert load_config(ROOT / "pipelines/configs/digits.yaml").model_name == "digits"
+
+
+def test_scientific_notation_is_a_float_in_yaml_and_cli(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1e-4\ntune:\n  space:\n    train.lr: {loguniform: [1e-5, 1e-2]}\n")
+    cfg = load_config(f, ["train.weight_decay=5e-4"])
+    assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 5e-4
+    check_space(cfg)
+
+
+def test_section_given_a_scalar_is_explained(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match="'train' must be a section of keys"):
+        load_config(f)
+
+
+def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, ["tracking.uri=sqlite:///rel/m.db"]).tracking_uri == f"sqlite:///{tmp_path}/rel/m.db"

@@ -98,7 +98,7 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     summary: dict[str, Any] = {"model_name": cfg.model_name, "endpoint": None}
     keep = cfg.serve.keep_running if keep_serving is None else keep_serving
-    served = False
+    served = serve_was_running = False
     try:
         tracking.setup(cfg)
         with mlflow.start_run(run_name=f"{cfg.name}-{stamp}", tags={"shipyard.kind": "pipeline"}) as parent:
@@ -132,6 +132,9 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
 
             if cfg.serve.enabled:
                 with stages("serve", f"deploying models:/{cfg.model_name}@champion on {cfg.serve.host}"):
+                    from ray import serve
+
+                    serve_was_running = bool(serve.status().proxies)  # someone else's Serve on this cluster
                     served = True
                     summary.update(_serve_and_check(cfg, splits, summary))
                 mlflow.log_metric("endpoint_accuracy", summary["endpoint_accuracy"])
@@ -146,8 +149,8 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
         if served:
             from ray import serve
 
-            # on a cluster we attached to, remove only our app: other teams' endpoints stay up
-            serve.shutdown() if started_ray else serve.delete(cfg.name)
+            # remove only our app from a Serve instance that was already running: other endpoints stay up
+            serve.delete(cfg.name) if serve_was_running else serve.shutdown()
         if started_ray:
             ray.shutdown()
     return summary
@@ -201,11 +204,18 @@ def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, 
     serve.run(app, name=cfg.name, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     x_test, y_test = data.to_numpy(splits.test)
+    hint = ("a Serve instance that was already running on this cluster keeps its own HTTP host and port; "
+            "set serve.host and serve.port to those")
     predictions: list[Any] = []
     served_version = None
     for start in range(0, len(x_test), cfg.serve.max_instances):
-        resp = requests.post(f"{url}/predict", json={"instances": x_test[start:start + cfg.serve.max_instances]
-                                                     .tolist()}, timeout=60)
+        try:
+            resp = requests.post(f"{url}/predict", json={"instances": x_test[start:start + cfg.serve.max_instances]
+                                                         .tolist()}, timeout=60)
+        except requests.ConnectionError as err:
+            raise ServingError(f"nothing listens on {url}: {hint}") from err
+        if resp.status_code == 404:
+            raise ServingError(f"{url}/predict answered 404: {hint}")
         if resp.status_code != 200:
             raise ServingError(f"endpoint {url}/predict answered {resp.status_code}: {resp.text[:500]}")
         body = resp.json()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,12 @@ def _clear_errors(what: str):
     except Exception as err:
         cause = _find_cause(err, DataError)
         if cause is not None:
-            cause = getattr(cause, "cause", cause)  # RayTaskError(DataError) keeps the original as .cause
-            raise DataError(*cause.args) from None
-        raise DataError(f"{what}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}") from err
+            raise DataError(*cause.args) from None  # the message, without the remote traceback
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        # a remote error's text is a traceback: its "SomethingError: message" line says what went wrong
+        reason = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception|Invalid)\b.*:", ln)),
+                      lines[0] if lines else type(err).__name__)
+        raise DataError(f"{what}: {reason[:500]}") from err
 
 
 def _feature_columns(schema, label: str, source: str) -> list[str]:
@@ -154,7 +158,10 @@ def load_splits(cfg: DataConfig) -> Splits:
     ds, label, digest = _read(cfg)
     source = cfg.path or f"builtin:{cfg.builtin}"
     with _clear_errors(f"{source}: cannot parse the file"):  # ragged rows, mixed types: found while reading
-        features = _feature_columns(ds.schema(), label, source)
+        schema = ds.schema()
+        if schema is None:
+            raise DataError(f"{source} has no rows; give a file with a header and data rows")
+        features = _feature_columns(schema, label, source)
         labels = ds.unique(label)
     if len(labels) < 2:
         raise DataError(f"{source}: label column '{label}' has {len(labels)} distinct value(s); "
@@ -167,19 +174,24 @@ def load_splits(cfg: DataConfig) -> Splits:
 
     def encode(batch: pd.DataFrame) -> dict[str, np.ndarray]:
         x = batch[features].to_numpy(dtype=np.float32)
-        if not np.isfinite(x).all():
-            cols = [c for c, ok in zip(features, np.isfinite(x).all(axis=0)) if not ok]
-            raise DataError(f"{source}: missing or infinite values in feature columns {cols}; "
-                            "fill or drop those rows before training")
+        finite = np.isfinite(x)
         # a dict of arrays: Ray Data stores the 2-D `x` as a tensor column (a DataFrame would pickle it)
         return {"x": x, "y": batch[label].map(index).to_numpy(dtype=np.int64),
-                "split": split_of(batch[features + [label]], seed, val_f, test_f)}
+                "split": split_of(batch[features + [label]], seed, val_f, test_f),
+                # index of a row's first missing/infinite feature, -1 if none: reported below, because an
+                # exception raised in here reaches the driver without its message
+                "bad": np.where(finite.all(axis=1), -1, np.argmin(finite, axis=1))}
 
     with _clear_errors(f"{source}: could not prepare the data"):
         encoded = ds.map_batches(encode, batch_format="pandas").materialize()
+        bad = encoded.filter(expr="bad >= 0")
+        if bad.count():
+            cols = sorted({features[i] for i in bad.unique("bad")})
+            raise DataError(f"{source}: {bad.count()} row(s) with missing or infinite values in feature columns "
+                            f"{cols}; fill or drop those rows before training")
     parts = {}
     for i, name in enumerate(("train", "val", "test")):
-        parts[name] = encoded.filter(expr=f"split == {i}").drop_columns(["split"]).materialize()
+        parts[name] = encoded.filter(expr=f"split == {i}").drop_columns(["split", "bad"]).materialize()
     rows = {name: part.count() for name, part in parts.items()}
     if min(rows.values()) == 0:
         raise DataError(f"{source}: too few rows ({sum(rows.values())}) for a train/val/test split {rows}")
@@ -194,7 +206,8 @@ def _find_cause(err: BaseException, kind: type) -> BaseException | None:
         seen.add(id(err))
         if isinstance(err, kind):
             return err
-        err = err.__cause__ or err.__context__
+        # RayTaskError keeps the remote exception as .cause; chained Python errors use __cause__
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
     return None
 
 

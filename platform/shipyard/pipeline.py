@@ -63,6 +63,10 @@ def init_ray(address: str | None) -> bool:
                 "head prints it) and that this machine holds the cluster's token (~/.ray/auth_token or "
                 "RAY_AUTH_TOKEN)") from err
         log.info("attached to the Ray cluster at %s: %s", address, ray.cluster_resources())
+        hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+        if len(hosts) > 1:
+            log.warning("the cluster spans %d hosts: tracking.uri and storage_path must be reachable from every "
+                        "one of them (an MLflow server, shared storage), not files on this machine", len(hosts))
     else:
         # the dashboard must stay on: Train V2 needs the State API to free stopped trials (RAY_NOTES §6)
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1")

@@ -25,7 +25,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -152,8 +152,9 @@ class Config(_Section):
     def tracking_uri(self) -> str:
         uri = self.tracking.uri
         if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            # relative: Train workers and Tune trials run in other folders and would each open a new DB
-            return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+            # relative (to the current folder): Train workers and Tune trials run in other folders and
+            # would each open a new DB
+            return f"sqlite:///{Path(uri[len('sqlite:///'):]).expanduser().resolve()}"
         if uri:
             return uri
         db = PROJECT_ROOT / ".shipyard" / "mlflow.db"
@@ -170,7 +171,7 @@ class Config(_Section):
         return _flatten(self.model_dump(mode="json"))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.dump(self.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False)
 
 
 # -- loading and overriding ------------------------------------------------------------------
@@ -179,11 +180,16 @@ class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads `1e-4` as a string; read it as the float every user means."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"
-               r"|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."))
+class _Dumper(yaml.SafeDumper):
+    """Quotes strings such as "1e5" that _Loader would read back as floats."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"
+                   r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+        list("-+0123456789."))
 
 
 def _yaml_load(text: str) -> Any:
@@ -249,6 +255,8 @@ def _unknown_keys(tree: dict[str, Any], prefix: str = "") -> None:
     """Report unknown keys of a YAML tree with the closest valid spelling, before pydantic does."""
     for k, v in tree.items():
         key = f"{prefix}{k}"
+        if not prefix and k in SECTIONS and v is None:  # a section whose keys are all commented out
+            tree[k] = v = {}
         if not prefix and k in SECTIONS and not isinstance(v, dict):
             raise ConfigError(f"'{k}' must be a section of keys (e.g. {k}: {{...}}), got {v!r}")
         if isinstance(v, dict) and k not in ("space", "options"):

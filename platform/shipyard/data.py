@@ -93,7 +93,10 @@ def _read(cfg: DataConfig):
         digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()
         return ray.data.from_pandas(frame), "label", digest
     path = str(Path(cfg.path).expanduser().resolve()) if "://" not in cfg.path else cfg.path
-    suffix = Path(cfg.path).suffix or (_files(Path(path))[0].suffix if "://" not in path else ".parquet")
+    if "://" in path:
+        suffix = Path(path).suffix or ".parquet"
+    else:  # a folder's own name may hold a dot (exports/run.v2/): look at its files
+        suffix = Path(path).suffix if Path(path).is_file() else _files(Path(path))[0].suffix
     fmt = SUFFIXES.get(suffix, "parquet")
     read = ray.data.read_csv if fmt == "csv" else ray.data.read_parquet
     with _clear_errors(f"data.path: cannot read {path} as {fmt}"):
@@ -185,9 +188,10 @@ def load_splits(cfg: DataConfig) -> Splits:
     with _clear_errors(f"{source}: could not prepare the data"):
         encoded = ds.map_batches(encode, batch_format="pandas").materialize()
         bad = encoded.filter(expr="bad >= 0")
-        if bad.count():
+        n_bad = bad.count()
+        if n_bad:
             cols = sorted({features[i] for i in bad.unique("bad")})
-            raise DataError(f"{source}: {bad.count()} row(s) with missing or infinite values in feature columns "
+            raise DataError(f"{source}: {n_bad} row(s) with missing or infinite values in feature columns "
                             f"{cols}; fill or drop those rows before training")
     parts = {}
     for i, name in enumerate(("train", "val", "test")):
@@ -207,7 +211,8 @@ def _find_cause(err: BaseException, kind: type) -> BaseException | None:
         if isinstance(err, kind):
             return err
         # RayTaskError keeps the remote exception as .cause; chained Python errors use __cause__
-        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+        cause = getattr(err, "cause", None)
+        err = cause if isinstance(cause, BaseException) else (err.__cause__ or err.__context__)
     return None
 
 

@@ -54,10 +54,12 @@ def init_ray(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # a cluster started with `ray start` checks tokens, but clients only send one in token mode (RAY_NOTES §2)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) or \
+                os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         try:
             ray.init(address=address, log_to_driver=True)
-        except (ConnectionError, RuntimeError) as err:
+        except (ConnectionError, RuntimeError, ray.exceptions.RayError) as err:
             raise PlatformError(
                 f"cannot attach to the Ray cluster at {address}: {err}. Check the address (`ray status` on the "
                 "head prints it) and that this machine holds the cluster's token (~/.ray/auth_token or "
@@ -138,7 +140,11 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
                 with stages("serve", f"deploying models:/{cfg.model_name}@champion on {cfg.serve.host}"):
                     from ray import serve
 
-                    serve_was_running = bool(serve.status().proxies)  # someone else's Serve on this cluster
+                    status = serve.status()
+                    serve_was_running = bool(status.proxies or status.applications)  # another Serve user
+                    if cfg.name in status.applications:
+                        raise ServingError(f"a Serve app named '{cfg.name}' is already running on this cluster "
+                                           "(another pipeline's --keep-serving?); stop it or set name=<other>")
                     served = True
                     summary.update(_serve_and_check(cfg, splits, summary))
                 mlflow.log_metric("endpoint_accuracy", summary["endpoint_accuracy"])

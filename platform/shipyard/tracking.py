@@ -93,10 +93,13 @@ def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any], fea
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
             metadata={"classes": classes, "feature_names": feature_names},
         )
+    except mlflow.exceptions.MlflowException:
+        raise  # the tracking server or registry said no: its own message is the clearest
     except Exception as err:  # torch.export cannot trace every model (data-dependent control flow, ...)
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
         raise TrackingError(
             f"could not log model.name={cfg.model.name} in torch.export form ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:300]}); the weights are safe in the last training checkpoint. "
+            f"{first_line}); the weights are safe in the last training checkpoint. "
             "Make the model's forward traceable by torch.export (no Python control flow on tensor values)"
         ) from err
     version = str(info.registered_model_version)

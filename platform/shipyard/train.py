@@ -196,8 +196,10 @@ def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlf
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        raise TrainingError(f"training run {run_name} failed after {cfg.train.max_failures} restart(s): {err}. "
-                            f"Worker logs: {Path(cfg.storage_dir) / run_name}") from err
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise TrainingError(f"training run {run_name} failed (train.max_failures={cfg.train.max_failures}): "
+                            f"{first_line}. The full error is above; worker logs are under the Ray session's "
+                            "logs/ folder (/tmp/ray/session_latest/logs on the head node)") from err
     if result.checkpoint is None:
         raise TrainingError(f"training run {run_name} ended without a checkpoint ({result.error}); "
                             f"see {result.path}")

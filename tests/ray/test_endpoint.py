@@ -28,17 +28,22 @@ def endpoint(ray_local, tmp_path_factory):
     with mlflow.start_run():
         version = tracking.log_model(model, np.zeros((2, 4), np.float32), cfg, ["a", "b", "c"],
                                      ["w", "x", "y", "z"], {"shipyard.data_hash": "test"})
+        # a second version, which takes the alias: serving by number must still give version 1
+        torch.manual_seed(1)
+        v2 = tracking.log_model(mlp(4, 3, hidden=8).eval(), np.zeros((2, 4), np.float32), cfg, ["a", "b", "c"],
+                                ["w", "x", "y", "z"], {"shipyard.data_hash": "test"})
+    assert (version, v2) == ("1", "2")
     mlflow.MlflowClient().set_registered_model_alias("tiny", "champion", version)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": "models:/tiny@champion", "tracking_uri": cfg.tracking_uri,
                          "max_instances": 8}), name="tiny", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", model
+    yield f"http://127.0.0.1:{port}", model, cfg.tracking_uri
     serve.shutdown()
 
 
 def test_predict_answers_with_labels_and_version(endpoint):
-    url, model = endpoint
+    url, model, _ = endpoint
     rows = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     body = requests.post(f"{url}/predict", json={"instances": rows.tolist()}, timeout=30).json()
     expected = [["a", "b", "c"][i] for i in model(torch.from_numpy(rows)).argmax(1).tolist()]
@@ -46,7 +51,7 @@ def test_predict_answers_with_labels_and_version(endpoint):
 
 
 def test_health_metadata_and_openapi(endpoint):
-    url, _ = endpoint
+    url, _, _ = endpoint
     assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
     meta = requests.get(f"{url}/metadata", timeout=10).json()
     assert meta["model_name"] == "tiny" and meta["schema"]["features"] == 4
@@ -63,14 +68,14 @@ def test_health_metadata_and_openapi(endpoint):
     ({"instances": [[1, 2, 3, 4]] * 9}, 413, "9 instances in one request; the limit is 8"),
 ])
 def test_malformed_bodies_get_4xx_naming_the_problem(endpoint, body, status, match):
-    url, _ = endpoint
+    url, _, _ = endpoint
     resp = requests.post(f"{url}/predict", json=body, timeout=30)
     assert resp.status_code == status
     assert match in resp.text
 
 
 def test_nan_not_json_and_huge_bodies_are_rejected_and_server_stays_up(endpoint):
-    url, _ = endpoint
+    url, _, _ = endpoint
     nan = requests.post(f"{url}/predict", data='{"instances": [[NaN, 1, 2, 3]]}',
                         headers={"content-type": "application/json"}, timeout=30)
     assert nan.status_code == 422
@@ -86,7 +91,7 @@ def test_concurrent_requests_of_different_sizes_each_get_their_own_answers(endpo
     """Requests are batched together (@serve.batch); every caller must still get exactly its rows back."""
     from concurrent.futures import ThreadPoolExecutor
 
-    url, model = endpoint
+    url, model, _ = endpoint
     rng = np.random.default_rng(1)
     payloads = [rng.normal(size=(n, 4)).astype(np.float32) for n in (1, 3, 8, 2, 5, 1, 7, 4) * 4]
 
@@ -103,12 +108,17 @@ def test_concurrent_requests_of_different_sizes_each_get_their_own_answers(endpo
 def test_a_registered_version_can_be_served_by_number(ray_local, endpoint):
     from ray import serve
 
-    url, _ = endpoint
-    tracking_uri = mlflow.get_tracking_uri()
+    url, _, tracking_uri = endpoint
+    mlflow.MlflowClient(tracking_uri).set_registered_model_alias("tiny", "champion", "2")
     serve.run(build_app({"model": "models:/tiny/1", "tracking_uri": tracking_uri}), name="tiny-v1",
               route_prefix="/v1")
+    serve.run(build_app({"model": "models:/tiny@champion", "tracking_uri": tracking_uri}), name="tiny-champion",
+              route_prefix="/champion")
     try:
-        body = requests.post(f"{url}/v1/predict", json={"instances": [[0, 0, 0, 0]]}, timeout=30).json()
-        assert body["model_version"] == "1"
+        ask = {"instances": [[0, 0, 0, 0]]}
+        assert requests.post(f"{url}/v1/predict", json=ask, timeout=30).json()["model_version"] == "1"
+        assert requests.post(f"{url}/champion/predict", json=ask, timeout=30).json()["model_version"] == "2"
     finally:
         serve.delete("tiny-v1")
+        serve.delete("tiny-champion")
+        mlflow.MlflowClient(tracking_uri).set_registered_model_alias("tiny", "champion", "1")

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from shipyard.config import Config, apply_overrides, load_config, parse_overrides, valid_keys
+from shipyard.config import Config, _yaml_load, apply_overrides, load_config, parse_overrides, valid_keys
 from shipyard.errors import ConfigError
 from shipyard.tuning import check_space
 
@@ -93,6 +93,29 @@ def test_model_is_named_after_the_data_file_unless_set():
     assert load_config(None, ["name=tabular", "data.path=/x/My Data.csv"]).model_name == "tabular-My-Data"
     assert load_config(None, ["data.path=a.csv", "tracking.model_name=m"]).model_name == "m"
     assert load_config(ROOT / "pipelines/configs/digits.yaml").model_name == "digits"
+
+
+def test_yaml_reads_scientific_notation_as_floats_and_nothing_else_changes():
+    assert parse_overrides(["x=5e-4", "y=1e5", "z=1_000", "v=1.2.3", "w=e5", "n=7"]) == \
+        {"x": 5e-4, "y": 1e5, "z": 1000, "v": "1.2.3", "w": "e5", "n": 7}
+    assert _yaml_load("space: {loguniform: [1e-5, 1e-2]}") == {"space": {"loguniform": [1e-5, 1e-2]}}
+
+
+def test_config_yaml_round_trips_strings_that_look_like_floats():
+    cfg = load_config(None, ["data.path=x.csv", "data.label='1e5'"])
+    assert cfg.data.label == "1e5"
+    assert Config.model_validate(_yaml_load(cfg.to_yaml())) == cfg
+
+
+def test_empty_section_means_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  # epochs: 3\n")
+    assert load_config(f).train == Config().train
+
+
+def test_infinite_values_are_rejected():
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=1e999"])
 
 
 def test_scientific_notation_is_a_float_in_yaml_and_cli(tmp_path):

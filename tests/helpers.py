@@ -1,5 +1,10 @@
 """Shared test helpers (importable as tests.helpers)."""
+import contextlib
+import os
+import signal
 import socket
+import time
+from pathlib import Path
 
 TINY = {"train.epochs": 3, "tune.num_samples": 2, "tune.grace_period": 1, "scaling.num_workers": 2}
 """Overrides for a pipeline run of a few seconds per stage on 2 cores."""
@@ -9,3 +14,51 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _proc_children_named(ppid: int, name: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            if int(rest[1]) == ppid and name in comm:
+                out.append(int(d.name))
+    return out
+
+
+def ray_worker_pids(raylet_pid: int) -> list[int]:
+    """Every live process started by the raylet `raylet_pid` (Ray marks them with RAY_RAYLET_PID)."""
+    marker = f"RAY_RAYLET_PID={raylet_pid}".encode()
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def our_raylet_pid() -> int | None:
+    """The raylet this process started with ray.init() (a child of this process), if any."""
+    pids = _proc_children_named(os.getpid(), "raylet")
+    return pids[0] if pids else None
+
+
+def kill_leftovers(raylet_pid: int | None, grace_s: float = 5.0) -> list[int]:
+    """After ray.shutdown(): SIGKILL the workers of *our* raylet that outlived it (by pid, never `ray stop`)."""
+    if raylet_pid is None:
+        return []
+    deadline = time.time() + grace_s
+    while time.time() < deadline and ray_worker_pids(raylet_pid):
+        time.sleep(0.25)
+    left = ray_worker_pids(raylet_pid)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
@@ -44,6 +45,9 @@ def init_ray(address: str | None) -> bool:
 
     Returns True when this call started Ray, so the caller knows to shut it down.
     """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _token_mode_if_token()
     import ray
 
     # every ray.train.report waits ~one health-check interval (2 s by default; RAY_NOTES §3)
@@ -51,12 +55,7 @@ def init_ray(address: str | None) -> bool:
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # inherited by local workers (Data's split actors)
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        # a cluster started with `ray start` checks tokens, but clients only send one in token mode (RAY_NOTES §2)
-        if any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) or \
-                os.path.exists(os.path.expanduser("~/.ray/auth_token")):
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ray.exceptions.RayError) as err:
@@ -78,6 +77,22 @@ def init_ray(address: str | None) -> bool:
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per stage is ours to print
     return True
+
+
+def _token_mode_if_token() -> None:
+    """A cluster started with `ray start` checks tokens, but a client sends one only in token mode
+    (RAY_NOTES §2): switch it on when a token exists and the user has not chosen a mode."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if "ray" not in sys.modules:  # Ray reads the mode once, at import
+        if any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) or \
+                os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+            os.environ["RAY_AUTH_MODE"] = "token"
+        return
+    # Ray already imported (a notebook, a test): its own helper sets the mode and refreshes its config
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def preflight(cfg: Config) -> None:

@@ -16,7 +16,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _proc_children_named(ppid: int, name: str) -> list[int]:
+def _proc_children_named(ppid: int, name: str = "") -> list[int]:
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -50,14 +50,36 @@ def our_raylet_pid() -> int | None:
     return pids[0] if pids else None
 
 
-def kill_leftovers(raylet_pid: int | None, grace_s: float = 5.0) -> list[int]:
-    """After ray.shutdown(): SIGKILL the workers of *our* raylet that outlived it (by pid, never `ray stop`)."""
+def raylet_processes(raylet_pid: int | None) -> set[int]:
+    """Call before ray.shutdown(): the raylet's workers and agents (the agents carry no RAY_RAYLET_PID)."""
+    if raylet_pid is None:
+        return set()
+    return set(ray_worker_pids(raylet_pid)) | set(_proc_children_named(raylet_pid))
+
+
+def _alive(pids: set[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
+                out.append(pid)
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def kill_leftovers(raylet_pid: int | None, known: set[int] = frozenset(), grace_s: float = 5.0) -> list[int]:
+    """After ray.shutdown(): SIGKILL what *our* raylet started and outlived it (by pid, never `ray stop`)."""
     if raylet_pid is None:
         return []
+
+    def leftovers() -> list[int]:
+        return _alive(set(known) | set(ray_worker_pids(raylet_pid)))
+
     deadline = time.time() + grace_s
-    while time.time() < deadline and ray_worker_pids(raylet_pid):
+    while time.time() < deadline and leftovers():
         time.sleep(0.25)
-    left = ray_worker_pids(raylet_pid)
+    left = leftovers()
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import free_port, kill_leftovers, our_raylet_pid
+from tests.helpers import free_port, kill_leftovers, our_raylet_pid, raylet_processes
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # before ray.init: see RAY_NOTES §3
 os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
@@ -22,9 +22,10 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port())
     raylet = our_raylet_pid()
     yield ray
+    started = raylet_processes(raylet)
     ray.shutdown()  # stops the processes this driver started, not other Ray instances on the host
     # a worker busy at shutdown (seen: a Train controller) can outlive its raylet: stop it by pid
-    left = kill_leftovers(raylet)
+    left = kill_leftovers(raylet, started)
     if left:
         print(f"killed {len(left)} Ray worker(s) that outlived ray.shutdown(): {left}")
 

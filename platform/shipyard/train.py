@@ -8,15 +8,13 @@ Train, a checkpoint (weights, optimizer, epoch) from which a restarted worker gr
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,8 +34,6 @@ class TrainResult:
     """ray.train.Checkpoint of the last epoch: weights, optimizer, epoch."""
     metrics: dict[str, Any]
     """Metrics of the last epoch."""
-    history: list[dict[str, Any]]
-    run_path: str
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -78,7 +74,7 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train_batches,
             "samples_per_s": n * world_size / max(train_time_s, 1e-9)}
 
 
-def _batches(ds, batch_size: int, seed: int | None = None, device: torch.device | str = "cpu"):
+def iter_batches(ds, batch_size: int, seed: int | None = None, device: torch.device | str = "cpu"):
     kwargs = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_ROWS, "local_shuffle_seed": seed} if seed is not None else {}
     return ds.iter_torch_batches(batch_size=batch_size, device=device, **kwargs)
 
@@ -118,8 +114,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.train.epochs):
-        metrics = run_epoch(model, optimizer, _batches(train_shard, per_worker_batch, cfg.train.seed + epoch, device),
-                            _batches(val_ds, 512, device=device), world)
+        metrics = run_epoch(model, optimizer, iter_batches(train_shard, per_worker_batch, cfg.train.seed + epoch, device),
+                            iter_batches(val_ds, 512, device=device), world)
         metrics["epoch"] = epoch
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -203,8 +199,7 @@ def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlf
     if result.checkpoint is None:
         raise TrainingError(f"training run {run_name} ended without a checkpoint ({result.error}); "
                             f"see {result.path}")
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    return TrainResult(result.checkpoint, dict(result.metrics), history, result.path)
+    return TrainResult(result.checkpoint, dict(result.metrics))
 
 
 def load_trained(cfg: Config, checkpoint, in_features: int, num_classes: int) -> nn.Module:
@@ -214,8 +209,3 @@ def load_trained(cfg: Config, checkpoint, in_features: int, num_classes: int) ->
         state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
     model.load_state_dict(state["model"])
     return model.eval()
-
-
-def accuracy(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
-    """Share of rows whose predicted class index equals the label."""
-    return float((predict(x) == y).mean())

@@ -8,7 +8,6 @@ The search space uses the config's own dotted keys (`train.lr`), so a trial's co
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError, TrainingError
 from shipyard.models import build_model
-from shipyard.train import _batches, make_optimizer, run_epoch
+from shipyard.train import iter_batches, make_optimizer, run_epoch
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +68,8 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
     model = build_model(cfg.model, in_features, num_classes)
     optimizer = make_optimizer(cfg, model)
     for epoch in range(cfg.train.epochs):
-        metrics = run_epoch(model, optimizer, _batches(train_ds, cfg.train.batch_size, cfg.train.seed + epoch),
-                            _batches(val_ds, 512))
+        metrics = run_epoch(model, optimizer, iter_batches(train_ds, cfg.train.batch_size, cfg.train.seed + epoch),
+                            iter_batches(val_ds, 512))
         tune.report({**metrics, "epoch": epoch})
 
 
@@ -105,7 +104,6 @@ class SearchSummary:
     best_metric: float
     trials: int
     trial_status: dict[str, int]
-    wall_s: float
 
 
 def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id: str) -> SearchSummary:
@@ -115,7 +113,6 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    t0 = time.perf_counter()
     space = build_space(cfg.tune.space)
     scheduler = (ASHAScheduler(max_t=cfg.train.epochs, grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
                                reduction_factor=cfg.tune.reduction_factor)
@@ -156,5 +153,4 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
             key = "stopped_early"
         status[key] = status.get(key, 0) + 1
     overrides = {k: best.config[k] for k in cfg.tune.space}
-    return SearchSummary(overrides, float(best.metrics[cfg.tune.metric]), len(results), status,
-                         time.perf_counter() - t0)
+    return SearchSummary(overrides, float(best.metrics[cfg.tune.metric]), len(results), status)

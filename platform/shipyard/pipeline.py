@@ -205,8 +205,8 @@ def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict
     return {"test_accuracy": test_acc, "model_version": version, "promoted": decision.promote,
             "promotion_reason": decision.reason, "previous_champion_accuracy": champion_acc,
             "champion_version": tracking.champion_version(cfg.model_name),
-            "train_run_id": run.info.run_id, "checkpoint": result.checkpoint.path, "final_metrics": {k: result.metrics.get(k) for k in
-                                                              ("train_loss", "val_loss", "val_accuracy")}}
+            "train_run_id": run.info.run_id, "checkpoint": result.checkpoint.path,
+            "final_metrics": {k: result.metrics.get(k) for k in ("train_loss", "val_loss", "val_accuracy")}}
 
 
 def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, Any]:

@@ -114,8 +114,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, cfg.train.epochs):
-        metrics = run_epoch(model, optimizer, iter_batches(train_shard, per_worker_batch, cfg.train.seed + epoch, device),
-                            iter_batches(val_ds, 512, device=device), world)
+        train_batches = iter_batches(train_shard, per_worker_batch, cfg.train.seed + epoch, device)
+        metrics = run_epoch(model, optimizer, train_batches, iter_batches(val_ds, 512, device=device), world)
         metrics["epoch"] = epoch
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

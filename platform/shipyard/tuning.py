@@ -132,7 +132,8 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
                                     reuse_actors=True),  # trial start-up (process + torch import) dominates here
         run_config=tune.RunConfig(
             name=run_name, storage_path=str(cfg.storage_dir), verbose=0,
-            callbacks=[_progress_callback(cfg, cfg.tune.num_samples),MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=cfg.tracking.experiment,
+            callbacks=[_progress_callback(cfg, cfg.tune.num_samples),
+                       MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=cfg.tracking.experiment,
                                             tags={"mlflow.parentRunId": parent_run_id, "shipyard.kind": "trial"},
                                             save_artifact=False)]),
     )

@@ -84,12 +84,19 @@ class TuneConfig(_Section):
     enabled: bool = True
     num_samples: int = Field(4, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
-    scheduler: Literal["asha", "fifo"] = "asha"
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    """asha: asynchronous successive halving (stops weak trials at rungs); pbt: population-based training
+    (weak trials copy a strong one's checkpoint and perturb its hyperparameters); fifo: every trial runs all
+    train.epochs."""
+    search: Literal["random", "optuna"] = "random"
+    """random: sample tune.space (grid entries are crossed); optuna: Optuna's TPE proposes each next trial."""
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     grace_period: int = Field(3, ge=1)
     """ASHA: epochs every trial gets before it can be stopped."""
     reduction_factor: float = Field(3, gt=1)
     """ASHA: only 1/reduction_factor of the trials reaching a rung go on to the next."""
+    perturbation_interval: int = Field(2, ge=1)
+    """PBT: epochs between exploit/explore steps."""
     cpus_per_trial: float = Field(1.0, gt=0)
     seed: int = 0
     """Seed of the search algorithm: the same seed samples the same trial configs."""

@@ -53,6 +53,8 @@ def init_ray(address: str | None) -> bool:
     # every ray.train.report waits ~one health-check interval (2 s by default; RAY_NOTES §3)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # inherited by local workers (Data's split actors)
+    # a checkpoint per trial epoch triggers hundreds of "snapshotting triggered multiple times" warnings (RAY_NOTES §5)
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return False
     if address:
@@ -139,7 +141,11 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
             if cfg.tune.enabled and cfg.tune.space:
                 with stages("tune", f"{cfg.tune.num_samples} trials, {cfg.tune.scheduler}, "
                                     f"{cfg.tune.max_concurrent_trials} at a time"):
-                    found = tuning.search(cfg, splits, f"{cfg.name}-tune-{stamp}", cfg.tracking_uri, parent_id)
+                    with mlflow.start_run(run_name="search", nested=True, tags={"shipyard.kind": "search"}) as srun:
+                        mlflow.log_params({k: v for k, v in cfg.flat().items() if k.startswith("tune.")})
+                        found = tuning.search(cfg, splits, f"{cfg.name}-tune-{stamp}", cfg.tracking_uri,
+                                              srun.info.run_id)
+                        mlflow.log_metric(f"best_{cfg.tune.metric}", found.best_metric)
                 best_cfg = apply_overrides(cfg, found.best_overrides, source="best trial")
                 log.info("best trial: %s (%s %.4f); trials %s", found.best_overrides, cfg.tune.metric,
                          found.best_metric, found.trial_status)

@@ -50,16 +50,20 @@ def test_digits_promotes_only_better_models_and_serves_the_champion(ray_local, w
     client = mlflow.MlflowClient(workdir["tracking.uri"])
     parent = client.get_run(good["parent_run_id"])
     assert parent.data.params["train.epochs"] == "3"  # the resolved config is logged
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{good['parent_run_id']}'")
-    assert sorted(r.data.tags.get("shipyard.kind") for r in children) == ["train", "trial", "trial"]
+    exp = [parent.info.experiment_id]
+    children = client.search_runs(exp, f"tags.mlflow.parentRunId = '{good['parent_run_id']}'")
+    assert sorted(r.data.tags.get("shipyard.kind") for r in children) == ["search", "train"]
     train_run = next(r for r in children if r.data.tags["shipyard.kind"] == "train")
+    search_run = next(r for r in children if r.data.tags["shipyard.kind"] == "search")
+    trials = client.search_runs(exp, f"tags.mlflow.parentRunId = '{search_run.info.run_id}'")
+    assert len(trials) == 2 and {r.data.tags["shipyard.kind"] for r in trials} == {"trial"}
     history = client.get_metric_history(train_run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [0, 1, 2]  # one point per epoch, logged by rank 0 only
     for key in ("train_loss", "val_loss", "epoch_time_s", "samples_per_s"):
         assert len(client.get_metric_history(train_run.info.run_id, key)) == 3
-    for trial in (r for r in children if r.data.tags["shipyard.kind"] == "trial"):
+    for trial in trials:
         assert "train.lr" in trial.data.params and "val_accuracy" in trial.data.metrics
+        assert trial.data.tags["shipyard.trial_status"]
 
     champion = client.get_model_version_by_alias("digits", "champion")
     assert str(champion.version) == "2"

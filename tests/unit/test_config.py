@@ -136,3 +136,9 @@ def test_section_given_a_scalar_is_explained(tmp_path):
 def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_config(None, ["tracking.uri=sqlite:///rel/m.db"]).tracking_uri == f"sqlite:///{tmp_path}/rel/m.db"
+
+
+def test_grid_is_refused_with_optuna_and_pbt():
+    for extra in ({"tune.search": "optuna"}, {"tune.scheduler": "pbt"}):
+        with pytest.raises(ConfigError, match="tune.space.train.lr: grid is not supported"):
+            check_space(load_config(None, {"tune.space": {"train.lr": {"grid": [0.1, 0.2]}}, **extra}))

@@ -164,9 +164,8 @@ class Config(_Section):
             return f"sqlite:///{Path(uri[len('sqlite:///'):]).expanduser().resolve()}"
         if uri:
             return uri
-        db = PROJECT_ROOT / ".shipyard" / "mlflow.db"
-        db.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{db}"  # absolute: Tune trials chdir into their trial folder
+        # absolute: Tune trials chdir into their trial folder (tracking.setup creates the folder)
+        return f"sqlite:///{PROJECT_ROOT / '.shipyard' / 'mlflow.db'}"
 
     @property
     def storage_dir(self) -> Path:

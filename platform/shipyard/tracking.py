@@ -41,6 +41,8 @@ def setup(cfg: Config) -> str:
 
     uri = cfg.tracking_uri
     check_reachable(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)

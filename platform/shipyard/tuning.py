@@ -124,7 +124,7 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
             tune.report({**metrics, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _progress_callback(cfg: Config, total: int):
+def _progress_callback(cfg: Config, total: int, rungs: list[int]):
     """One line per finished trial instead of Tune's tables (RunConfig(verbose=0) silences those)."""
     from ray.tune import Callback
 
@@ -132,19 +132,17 @@ def _progress_callback(cfg: Config, total: int):
         done = 0
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._line(trial, "done")
+            self._line(trial, errored=False)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._line(trial, "errored")
+            self._line(trial, errored=True)
 
-        def _line(self, trial, status: str) -> None:
-            TrialProgress.done += 1
+        def _line(self, trial, errored: bool) -> None:
+            self.done += 1
             last = trial.last_result or {}
-            epochs = last.get("training_iteration", 0)
-            if status == "done" and epochs < cfg.train.epochs:
-                status = f"stopped early by {cfg.tune.scheduler}"
-            log.info("trial %d/%d %s: %s after %d/%d epochs, %s %.4f", TrialProgress.done, total, trial.trial_id,
-                     status, epochs, cfg.train.epochs, cfg.tune.metric, last.get(cfg.tune.metric, float("nan")))
+            status = trial_status(last.get("training_iteration", 0), errored, rungs, cfg.train.epochs)
+            log.info("trial %d/%d %s: %s, %s %.4f", self.done, total, trial.trial_id, status, cfg.tune.metric,
+                     last.get(cfg.tune.metric, float("nan")))
 
     return TrialProgress()
 
@@ -231,7 +229,7 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
             name=run_name, storage_path=str(cfg.storage_dir), verbose=0,
             # PBT restores from older checkpoints: keeping fewer than 4 loses them (RAY_NOTES §5)
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
-            callbacks=[_progress_callback(cfg, cfg.tune.num_samples),
+            callbacks=[_progress_callback(cfg, cfg.tune.num_samples, rungs),
                        _trial_logger(tracking_uri, cfg.tracking.experiment, parent_run_id)]),
     )
     results = tuner.fit()

@@ -27,6 +27,10 @@ def _add_run_args(p: argparse.ArgumentParser, config_required: bool) -> None:
                    help="also write the closing summary as JSON to PATH")
     p.add_argument("--keep-serving", action="store_true",
                    help="leave the endpoint running after the check (same as serve.keep_running=true)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_NAME",
+                   help="continue an unfinished pipeline run (default: the newest of this pipeline), e.g. after "
+                        "the driver died mid-search: finished trials are kept, the others restart from their "
+                        "latest checkpoint")
 
 
 def configure_logging() -> None:
@@ -40,6 +44,8 @@ def format_summary(s: dict[str, Any]) -> str:
     rows = [
         ("best config", json.dumps(s["best_config"]) if s.get("best_config") else "(no search)"),
         ("trials", json.dumps(s.get("trials", {}))),
+        ("checkpoints", f"{s['search']['checkpoints_kept']} kept, {s['search']['checkpoint_disk_mb']} MiB; best: "
+                        f"{s['search']['best_checkpoint']}" if s.get("search") else "(no search)"),
         ("test accuracy", f"{s['test_accuracy']:.4f}"),
         ("model", f"{s['model_name']} v{s['model_version']}"),
         ("promoted", f"{'yes' if s['promoted'] else 'no'} ({s['promotion_reason']})"),
@@ -56,7 +62,8 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def run_pipeline(config_path: str | Path | None, overrides: list[str], address: str | None = None,
-                 summary_json: Path | None = None, keep_serving: bool = False) -> dict[str, Any]:
+                 summary_json: Path | None = None, keep_serving: bool = False, resume: str | None = None
+                 ) -> dict[str, Any]:
     """Load the config (fails before Ray on a bad key), run the pipeline, print and write the summary."""
     from shipyard.config import load_config, parse_overrides
     from shipyard.pipeline import run
@@ -73,18 +80,27 @@ def run_pipeline(config_path: str | Path | None, overrides: list[str], address: 
             summary_json.write_text(json.dumps(summary, indent=2, default=str))
             print(f"summary written to {summary_json}")
 
-    return run(cfg, address=address, keep_serving=keep_serving or None, report=report)
+    return run(cfg, address=address, keep_serving=keep_serving or None, report=report, resume=resume)
 
 
 def pipeline_main(default_config: Path, argv: list[str] | None = None, description: str = "") -> int:
     """Entry of `python -m pipelines.<name> [config.yaml] [key=value ...]`."""
     p = argparse.ArgumentParser(description=description)
     _add_run_args(p, config_required=False)
-    args = p.parse_args(argv)
+    args = _resume_is_not_an_override(p.parse_args(argv))
     config = default_config
     if args.overrides and "=" not in args.overrides[0]:
         config, args.overrides = Path(args.overrides[0]), args.overrides[1:]
-    return _guard(lambda: run_pipeline(config, args.overrides, args.address, args.summary_json, args.keep_serving))
+    return _guard(lambda: run_pipeline(config, args.overrides, args.address, args.summary_json, args.keep_serving,
+                                       args.resume))
+
+
+def _resume_is_not_an_override(args: argparse.Namespace) -> argparse.Namespace:
+    """`--resume train.lr=0.01`: argparse takes the override for the optional run name; give it back."""
+    if args.resume and "=" in args.resume:
+        args.overrides.append(args.resume)
+        args.resume = "latest"
+    return args
 
 
 def _guard(fn) -> int:
@@ -103,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     run_p = sub.add_parser("run", help="run a pipeline from a YAML config",
                            description="Run data -> tune -> train -> register -> serve from a YAML config.")
     _add_run_args(run_p, config_required=True)
-    args = p.parse_args(argv)
+    args = _resume_is_not_an_override(p.parse_args(argv))
     if args.command == "run":
         return _guard(lambda: run_pipeline(args.config, args.overrides, args.address, args.summary_json,
-                                           args.keep_serving))
+                                           args.keep_serving, args.resume))
     return 1
 
 

@@ -84,8 +84,9 @@ class TuneConfig(_Section):
     enabled: bool = True
     num_samples: int = Field(4, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
-    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
-    """asha: asynchronous successive halving (stops weak trials at rungs); pbt: population-based training
+    scheduler: Literal["asha", "hyperband", "pbt", "fifo"] = "asha"
+    """asha: asynchronous successive halving (stops weak trials at rungs); hyperband: synchronous brackets of
+    successive halving (pauses trials at a rung until their bracket catches up); pbt: population-based training
     (weak trials copy a strong one's checkpoint and perturb its hyperparameters); fifo: every trial runs all
     train.epochs."""
     search: Literal["random", "optuna"] = "random"
@@ -94,10 +95,16 @@ class TuneConfig(_Section):
     grace_period: int = Field(3, ge=1)
     """ASHA: epochs every trial gets before it can be stopped."""
     reduction_factor: float = Field(3, gt=1)
-    """ASHA: only 1/reduction_factor of the trials reaching a rung go on to the next."""
+    """ASHA, HyperBand: only 1/reduction_factor of the trials reaching a rung go on to the next."""
     perturbation_interval: int = Field(2, ge=1)
     """PBT: epochs between exploit/explore steps."""
     cpus_per_trial: float = Field(1.0, gt=0)
+    """CPUs one trial holds, shared by its workers_per_trial workers."""
+    workers_per_trial: int = Field(1, ge=1)
+    """1: a trial is one process; N > 1: a trial is a Ray Train job of N data-parallel workers."""
+    keep_checkpoints: int = Field(3, ge=1)
+    """Checkpoints kept across the whole search: the best K by tune.metric (plus the latest of each trial still
+    running and the best trial's last one); the rest are deleted as the search goes."""
     seed: int = 0
     """Seed of the search algorithm: the same seed samples the same trial configs."""
     space: dict[str, dict[Distribution, list[Any]]] = Field(default_factory=dict)

@@ -106,25 +106,33 @@ def preflight(cfg: Config) -> None:
 
 
 def run(cfg: Config, address: str | None = None, keep_serving: bool | None = None,
-        report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        report: Callable[[dict[str, Any]], None] | None = None, resume: str | None = None) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (also what `--summary-json` writes).
 
     `report(summary)` is called once the summary is complete, before an endpoint kept up waits for Ctrl-C.
+    `resume` ("latest" or a run name) continues an unfinished pipeline run: the same MLflow runs, and its
+    search goes on from Tune's saved state (finished trials kept, the others from their latest checkpoint).
     """
     import mlflow
     import ray
 
     preflight(cfg)
+    parent_id = search_id = None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if resume:
+        parent_id, stamp, search_id = tracking.resumable_run(cfg, resume)
+        log.info("resuming pipeline run %s-%s (%s)", cfg.name, stamp, parent_id)
     stages = Stages()
     with stages("ray", "starting or attaching to Ray"):
         started_ray = init_ray(address)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     summary: dict[str, Any] = {"model_name": cfg.model_name, "endpoint": None}
     keep = cfg.serve.keep_running if keep_serving is None else keep_serving
     served = serve_was_running = False
     try:
         tracking.setup(cfg)
-        with mlflow.start_run(run_name=f"{cfg.name}-{stamp}", tags={"shipyard.kind": "pipeline"}) as parent:
+        with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"{cfg.name}-{stamp}",
+                              tags={"shipyard.kind": "pipeline", "shipyard.pipeline": cfg.name,
+                                    "shipyard.stamp": stamp}) as parent:
             parent_id = parent.info.run_id
             summary["parent_run_id"] = parent_id
             log.info("MLflow: %s, experiment '%s', parent run %s", cfg.tracking_uri, cfg.tracking.experiment,
@@ -141,16 +149,21 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
             if cfg.tune.enabled and cfg.tune.space:
                 with stages("tune", f"{cfg.tune.num_samples} trials, {cfg.tune.scheduler}, "
                                     f"{cfg.tune.max_concurrent_trials} at a time"):
-                    with mlflow.start_run(run_name="search", nested=True, tags={"shipyard.kind": "search"}) as srun:
+                    with mlflow.start_run(run_id=search_id, run_name=None if search_id else "search", nested=True,
+                                          tags={"shipyard.kind": "search"}) as srun:
                         mlflow.log_params({k: v for k, v in cfg.flat().items() if k.startswith("tune.")})
                         found = tuning.search(cfg, splits, f"{cfg.name}-tune-{stamp}", cfg.tracking_uri,
-                                              srun.info.run_id)
+                                              srun.info.run_id, resume=bool(resume))
                         mlflow.log_metric(f"best_{cfg.tune.metric}", found.best_metric)
                 best_cfg = apply_overrides(cfg, found.best_overrides, source="best trial")
                 log.info("best trial: %s (%s %.4f); trials %s", found.best_overrides, cfg.tune.metric,
                          found.best_metric, found.trial_status)
                 summary["best_config"] = found.best_overrides
                 summary["trials"] = found.trial_status
+                summary["search"] = {"trials": found.trials, "wall_s": found.wall_s,
+                                     "best_checkpoint": found.best_checkpoint,
+                                     "checkpoints_kept": found.checkpoints_kept,
+                                     "checkpoint_disk_mb": found.checkpoint_disk_mb}
                 mlflow.log_params({f"best.{k}": v for k, v in found.best_overrides.items()})
 
             with stages("train", f"{cfg.scaling.num_workers} Ray Train workers x {best_cfg.train.epochs} epochs"):

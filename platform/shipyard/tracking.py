@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from shipyard.config import PROJECT_ROOT, Config
-from shipyard.errors import TrackingError
+from shipyard.errors import ConfigError, TrackingError
 from shipyard.promotion import Decision, decide
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,39 @@ def git_commit() -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def resumable_run(cfg: Config, which: str) -> tuple[str, str, str | None]:
+    """The pipeline run that `--resume` continues: (parent run id, its stamp, its search run id or None).
+
+    `which` is a run name or "latest" (the newest unfinished run of this pipeline). Fails, naming what differs,
+    when the config is not the one the run started with: the search it resumes was built from that config.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.tracking_uri)
+    exp = setup(cfg)
+    query = f"tags.`shipyard.kind` = 'pipeline' and tags.`shipyard.pipeline` = '{cfg.name}'"
+    if which != "latest":
+        query += f" and attributes.run_name = '{which}'"
+    runs = client.search_runs([exp], query, order_by=["attributes.start_time DESC"], max_results=20)
+    unfinished = [r for r in runs if r.info.status != "FINISHED"]
+    if not unfinished:
+        what = f"named '{which}'" if which != "latest" else f"of pipeline '{cfg.name}'"
+        raise ConfigError(f"--resume: no unfinished pipeline run {what} in experiment '{cfg.tracking.experiment}' "
+                          f"at {cfg.tracking_uri} (finished runs: {[r.info.run_name for r in runs[:5]]}); "
+                          "run without --resume to start a new one")
+    run = unfinished[0]
+    logged, now = run.data.params, {k: str(v) for k, v in cfg.flat().items()}
+    changed = [f"{k} ({logged[k]} -> {now[k]})" for k in sorted(now) if k in logged and logged[k] != now[k]]
+    if changed:
+        raise ConfigError(f"--resume continues run '{run.info.run_name}' with the config it started with, but "
+                          f"{', '.join(changed[:5])} differ: drop those overrides, or start a new run")
+    searches = client.search_runs([exp], f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
+                                         "tags.`shipyard.kind` = 'search'", max_results=1)
+    mlflow.set_experiment(experiment_id=exp)
+    return run.info.run_id, run.data.tags["shipyard.stamp"], searches[0].info.run_id if searches else None
 
 
 def log_config(cfg: Config) -> None:

@@ -125,9 +125,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            Path(tmp) / CHECKPOINT_FILE)
                 ckpt = Checkpoint.from_directory(tmp)
                 logger.log(metrics, epoch)
-                log.info("epoch %d/%d | train_loss %.4f | val_loss %.4f | val_accuracy %.4f | %.2f s | %.0f samples/s",
-                         epoch + 1, cfg.train.epochs, metrics["train_loss"], metrics["val_loss"],
-                         metrics["val_accuracy"], metrics["epoch_time_s"], metrics["samples_per_s"])
+                if not config.get("quiet"):
+                    log.info("epoch %d/%d | train_loss %.4f | val_loss %.4f | val_accuracy %.4f | %.2f s | "
+                             "%.0f samples/s", epoch + 1, cfg.train.epochs, metrics["train_loss"], metrics["val_loss"],
+                             metrics["val_accuracy"], metrics["epoch_time_s"], metrics["samples_per_s"])
             ray.train.report(metrics, checkpoint=ckpt)  # a barrier: every rank calls it
 
 
@@ -166,29 +167,41 @@ class _RankZeroMlflow:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlflow_run_id: str | None = None
-        ) -> TrainResult:
-    """Data-parallel training with Ray Train's TorchTrainer; returns the last checkpoint and metrics."""
+def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_classes: int, run_name: str, *,
+                 storage_path: str | None = None, num_workers: int | None = None, cpus_per_worker: float | None = None,
+                 tracking_uri: str | None = None, mlflow_run_id: str | None = None, callbacks: list | None = None,
+                 quiet: bool = False):
+    """A TorchTrainer over `train_loop_per_worker`: the pipeline's train stage, and each trial of a search
+    with tune.workers_per_trial > 1 (then `callbacks=[TuneReportCallback()]` forwards rank 0's reports)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "in_features": splits.in_features,
-                           "num_classes": splits.num_classes, "tracking_uri": tracking_uri,
-                           "mlflow_run_id": mlflow_run_id},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "in_features": in_features,
+                           "num_classes": num_classes, "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
+                           "quiet": quiet},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        datasets={"train": splits.train, "val": splits.val},
+            num_workers=num_workers or cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker or cfg.scaling.cpus_per_worker}),
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # every rank validates on all of val
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(cfg.storage_dir),
+            name=run_name, storage_path=storage_path or str(cfg.storage_dir), callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             # Ray Train's own INFO lines (two per report and rank) would drown the one line per epoch
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
+
+
+def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlflow_run_id: str | None = None
+        ) -> TrainResult:
+    """Data-parallel training with Ray Train's TorchTrainer; returns the last checkpoint and metrics."""
+    import ray.train
+
+    trainer = make_trainer(cfg, {"train": splits.train, "val": splits.val}, splits.in_features, splits.num_classes,
+                           run_name, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:

@@ -1,6 +1,6 @@
 """Hyperparameter search: Ray Tune over the same epoch loop as training, ASHA by default.
 
-    best_overrides, summary = search(cfg, splits, parent_run_id)
+    summary = search(cfg, splits, run_name, tracking_uri, search_run_id)
 
 The search space uses the config's own dotted keys (`train.lr`), so a trial's config is
 `apply_overrides(cfg, trial_config)` and its MLflow params carry the same names.
@@ -8,7 +8,10 @@ The search space uses the config's own dotted keys (`train.lr`), so a trial's co
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ import torch
 from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError, TrainingError
 from shipyard.models import build_model
+from shipyard.plots import TrialHistory, write_search_plots
 from shipyard.train import CHECKPOINT_FILE, iter_batches, make_optimizer, run_epoch
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,28 @@ def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[i
     return rungs
 
 
+def hyperband_brackets(max_t: int, reduction_factor: float) -> list[tuple[int, list[int]]]:
+    """HyperBand's brackets as (trials in the bracket, epochs at which it halves them), in the order Tune fills
+    them: the first bracket runs every trial to max_t, later ones start more trials on fewer epochs.
+
+    Source: Li et al., "Hyperband" (JMLR 2018), Alg. 1, with Ray's rounding
+    (ray/tune/schedulers/hyperband.py: s_max_1, _get_n0, _get_r0).
+    """
+    eta = reduction_factor
+    s_max_1 = int(round(math.log(max_t) / math.log(eta))) + 1
+    brackets = []
+    for s in range(s_max_1):
+        n0, r = int(math.ceil(s_max_1 / (s + 1) * eta ** s)), int(max_t * eta ** -s)
+        if r == 0:
+            continue
+        milestones = []
+        while r < max_t:
+            milestones.append(r)
+            r = int(min(r * eta, max_t))
+        brackets.append((n0, milestones))
+    return brackets
+
+
 def rung_counts(epochs_run: list[int], rungs: list[int], max_t: int) -> dict[int, int]:
     """How many trials reached each rung (and max_t) given the epochs each trial ran."""
     return {r: sum(e >= r for e in epochs_run) for r in [*rungs, max_t]}
@@ -50,6 +76,45 @@ def trial_status(epochs_run: int, errored: bool, rungs: list[int], max_t: int) -
         return "completed"
     reached = [i for i, r in enumerate(rungs) if epochs_run >= r]
     return f"stopped at rung {reached[-1] + 1} (epoch {epochs_run})" if reached else f"stopped at epoch {epochs_run}"
+
+
+def checkpoints_to_delete(checkpoints: dict[str, float], keep_best: int, mode: str, protected: set[str]
+                          ) -> list[str]:
+    """Paths (checkpoint -> its score) outside the best `keep_best` and not protected (a running trial's latest,
+    the best trial's last)."""
+    ranked = sorted(checkpoints, key=checkpoints.__getitem__, reverse=(mode == "max"))
+    best = set(ranked[:keep_best])
+    return [p for p in checkpoints if p not in best and p not in protected]
+
+
+def trials_at_once(cfg: Config, node_cpus: list[float]) -> int:
+    """How many trials run side by side on these nodes; ConfigError when a trial can never start."""
+    t = cfg.tune
+    if t.workers_per_trial == 1:
+        if t.cpus_per_trial > max(node_cpus, default=0):
+            raise ConfigError(f"tune.cpus_per_trial={t.cpus_per_trial:g}, but the largest Ray node has "
+                              f"{max(node_cpus, default=0):g} CPUs: no trial can ever start. Lower "
+                              "tune.cpus_per_trial or add a bigger node")
+        fits = sum(int(c // t.cpus_per_trial) for c in node_cpus)
+    else:  # a Train job: its workers may spread over nodes
+        per_worker = worker_cpus(cfg)
+        slots = sum(int(c // per_worker) for c in node_cpus)
+        if slots < t.workers_per_trial or t.cpus_per_trial > sum(node_cpus):
+            raise ConfigError(f"tune.workers_per_trial={t.workers_per_trial} workers of {per_worker:.3g} CPUs "
+                              f"(tune.cpus_per_trial={t.cpus_per_trial:g}) do not fit on this cluster's nodes "
+                              f"({', '.join(f'{c:g}' for c in node_cpus)} CPUs): no trial can ever start. "
+                              "Lower tune.workers_per_trial or tune.cpus_per_trial")
+        fits = max(1, int(sum(node_cpus) // t.cpus_per_trial))
+    return min(fits, t.max_concurrent_trials, t.num_samples)
+
+
+TRIAL_DRIVER_CPU = 0.01
+"""A multi-worker trial is a small driver plus its Train workers, whose bundles are separate (RAY_NOTES §6):
+the driver takes this much of tune.cpus_per_trial so that the whole trial holds exactly cpus_per_trial."""
+
+
+def worker_cpus(cfg: Config) -> float:
+    return (cfg.tune.cpus_per_trial - TRIAL_DRIVER_CPU) / cfg.tune.workers_per_trial
 
 
 def build_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
@@ -84,6 +149,10 @@ def check_space(cfg: Config) -> None:
     if grids and (cfg.tune.search == "optuna" or cfg.tune.scheduler == "pbt"):
         what = "tune.search=optuna" if cfg.tune.search == "optuna" else "tune.scheduler=pbt"
         raise ConfigError(f"tune.space.{grids[0]}: grid is not supported with {what}; use choice instead")
+    if cfg.tune.workers_per_trial > 1 and cfg.tune.scheduler in ("pbt", "hyperband"):
+        raise ConfigError(f"tune.scheduler={cfg.tune.scheduler} pauses or clones trials through Tune checkpoints, "
+                          "which a multi-worker trial (a Ray Train job) does not hand to Tune; use asha or fifo, or "
+                          "tune.workers_per_trial=1")
     for key, spec in cfg.tune.space.items():
         (dist, args), = spec.items()
         for value in (args if dist in ("choice", "grid") else args[:1]):
@@ -102,7 +171,7 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
     cfg = apply_overrides(base, trial_config, source="tune trial")
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only Ray Data blocks
     torch.manual_seed(cfg.train.seed)
-    torch.set_num_threads(1)  # trials run side by side, one CPU each
+    torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))  # trials run side by side
     model = build_model(cfg.model, in_features, num_classes)
     optimizer = make_optimizer(cfg, model)
     start = 0
@@ -121,7 +190,24 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
                        Path(tmp) / CHECKPOINT_FILE)
-            tune.report({**metrics, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(tmp))
+            tune.report({**metrics, "epoch": epoch, "reported_at_s": time.time()},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def tune_trial_ddp(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, in_features: int,
+                   num_classes: int) -> None:
+    """A trial that is a Ray Train job of tune.workers_per_trial data-parallel workers; rank 0's reports reach
+    Tune through TuneReportCallback (RAY_NOTES §6). The job checkpoints under the trial's folder."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from shipyard.train import make_trainer
+
+    cfg = apply_overrides(base, trial_config, source="tune trial")
+    trainer = make_trainer(cfg, {"train": train_ds, "val": val_ds}, in_features, num_classes, "train",
+                           storage_path=tune.get_context().get_trial_dir(), num_workers=cfg.tune.workers_per_trial,
+                           cpus_per_worker=worker_cpus(cfg), callbacks=[TuneReportCallback()], quiet=True)
+    trainer.fit()
 
 
 def _progress_callback(cfg: Config, total: int, rungs: list[int]):
@@ -147,91 +233,210 @@ def _progress_callback(cfg: Config, total: int, rungs: list[int]):
     return TrialProgress()
 
 
+SNAPSHOT_GRACE_S = 30.0
+"""Tune records a trial's end in its next experiment snapshot; until then a resume would restore the trial from
+its checkpoints, so a finished trial's are pruned only this long after it ended (or when the search ends)."""
+
+
+def _checkpoint_keeper(cfg: Config):
+    """Prunes the checkpoints of finished trials to the best tune.keep_checkpoints of the whole search (and the
+    best trial's last one) as the search goes. Running trials are pruned by Tune itself (CheckpointConfig in
+    `search`): their best and latest stay, and Tune snapshots the experiment so a resume never needs a deleted one.
+    """
+    from ray.tune import Callback
+
+    metric, mode = cfg.tune.metric, cfg.tune.mode
+
+    class CheckpointKeeper(Callback):
+        def __init__(self):
+            self.scores: dict[str, float] = {}
+            self.by_trial: dict[str, list[str]] = {}
+            self.ended: dict[str, float] = {}
+            self.last_prune = 0.0
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            score = (trial.last_result or {}).get(metric)
+            if score is not None:
+                self.scores[checkpoint.path] = score
+                self.by_trial.setdefault(trial.trial_id, []).append(checkpoint.path)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.ended[trial.trial_id] = time.time()
+
+        on_trial_error = on_trial_complete
+
+        def on_step_end(self, iteration, trials, **info):
+            now = time.time()
+            if now - self.last_prune < 1.0:
+                return
+            self.last_prune = now
+            settled = {t for t, end in self.ended.items() if now - end > SNAPSHOT_GRACE_S}
+            protected = {p for t, paths in self.by_trial.items() if t not in settled for p in paths}
+            scored = [t for t in trials if (t.last_result or {}).get(metric) is not None]
+            if scored:
+                best = (max if mode == "max" else min)(scored, key=lambda t: t.last_result[metric])
+                protected.update(self.by_trial.get(best.trial_id, [])[-1:])
+            live = {p: v for p, v in self.scores.items() if Path(p).exists()}
+            for path in checkpoints_to_delete(live, cfg.tune.keep_checkpoints, mode, protected):
+                shutil.rmtree(path, ignore_errors=True)
+            self.scores = {p: v for p, v in live.items() if Path(p).exists()}
+
+    return CheckpointKeeper()
+
+
 @dataclass
 class SearchSummary:
     best_overrides: dict[str, Any]
     best_metric: float
     trials: int
     trial_status: dict[str, int]
+    histories: list[TrialHistory]
+    wall_s: float
+    best_checkpoint: str | None
+    checkpoints_kept: int
+    checkpoint_disk_mb: float
+    experiment_path: str
 
 
 def _scheduler(cfg: Config, space: dict[str, Any]):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining
 
     t = cfg.tune
     if t.scheduler == "asha":
         return ASHAScheduler(max_t=cfg.train.epochs, grace_period=min(t.grace_period, cfg.train.epochs),
                              reduction_factor=t.reduction_factor)
+    if t.scheduler == "hyperband":
+        return HyperBandScheduler(max_t=cfg.train.epochs, reduction_factor=t.reduction_factor)
     if t.scheduler == "pbt":
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=t.perturbation_interval,
                                        hyperparam_mutations=space)
     return FIFOScheduler()
 
 
-def _search_alg(cfg: Config):
+def _search_alg(cfg: Config, at_once: int):
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     if cfg.tune.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=cfg.tune.max_concurrent_trials)
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=at_once)
+    # HyperBand pauses trials, and a paused trial counts against the generator's cap: with a cap below a
+    # bracket's size no trial is ever stopped. Running trials are then limited by CPUs per trial alone.
+    if cfg.tune.scheduler == "hyperband":
+        at_once = 0
     # the generator caps concurrency itself: Tune ignores max_concurrent_trials next to a SearchGenerator
-    return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent_trials)
+    return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=at_once)
 
 
-def explain_rungs(cfg: Config) -> list[int]:
-    """Log which epochs the scheduler judges trials at; returns ASHA's rungs ([] for the others)."""
-    t = cfg.tune
-    if t.scheduler != "asha":
-        log.info("scheduler %s over %d epochs%s", t.scheduler, cfg.train.epochs,
-                 f", perturbing every {t.perturbation_interval} epochs" if t.scheduler == "pbt" else "")
-        return []
-    rungs = asha_rungs(cfg.train.epochs, min(t.grace_period, cfg.train.epochs), t.reduction_factor)
-    log.info("ASHA: max_t %d epochs, grace_period %d, reduction_factor %g -> rungs at epochs %s: at each rung a "
-             "trial goes on only if it is in the top 1/%g of the trials that reached it", cfg.train.epochs,
-             t.grace_period, t.reduction_factor, rungs, t.reduction_factor)
-    return rungs
+def explain_schedule(cfg: Config) -> list[int]:
+    """Log which epochs the scheduler judges trials at; returns the rungs (epochs) used in trial statuses."""
+    t, max_t = cfg.tune, cfg.train.epochs
+    if t.scheduler == "asha":
+        rungs = asha_rungs(max_t, min(t.grace_period, max_t), t.reduction_factor)
+        log.info("ASHA: max_t %d epochs, grace_period %d, reduction_factor %g -> rungs at epochs %s: at each rung "
+                 "a trial goes on only if it is in the top 1/%g of the trials that reached it", max_t,
+                 t.grace_period, t.reduction_factor, rungs, t.reduction_factor)
+        return rungs
+    if t.scheduler == "hyperband":
+        brackets = hyperband_brackets(max_t, t.reduction_factor)
+        first = 1
+        for i, (n, milestones) in enumerate(brackets, 1):
+            log.info("HyperBand bracket %d: trials %d-%d, halved at epochs %s (the top 1/%g go on), max_t %d", i,
+                     first, first + n - 1, milestones or "never", t.reduction_factor, max_t)
+            first += n
+        log.info("HyperBand pauses a trial at a rung until its bracket has caught up: %d trials at once at most "
+                 "(CPUs per trial), not tune.max_concurrent_trials", t.num_samples)
+        return sorted({m for _, ms in brackets for m in ms})
+    log.info("scheduler %s over %d epochs%s", t.scheduler, max_t,
+             f", perturbing every {t.perturbation_interval} epochs" if t.scheduler == "pbt" else "")
+    return []
 
 
-def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str):
-    """Ray's MLflowLoggerCallback, except that a trial restarted with a new config (a PBT exploit) logs the
-    new values as metrics at that epoch: MLflow params cannot change, and re-logging them fails the trial."""
+def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, rungs: list[int], max_t: int):
+    """Ray's MLflowLoggerCallback with three changes: a resumed search finds a trial's run instead of opening a
+    second one; a trial restarted with a new config (a PBT exploit) logs the new values as `pbt.*` metrics (MLflow
+    params cannot change); a finished trial's run gets its outcome (tag shipyard.trial_status; KILLED when
+    stopped early, FAILED when errored)."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class TrialRunLogger(MLflowLoggerCallback):
         def log_trial_start(self, trial):
             if trial not in self._trial_runs:
-                return super().log_trial_start(trial)
+                client = self.mlflow_util._get_client()
+                found = client.search_runs(
+                    [client.get_run(parent_run_id).info.experiment_id],
+                    f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.trial_name = '{trial}'", max_results=1)
+                if not found:
+                    return super().log_trial_start(trial)
+                self._trial_runs[trial] = found[0].info.run_id  # a resumed search: the same run goes on
+                client.update_run(found[0].info.run_id, status="RUNNING")
             step = (trial.last_result or {}).get("training_iteration", 0)
             numeric = {f"pbt.{k}": v for k, v in trial.config.items() if isinstance(v, (int, float))}
             self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=numeric, step=step)
+
+        def log_trial_end(self, trial, failed: bool = False):
+            status = trial_status((trial.last_result or {}).get("training_iteration", 0), failed, rungs, max_t)
+            run_id = self._trial_runs[trial]
+            self.mlflow_util._get_client().set_tag(run_id, "shipyard.trial_status", status)
+            super().log_trial_end(trial, failed)
+            if status.startswith("stopped"):
+                self.mlflow_util._get_client().set_terminated(run_id, status="KILLED")
 
     return TrialRunLogger(tracking_uri=tracking_uri, experiment_name=experiment, save_artifact=False,
                           tags={"mlflow.parentRunId": parent_run_id, "shipyard.kind": "trial"})
 
 
-def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id: str) -> SearchSummary:
-    """Run the configured search; every trial becomes a child MLflow run of `parent_run_id` (the search run)."""
+def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id: str, resume: bool = False
+           ) -> SearchSummary:
+    """Run the configured search; every trial becomes a child MLflow run of `parent_run_id` (the search run).
+
+    With `resume`, a search of the same `run_name` whose driver died goes on from its last saved state:
+    finished trials are kept, unfinished ones restart from their latest checkpoint.
+    """
+    import ray
     from ray import tune
 
     space = build_space(cfg.tune.space)
-    rungs = explain_rungs(cfg)
-    trainable = tune.with_parameters(tune_trial, base=cfg.model_dump(mode="json"), train_ds=splits.train,
-                                     val_ds=splits.val, in_features=splits.in_features,
+    rungs = explain_schedule(cfg)
+    at_once = trials_at_once(cfg, [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]])
+    if at_once < min(cfg.tune.max_concurrent_trials, cfg.tune.num_samples):
+        log.warning("only %d trial(s) of %g CPUs fit on this cluster at once (tune.max_concurrent_trials=%d)",
+                    at_once, cfg.tune.cpus_per_trial, cfg.tune.max_concurrent_trials)
+    multi = cfg.tune.workers_per_trial > 1
+    trainable = tune.with_parameters(tune_trial_ddp if multi else tune_trial, base=cfg.model_dump(mode="json"),
+                                     train_ds=splits.train, val_ds=splits.val, in_features=splits.in_features,
                                      num_classes=splits.num_classes)
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": cfg.tune.cpus_per_trial}),
-        param_space=space,
-        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
-                                    scheduler=_scheduler(cfg, space), search_alg=_search_alg(cfg),
-                                    reuse_actors=True),  # trial start-up (process + torch import) dominates here
-        run_config=tune.RunConfig(
-            name=run_name, storage_path=str(cfg.storage_dir), verbose=0,
-            # PBT restores from older checkpoints: keeping fewer than 4 loses them (RAY_NOTES §5)
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1),
-            callbacks=[_progress_callback(cfg, cfg.tune.num_samples, rungs),
-                       _trial_logger(tracking_uri, cfg.tracking.experiment, parent_run_id)]),
-    )
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU if multi else cfg.tune.cpus_per_trial})
+    path = Path(cfg.storage_dir) / run_name
+    if resume and tune.Tuner.can_restore(str(path)):
+        log.info("resuming the search saved at %s: finished trials are kept, the others restart from their "
+                 "latest checkpoint", path)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=space)
+    else:
+        if resume:
+            log.warning("no saved search at %s to resume: starting it afresh", path)
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode,
+                                        num_samples=cfg.tune.num_samples, scheduler=_scheduler(cfg, space),
+                                        search_alg=_search_alg(cfg, at_once),
+                                        reuse_actors=not multi),  # trial start-up (process + torch import)
+            run_config=tune.RunConfig(
+                name=run_name, storage_path=str(cfg.storage_dir), verbose=0,
+                # a function trial's last report is not marked done: without this stop rule HyperBand pauses a
+                # trial that reached max_t, and if it is its bracket's last, the search hangs (seen on Ray 2.60)
+                stop={"training_iteration": cfg.train.epochs},
+                # per trial: its best and its latest (PBT restores older ones too: RAY_NOTES §5); across finished
+                # trials the keeper keeps the best tune.keep_checkpoints
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1,
+                                                        checkpoint_score_attribute=cfg.tune.metric,
+                                                        checkpoint_score_order=cfg.tune.mode),
+                callbacks=[_progress_callback(cfg, cfg.tune.num_samples, rungs), _checkpoint_keeper(cfg),
+                           _trial_logger(tracking_uri, cfg.tracking.experiment, parent_run_id, rungs,
+                                         cfg.train.epochs)]),
+        )
+    started = time.time()
     results = tuner.fit()
     ok = [r for r in results if r.error is None and r.metrics and cfg.tune.metric in r.metrics]
     if not ok:
@@ -239,32 +444,71 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
         raise TrainingError(f"every trial of the search failed; first error: {errors[0] if errors else 'unknown'}."
                             f" Trial logs: {results.experiment_path}")
     best = results.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
-    statuses = {r.metrics.get("trial_id", r.path): trial_status(r.metrics.get("training_iteration", 0),
-                                                                 r.error is not None, rungs, cfg.train.epochs)
-                for r in results}
-    _tag_trial_runs(tracking_uri, parent_run_id, statuses)
+    histories = _histories(cfg, results, rungs, started)
+    kept, disk_mb = _final_prune(cfg, results, best)
+    log.info("checkpoints: %d kept (%.1f MiB) under %s; the best trial's is %s", kept, disk_mb,
+             results.experiment_path, best.checkpoint.path if best.checkpoint else None)
     if rungs:
-        counts = rung_counts([r.metrics.get("training_iteration", 0) for r in results], rungs, cfg.train.epochs)
+        counts = rung_counts([h.epochs[-1] if h.epochs else 0 for h in histories], rungs, cfg.train.epochs)
         log.info("trials reaching each rung (epoch: trials): %s", counts)
     summary: dict[str, int] = {}
-    for status in statuses.values():
-        key = status.split(" (")[0]
+    for h in histories:
+        key = h.status.split(" (")[0]
         summary[key] = summary.get(key, 0) + 1
+    _log_plots(cfg, histories, rungs, tracking_uri, parent_run_id, kept, disk_mb)
     overrides = {k: best.config[k] for k in cfg.tune.space}
-    return SearchSummary(overrides, float(best.metrics[cfg.tune.metric]), len(results), summary)
+    return SearchSummary(overrides, float(best.metrics[cfg.tune.metric]), len(results), summary, histories,
+                         round(time.time() - started, 2), best.checkpoint.path if best.checkpoint else None,
+                         kept, disk_mb, results.experiment_path)
 
 
-def _tag_trial_runs(tracking_uri: str, parent_run_id: str, statuses: dict[str, str]) -> None:
-    """Each trial's MLflow run gets its outcome; early-stopped runs end KILLED, errored ones FAILED."""
+def _histories(cfg: Config, results, rungs: list[int], started: float) -> list[TrialHistory]:
+    """Per-trial learning curves from each trial's result log (it survives a driver restart)."""
+    out = []
+    frames = [r.metrics_dataframe for r in results]
+    stamps = [df["reported_at_s"].iloc[0] - df["time_this_iter_s"].iloc[0] for df in frames
+              if df is not None and len(df) and "reported_at_s" in df]
+    t0 = min([started, *stamps])
+    for r, df in zip(results, frames):
+        rows = df if df is not None and cfg.tune.metric in getattr(df, "columns", []) else None
+        epochs = rows["training_iteration"].astype(int).tolist() if rows is not None else []
+        elapsed = ((rows["reported_at_s"] if "reported_at_s" in rows else rows["timestamp"]) - t0).tolist() \
+            if rows is not None else []
+        status = trial_status(epochs[-1] if epochs else 0, r.error is not None, rungs, cfg.train.epochs)
+        out.append(TrialHistory(str((r.metrics or {}).get("trial_id", Path(r.path).name)),
+                                {k: r.config.get(k) for k in cfg.tune.space}, status, epochs,
+                                rows[cfg.tune.metric].astype(float).tolist() if rows is not None else [], elapsed))
+    return out
+
+
+def _final_prune(cfg: Config, results, best) -> tuple[int, float]:
+    """Apply the keep-best-K rule to every checkpoint still on disk (a resumed search's older ones too),
+    never deleting the best trial's; returns (checkpoints kept, MiB they use)."""
+    scores: dict[str, float] = {}
+    unscored = float("-inf") if cfg.tune.mode == "max" else float("inf")
+    for r in results:  # every checkpoint folder on disk, scored by the report it was saved with
+        df = r.metrics_dataframe
+        if df is None or "checkpoint_dir_name" not in df or cfg.tune.metric not in df:
+            continue
+        by_name = dict(zip(df["checkpoint_dir_name"], df[cfg.tune.metric]))
+        for d in Path(r.path).glob("checkpoint_*"):
+            if d.is_dir():
+                scores[str(d)] = float(by_name.get(d.name, unscored))
+    protected = {best.checkpoint.path} if best.checkpoint else set()
+    for path in checkpoints_to_delete(scores, cfg.tune.keep_checkpoints, cfg.tune.mode, protected):
+        shutil.rmtree(path, ignore_errors=True)
+    kept = [p for p in Path(results.experiment_path).rglob("checkpoint_*") if p.is_dir()]
+    size = sum(f.stat().st_size for p in kept for f in p.rglob("*") if f.is_file())
+    return len(kept), round(size / 2**20, 2)
+
+
+def _log_plots(cfg: Config, histories: list[TrialHistory], rungs: list[int], tracking_uri: str, run_id: str,
+               kept: int, disk_mb: float) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_run(parent_run_id).info.experiment_id
-    for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}'"):
-        trial_id = next((t for t in statuses if run.data.tags.get("trial_name", "").endswith(t)), None)
-        if trial_id is None:
-            continue
-        status = statuses[trial_id]
-        client.set_tag(run.info.run_id, "shipyard.trial_status", status)
-        if status != "completed":
-            client.set_terminated(run.info.run_id, status="FAILED" if status == "errored" else "KILLED")
+    client.log_metric(run_id, "checkpoints_kept", kept)
+    client.log_metric(run_id, "checkpoint_disk_mb", disk_mb)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_search_plots(histories, cfg.tune.metric, cfg.tune.mode, rungs, Path(tmp))
+        client.log_artifacts(run_id, tmp, "plots")

@@ -1,5 +1,7 @@
 """Ray Tune over the training loop: every scheduler and search algorithm, num_samples, concurrency, and the
 MLflow tree (one search run, one child run per trial, each with its outcome)."""
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -54,9 +56,10 @@ def test_asha_stops_weak_trials_at_rungs(digits, workdir):
 
 @pytest.mark.parametrize("overrides", [
     {"tune.scheduler": "pbt", "tune.perturbation_interval": 1},
+    {"tune.scheduler": "hyperband"},
     {"tune.scheduler": "asha", "tune.search": "optuna", "tune.grace_period": 1},
     {"tune.scheduler": "fifo", "tune.space": {"train.lr": {"grid": [1e-3, 3e-3]}}},
-], ids=["pbt", "optuna-tpe", "grid"])
+], ids=["pbt", "hyperband", "optuna-tpe", "grid"])
 def test_every_scheduler_and_search_algorithm_runs(digits, workdir, overrides):
     cfg = load_config(None, {**workdir, "train.epochs": 3, "tune.num_samples": 2, "tune.space": SPACE,
                              **overrides})
@@ -66,3 +69,38 @@ def test_every_scheduler_and_search_algorithm_runs(digits, workdir, overrides):
     assert all(r.data.tags.get("shipyard.trial_status") for r in runs)
     assert all("val_accuracy" in r.data.metrics and "train.lr" in r.data.params for r in runs)
     assert summary.best_metric > 0.3
+
+
+def test_hyperband_stops_trials_of_the_later_brackets(digits, workdir):
+    # max_t 3, reduction 3: bracket 1 runs 2 trials to 3 epochs, bracket 2 starts 3 trials and keeps 1 after epoch 1
+    cfg = load_config(None, {**workdir, "train.epochs": 3, "tune.num_samples": 5, "tune.scheduler": "hyperband",
+                             "tune.space": {"train.lr": {"loguniform": [1e-5, 1e-2]}}})
+    summary, runs = run_search(cfg, digits, "hyperband")
+    assert summary.trials == 5 and len(runs) == 5
+    statuses = sorted(r.data.tags["shipyard.trial_status"] for r in runs)
+    assert statuses == ["completed"] * 3 + ["stopped at rung 1 (epoch 1)"] * 2, statuses
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3 + ["KILLED"] * 2
+
+
+def test_trials_as_two_worker_train_jobs_with_plots_and_pruned_checkpoints(digits, workdir):
+    cfg = load_config(None, {**workdir, "train.epochs": 3, "tune.num_samples": 2, "tune.workers_per_trial": 2,
+                             "tune.cpus_per_trial": 2, "tune.keep_checkpoints": 1, "tune.space": SPACE})
+    summary, runs = run_search(cfg, digits, "ddp")
+    assert summary.trials == 2 and len(runs) == 2
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert spans[1][0] >= spans[0][1] - 50, "a 2-CPU trial fits once on 2 CPUs: trials must not overlap"
+    assert all(r.data.metrics["val_accuracy"] > 0.3 for r in runs)
+    assert [len(h.epochs) for h in summary.histories] == [3, 3]
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    parent = runs[0].data.tags["mlflow.parentRunId"]
+    plots = {a.path for a in client.list_artifacts(parent, "plots")}
+    assert plots == {"plots/learning_curves.png", "plots/objective_vs_params.png"}
+    assert client.get_run(parent).data.metrics["checkpoint_disk_mb"] == summary.checkpoint_disk_mb > 0
+
+
+def test_checkpoints_beyond_the_best_k_are_deleted_but_never_the_best_trials(digits, workdir):
+    cfg = load_config(None, {**workdir, "train.epochs": 4, "tune.num_samples": 4, "tune.scheduler": "fifo",
+                             "tune.keep_checkpoints": 2, "tune.space": SPACE})
+    summary, _ = run_search(cfg, digits, "keep")
+    kept = sorted(str(p) for p in Path(summary.experiment_path).glob("*/checkpoint_*"))
+    assert summary.best_checkpoint in kept and 1 <= len(kept) <= 3 and summary.checkpoints_kept == len(kept)

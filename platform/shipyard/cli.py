@@ -96,9 +96,13 @@ def pipeline_main(default_config: Path, argv: list[str] | None = None, descripti
 
 
 def _resume_is_not_an_override(args: argparse.Namespace) -> argparse.Namespace:
-    """`--resume train.lr=0.01`: argparse takes the override for the optional run name; give it back."""
+    """`--resume train.lr=0.01` or `--resume my.yaml`: argparse takes the argument for the optional run name;
+    give it back (a config file goes first, where `pipeline_main` looks for it)."""
     if args.resume and "=" in args.resume:
         args.overrides.append(args.resume)
+        args.resume = "latest"
+    elif args.resume and args.resume.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.resume)
         args.resume = "latest"
     return args
 

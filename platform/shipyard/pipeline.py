@@ -19,7 +19,7 @@ import numpy as np
 
 from shipyard import data, tracking, tuning
 from shipyard.config import Config, apply_overrides
-from shipyard.errors import PlatformError, ServingError
+from shipyard.errors import ConfigError, PlatformError, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,14 @@ def _token_mode_if_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, resume: str | None = None) -> None:
     """The checks that need no Ray: they fail in seconds, before any cluster is started."""
     data.check_source(cfg.data)
     if cfg.tune.enabled:
         tuning.check_space(cfg)
+        if resume and cfg.tune.scheduler == "hyperband":
+            raise ConfigError("--resume: a HyperBand search cannot be resumed (Tune does not save HyperBand's "
+                              "brackets, and a restored bracket waits forever); use tune.scheduler=asha to resume")
     tracking.check_reachable(cfg.tracking_uri)
 
 
@@ -116,7 +119,7 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
     import mlflow
     import ray
 
-    preflight(cfg)
+    preflight(cfg, resume)
     parent_id = search_id = None
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     if resume:
@@ -147,7 +150,7 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
 
             best_cfg = cfg
             if cfg.tune.enabled and cfg.tune.space:
-                with stages("tune", f"{cfg.tune.num_samples} trials, {cfg.tune.scheduler}, "
+                with stages("tune", f"{cfg.tune.num_samples} trials, {cfg.tune.scheduler}, at most "
                                     f"{cfg.tune.max_concurrent_trials} at a time"):
                     with mlflow.start_run(run_id=search_id, run_name=None if search_id else "search", nested=True,
                                           tags={"shipyard.kind": "search"}) as srun:

@@ -76,13 +76,14 @@ def resumable_run(cfg: Config, which: str) -> tuple[str, str, str | None]:
     `which` is a run name or "latest" (the newest unfinished run of this pipeline). Fails, naming what differs,
     when the config is not the one the run started with: the search it resumes was built from that config.
     """
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient(cfg.tracking_uri)
     exp = setup(cfg)
     query = f"tags.`shipyard.kind` = 'pipeline' and tags.`shipyard.pipeline` = '{cfg.name}'"
     if which != "latest":
+        if "'" in which:
+            raise ConfigError(f"--resume {which!r}: a run name has no quotes")
         query += f" and attributes.run_name = '{which}'"
     runs = client.search_runs([exp], query, order_by=["attributes.start_time DESC"], max_results=20)
     unfinished = [r for r in runs if r.info.status != "FINISHED"]
@@ -93,13 +94,13 @@ def resumable_run(cfg: Config, which: str) -> tuple[str, str, str | None]:
                           "run without --resume to start a new one")
     run = unfinished[0]
     logged, now = run.data.params, {k: str(v) for k, v in cfg.flat().items()}
-    changed = [f"{k} ({logged[k]} -> {now[k]})" for k in sorted(now) if k in logged and logged[k] != now[k]]
+    changed = [k for k in sorted(now) if k in logged and logged[k] != now[k]]
     if changed:
         raise ConfigError(f"--resume continues run '{run.info.run_name}' with the config it started with, but "
-                          f"{', '.join(changed[:5])} differ: drop those overrides, or start a new run")
+                          f"{', '.join(f'{k} is {now[k]} (was {logged[k]})' for k in changed[:5])}: pass the "
+                          f"same values ({' '.join(f'{k}={logged[k]}' for k in changed[:5])}), or start a new run")
     searches = client.search_runs([exp], f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
                                          "tags.`shipyard.kind` = 'search'", max_results=1)
-    mlflow.set_experiment(experiment_id=exp)
     return run.info.run_id, run.data.tags["shipyard.stamp"], searches[0].info.run_id if searches else None
 
 

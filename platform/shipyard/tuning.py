@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import tempfile
 import time
 import warnings
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from shipyard.checkpoints import checkpoint_keeper, final_prune
 from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError, TrainingError
 from shipyard.models import build_model
@@ -41,12 +41,13 @@ def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[i
     return rungs
 
 
-def hyperband_brackets(max_t: int, reduction_factor: float) -> list[tuple[int, list[int]]]:
-    """HyperBand's brackets as (trials in the bracket, epochs at which it halves them), in the order Tune fills
-    them: the first bracket runs every trial to max_t, later ones start more trials on fewer epochs.
+def hyperband_brackets(max_t: int, reduction_factor: float) -> list[tuple[int, list[int], int]]:
+    """HyperBand's brackets as (trials in the bracket, epochs at which it halves them, epoch at which its last
+    trials stop), in the order Tune fills them: the first runs every trial to max_t, later ones start more
+    trials on fewer epochs (and may end below max_t when max_t is not a power of the reduction factor).
 
     Source: Li et al., "Hyperband" (JMLR 2018), Alg. 1, with Ray's rounding
-    (ray/tune/schedulers/hyperband.py: s_max_1, _get_n0, _get_r0).
+    (ray/tune/schedulers/hyperband.py: s_max_1, _get_n0, _get_r0, _Bracket.successive_halving).
     """
     eta = reduction_factor
     s_max_1 = int(round(math.log(max_t) / math.log(eta))) + 1
@@ -55,12 +56,24 @@ def hyperband_brackets(max_t: int, reduction_factor: float) -> list[tuple[int, l
         n0, r = int(math.ceil(s_max_1 / (s + 1) * eta ** s)), int(max_t * eta ** -s)
         if r == 0:
             continue
-        milestones = []
-        while r < max_t:
-            milestones.append(r)
+        halvings = []
+        for _ in range(s):
+            halvings.append(r)
             r = int(min(r * eta, max_t))
-        brackets.append((n0, milestones))
+        brackets.append((n0, halvings, r))
     return brackets
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When the scheduler judges trials: the statuses of trials and the rung marks of the plots come from it."""
+    max_t: int
+    rungs: list[int]
+    ends: tuple[int, ...] = ()
+    """Epochs below max_t at which a HyperBand bracket's last trials stop: for them, that is completion."""
+
+    def status(self, epochs_run: int, errored: bool) -> str:
+        return trial_status(epochs_run, errored, self.rungs, self.max_t, self.ends)
 
 
 def rung_counts(epochs_run: list[int], rungs: list[int], max_t: int) -> dict[int, int]:
@@ -68,23 +81,14 @@ def rung_counts(epochs_run: list[int], rungs: list[int], max_t: int) -> dict[int
     return {r: sum(e >= r for e in epochs_run) for r in [*rungs, max_t]}
 
 
-def trial_status(epochs_run: int, errored: bool, rungs: list[int], max_t: int) -> str:
+def trial_status(epochs_run: int, errored: bool, rungs: list[int], max_t: int, ends: tuple[int, ...] = ()) -> str:
     """`completed`, `errored`, or `stopped at rung r (epoch e)` for one trial."""
     if errored:
         return "errored"
-    if epochs_run >= max_t:
+    if epochs_run >= max_t or epochs_run in ends:
         return "completed"
     reached = [i for i, r in enumerate(rungs) if epochs_run >= r]
     return f"stopped at rung {reached[-1] + 1} (epoch {epochs_run})" if reached else f"stopped at epoch {epochs_run}"
-
-
-def checkpoints_to_delete(checkpoints: dict[str, float], keep_best: int, mode: str, protected: set[str]
-                          ) -> list[str]:
-    """Paths (checkpoint -> its score) outside the best `keep_best` and not protected (a running trial's latest,
-    the best trial's last)."""
-    ranked = sorted(checkpoints, key=checkpoints.__getitem__, reverse=(mode == "max"))
-    best = set(ranked[:keep_best])
-    return [p for p in checkpoints if p not in best and p not in protected]
 
 
 def trials_at_once(cfg: Config, node_cpus: list[float]) -> int:
@@ -97,6 +101,9 @@ def trials_at_once(cfg: Config, node_cpus: list[float]) -> int:
                               "tune.cpus_per_trial or add a bigger node")
         fits = sum(int(c // t.cpus_per_trial) for c in node_cpus)
     else:  # a Train job: its workers may spread over nodes
+        if t.cpus_per_trial <= TRIAL_DRIVER_CPU * 2:
+            raise ConfigError(f"tune.cpus_per_trial={t.cpus_per_trial:g} is too small for {t.workers_per_trial} "
+                              "workers; give each trial at least 0.1 CPU per worker")
         per_worker = worker_cpus(cfg)
         slots = sum(int(c // per_worker) for c in node_cpus)
         if slots < t.workers_per_trial or t.cpus_per_trial > sum(node_cpus):
@@ -114,6 +121,7 @@ the driver takes this much of tune.cpus_per_trial so that the whole trial holds 
 
 
 def worker_cpus(cfg: Config) -> float:
+    """CPUs of each Train worker of a multi-worker trial: its share of cpus_per_trial, less the driver's."""
     return (cfg.tune.cpus_per_trial - TRIAL_DRIVER_CPU) / cfg.tune.workers_per_trial
 
 
@@ -197,20 +205,24 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
 def tune_trial_ddp(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, in_features: int,
                    num_classes: int) -> None:
     """A trial that is a Ray Train job of tune.workers_per_trial data-parallel workers; rank 0's reports reach
-    Tune through TuneReportCallback (RAY_NOTES §6). The job checkpoints under the trial's folder."""
+    Tune through TuneReportCallback (RAY_NOTES §6), with the path of the job's checkpoint (`checkpoint_path`)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from shipyard.train import make_trainer
 
     cfg = apply_overrides(base, trial_config, source="tune trial")
+    ctx = tune.get_context()
+    # the trial's folder in the search's storage (get_trial_dir() is a node-local staging copy): a resumed trial
+    # finds its Train run there, and Train resumes a run of the same name and storage from its last checkpoint
+    storage = Path(cfg.storage_dir) / ctx.get_experiment_name() / Path(ctx.get_trial_dir()).name
     trainer = make_trainer(cfg, {"train": train_ds, "val": val_ds}, in_features, num_classes, "train",
-                           storage_path=tune.get_context().get_trial_dir(), num_workers=cfg.tune.workers_per_trial,
+                           storage_path=str(storage), num_workers=cfg.tune.workers_per_trial,
                            cpus_per_worker=worker_cpus(cfg), callbacks=[TuneReportCallback()], quiet=True)
     trainer.fit()
 
 
-def _progress_callback(cfg: Config, total: int, rungs: list[int]):
+def _progress_callback(cfg: Config, total: int, schedule: Schedule):
     """One line per finished trial instead of Tune's tables (RunConfig(verbose=0) silences those)."""
     from ray.tune import Callback
 
@@ -226,62 +238,11 @@ def _progress_callback(cfg: Config, total: int, rungs: list[int]):
         def _line(self, trial, errored: bool) -> None:
             self.done += 1
             last = trial.last_result or {}
-            status = trial_status(last.get("training_iteration", 0), errored, rungs, cfg.train.epochs)
+            status = schedule.status(last.get("training_iteration", 0), errored)
             log.info("trial %d/%d %s: %s, %s %.4f", self.done, total, trial.trial_id, status, cfg.tune.metric,
                      last.get(cfg.tune.metric, float("nan")))
 
     return TrialProgress()
-
-
-SNAPSHOT_GRACE_S = 30.0
-"""Tune records a trial's end in its next experiment snapshot; until then a resume would restore the trial from
-its checkpoints, so a finished trial's are pruned only this long after it ended (or when the search ends)."""
-
-
-def _checkpoint_keeper(cfg: Config):
-    """Prunes the checkpoints of finished trials to the best tune.keep_checkpoints of the whole search (and the
-    best trial's last one) as the search goes. Running trials are pruned by Tune itself (CheckpointConfig in
-    `search`): their best and latest stay, and Tune snapshots the experiment so a resume never needs a deleted one.
-    """
-    from ray.tune import Callback
-
-    metric, mode = cfg.tune.metric, cfg.tune.mode
-
-    class CheckpointKeeper(Callback):
-        def __init__(self):
-            self.scores: dict[str, float] = {}
-            self.by_trial: dict[str, list[str]] = {}
-            self.ended: dict[str, float] = {}
-            self.last_prune = 0.0
-
-        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-            score = (trial.last_result or {}).get(metric)
-            if score is not None:
-                self.scores[checkpoint.path] = score
-                self.by_trial.setdefault(trial.trial_id, []).append(checkpoint.path)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.ended[trial.trial_id] = time.time()
-
-        on_trial_error = on_trial_complete
-
-        def on_step_end(self, iteration, trials, **info):
-            now = time.time()
-            if now - self.last_prune < 1.0:
-                return
-            self.last_prune = now
-            settled = {t for t, end in self.ended.items() if now - end > SNAPSHOT_GRACE_S}
-            protected = {p for t, paths in self.by_trial.items() if t not in settled for p in paths}
-            scored = [t for t in trials if (t.last_result or {}).get(metric) is not None]
-            if scored:
-                best = (max if mode == "max" else min)(scored, key=lambda t: t.last_result[metric])
-                protected.update(self.by_trial.get(best.trial_id, [])[-1:])
-            live = {p: v for p, v in self.scores.items() if Path(p).exists()}
-            for path in checkpoints_to_delete(live, cfg.tune.keep_checkpoints, mode, protected):
-                shutil.rmtree(path, ignore_errors=True)
-            self.scores = {p: v for p, v in live.items() if Path(p).exists()}
-
-    return CheckpointKeeper()
 
 
 @dataclass
@@ -292,6 +253,7 @@ class SearchSummary:
     trial_status: dict[str, int]
     histories: list[TrialHistory]
     wall_s: float
+    """Tune's fit alone: the search from its first trial to its last result."""
     best_checkpoint: str | None
     checkpoints_kept: int
     checkpoint_disk_mb: float
@@ -316,43 +278,46 @@ def _scheduler(cfg: Config, space: dict[str, Any]):
 def _search_alg(cfg: Config, at_once: int):
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
+    # HyperBand pauses trials, and a paused trial counts against a searcher's cap: with a cap below a
+    # bracket's size no trial is ever stopped. Running trials are then limited by CPUs per trial alone.
+    hyperband = cfg.tune.scheduler == "hyperband"
     if cfg.tune.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=at_once)
-    # HyperBand pauses trials, and a paused trial counts against the generator's cap: with a cap below a
-    # bracket's size no trial is ever stopped. Running trials are then limited by CPUs per trial alone.
-    if cfg.tune.scheduler == "hyperband":
+        optuna = OptunaSearch(seed=cfg.tune.seed)
+        return optuna if hyperband else ConcurrencyLimiter(optuna, max_concurrent=at_once)
+    if hyperband:
         at_once = 0
     # the generator caps concurrency itself: Tune ignores max_concurrent_trials next to a SearchGenerator
     return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=at_once)
 
 
-def explain_schedule(cfg: Config) -> list[int]:
-    """Log which epochs the scheduler judges trials at; returns the rungs (epochs) used in trial statuses."""
+def explain_schedule(cfg: Config) -> Schedule:
+    """Log which epochs the scheduler judges trials at, before the search starts."""
     t, max_t = cfg.tune, cfg.train.epochs
     if t.scheduler == "asha":
         rungs = asha_rungs(max_t, min(t.grace_period, max_t), t.reduction_factor)
         log.info("ASHA: max_t %d epochs, grace_period %d, reduction_factor %g -> rungs at epochs %s: at each rung "
                  "a trial goes on only if it is in the top 1/%g of the trials that reached it", max_t,
                  t.grace_period, t.reduction_factor, rungs, t.reduction_factor)
-        return rungs
+        return Schedule(max_t, rungs)
     if t.scheduler == "hyperband":
         brackets = hyperband_brackets(max_t, t.reduction_factor)
         first = 1
-        for i, (n, milestones) in enumerate(brackets, 1):
-            log.info("HyperBand bracket %d: trials %d-%d, halved at epochs %s (the top 1/%g go on), max_t %d", i,
-                     first, first + n - 1, milestones or "never", t.reduction_factor, max_t)
+        for i, (n, halvings, last) in enumerate(brackets, 1):
+            log.info("HyperBand bracket %d: trials %d-%d, halved at epochs %s (the top 1/%g go on), its last "
+                     "trials stop at epoch %d", i, first, first + n - 1, halvings or "never", t.reduction_factor, last)
             first += n
-        log.info("HyperBand pauses a trial at a rung until its bracket has caught up: %d trials at once at most "
-                 "(CPUs per trial), not tune.max_concurrent_trials", t.num_samples)
-        return sorted({m for _, ms in brackets for m in ms})
+        log.info("HyperBand pauses a trial at a rung until its bracket has caught up: running trials are limited "
+                 "by CPUs (tune.cpus_per_trial), not by tune.max_concurrent_trials")
+        return Schedule(max_t, sorted({h for _, hs, _ in brackets for h in hs}),
+                        tuple(sorted({last for _, _, last in brackets if last < max_t})))
     log.info("scheduler %s over %d epochs%s", t.scheduler, max_t,
              f", perturbing every {t.perturbation_interval} epochs" if t.scheduler == "pbt" else "")
-    return []
+    return Schedule(max_t, [])
 
 
-def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, rungs: list[int], max_t: int):
+def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedule: Schedule, pbt: bool):
     """Ray's MLflowLoggerCallback with three changes: a resumed search finds a trial's run instead of opening a
     second one; a trial restarted with a new config (a PBT exploit) logs the new values as `pbt.*` metrics (MLflow
     params cannot change); a finished trial's run gets its outcome (tag shipyard.trial_status; KILLED when
@@ -370,12 +335,14 @@ def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, rungs:
                     return super().log_trial_start(trial)
                 self._trial_runs[trial] = found[0].info.run_id  # a resumed search: the same run goes on
                 client.update_run(found[0].info.run_id, status="RUNNING")
+            if not pbt:
+                return
             step = (trial.last_result or {}).get("training_iteration", 0)
             numeric = {f"pbt.{k}": v for k, v in trial.config.items() if isinstance(v, (int, float))}
             self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=numeric, step=step)
 
         def log_trial_end(self, trial, failed: bool = False):
-            status = trial_status((trial.last_result or {}).get("training_iteration", 0), failed, rungs, max_t)
+            status = schedule.status((trial.last_result or {}).get("training_iteration", 0), failed)
             run_id = self._trial_runs[trial]
             self.mlflow_util._get_client().set_tag(run_id, "shipyard.trial_status", status)
             super().log_trial_end(trial, failed)
@@ -397,7 +364,7 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     from ray import tune
 
     space = build_space(cfg.tune.space)
-    rungs = explain_schedule(cfg)
+    schedule = explain_schedule(cfg)
     at_once = trials_at_once(cfg, [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]])
     if at_once < min(cfg.tune.max_concurrent_trials, cfg.tune.num_samples):
         log.warning("only %d trial(s) of %g CPUs fit on this cluster at once (tune.max_concurrent_trials=%d)",
@@ -432,37 +399,39 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1,
                                                         checkpoint_score_attribute=cfg.tune.metric,
                                                         checkpoint_score_order=cfg.tune.mode),
-                callbacks=[_progress_callback(cfg, cfg.tune.num_samples, rungs), _checkpoint_keeper(cfg),
-                           _trial_logger(tracking_uri, cfg.tracking.experiment, parent_run_id, rungs,
-                                         cfg.train.epochs)]),
+                callbacks=[_progress_callback(cfg, cfg.tune.num_samples, schedule), checkpoint_keeper(cfg),
+                           _trial_logger(tracking_uri, cfg.tracking.experiment, parent_run_id, schedule,
+                                         cfg.tune.scheduler == "pbt")]),
         )
     started = time.time()
     results = tuner.fit()
+    fit_s = round(time.time() - started, 2)
     ok = [r for r in results if r.error is None and r.metrics and cfg.tune.metric in r.metrics]
     if not ok:
         errors = [str(r.error) for r in results if r.error is not None][:1]
         raise TrainingError(f"every trial of the search failed; first error: {errors[0] if errors else 'unknown'}."
                             f" Trial logs: {results.experiment_path}")
     best = results.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
-    histories = _histories(cfg, results, rungs, started)
-    kept, disk_mb = _final_prune(cfg, results, best)
+    histories = _histories(cfg, results, schedule, started)
+    best_checkpoint = best.checkpoint.path if best.checkpoint else best.metrics.get("checkpoint_path")
+    kept, disk_mb = final_prune(cfg, results, best_checkpoint)
     log.info("checkpoints: %d kept (%.1f MiB) under %s; the best trial's is %s", kept, disk_mb,
-             results.experiment_path, best.checkpoint.path if best.checkpoint else None)
-    if rungs:
-        counts = rung_counts([h.epochs[-1] if h.epochs else 0 for h in histories], rungs, cfg.train.epochs)
+             results.experiment_path, best_checkpoint)
+    if schedule.rungs:
+        counts = rung_counts([h.epochs[-1] if h.epochs else 0 for h in histories], schedule.rungs, schedule.max_t)
         log.info("trials reaching each rung (epoch: trials): %s", counts)
     summary: dict[str, int] = {}
     for h in histories:
         key = h.status.split(" (")[0]
         summary[key] = summary.get(key, 0) + 1
-    _log_plots(cfg, histories, rungs, tracking_uri, parent_run_id, kept, disk_mb)
+    _close_orphan_runs(tracking_uri, parent_run_id, {h.trial_id for h in histories})
+    _log_plots(cfg, histories, schedule.rungs, tracking_uri, parent_run_id, kept, disk_mb)
     overrides = {k: best.config[k] for k in cfg.tune.space}
     return SearchSummary(overrides, float(best.metrics[cfg.tune.metric]), len(results), summary, histories,
-                         round(time.time() - started, 2), best.checkpoint.path if best.checkpoint else None,
-                         kept, disk_mb, results.experiment_path)
+                         fit_s, best_checkpoint, kept, disk_mb, results.experiment_path)
 
 
-def _histories(cfg: Config, results, rungs: list[int], started: float) -> list[TrialHistory]:
+def _histories(cfg: Config, results, schedule: Schedule, started: float) -> list[TrialHistory]:
     """Per-trial learning curves from each trial's result log (it survives a driver restart)."""
     out = []
     frames = [r.metrics_dataframe for r in results]
@@ -474,32 +443,25 @@ def _histories(cfg: Config, results, rungs: list[int], started: float) -> list[T
         epochs = rows["training_iteration"].astype(int).tolist() if rows is not None else []
         elapsed = ((rows["reported_at_s"] if "reported_at_s" in rows else rows["timestamp"]) - t0).tolist() \
             if rows is not None else []
-        status = trial_status(epochs[-1] if epochs else 0, r.error is not None, rungs, cfg.train.epochs)
+        status = schedule.status(epochs[-1] if epochs else 0, r.error is not None)
         out.append(TrialHistory(str((r.metrics or {}).get("trial_id", Path(r.path).name)),
                                 {k: r.config.get(k) for k in cfg.tune.space}, status, epochs,
                                 rows[cfg.tune.metric].astype(float).tolist() if rows is not None else [], elapsed))
     return out
 
 
-def _final_prune(cfg: Config, results, best) -> tuple[int, float]:
-    """Apply the keep-best-K rule to every checkpoint still on disk (a resumed search's older ones too),
-    never deleting the best trial's; returns (checkpoints kept, MiB they use)."""
-    scores: dict[str, float] = {}
-    unscored = float("-inf") if cfg.tune.mode == "max" else float("inf")
-    for r in results:  # every checkpoint folder on disk, scored by the report it was saved with
-        df = r.metrics_dataframe
-        if df is None or "checkpoint_dir_name" not in df or cfg.tune.metric not in df:
-            continue
-        by_name = dict(zip(df["checkpoint_dir_name"], df[cfg.tune.metric]))
-        for d in Path(r.path).glob("checkpoint_*"):
-            if d.is_dir():
-                scores[str(d)] = float(by_name.get(d.name, unscored))
-    protected = {best.checkpoint.path} if best.checkpoint else set()
-    for path in checkpoints_to_delete(scores, cfg.tune.keep_checkpoints, cfg.tune.mode, protected):
-        shutil.rmtree(path, ignore_errors=True)
-    kept = [p for p in Path(results.experiment_path).rglob("checkpoint_*") if p.is_dir()]
-    size = sum(f.stat().st_size for p in kept for f in p.rglob("*") if f.is_file())
-    return len(kept), round(size / 2**20, 2)
+def _close_orphan_runs(tracking_uri: str, parent_run_id: str, trial_ids: set[str]) -> None:
+    """A trial the searcher created after the last snapshot of a killed search comes back under a new id
+    (Optuna ids are random): its first run never ends; mark it so instead of leaving it RUNNING."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                         "attributes.status = 'RUNNING'"):
+        if not any(run.data.tags.get("trial_name", "").endswith(t) for t in trial_ids):
+            client.set_tag(run.info.run_id, "shipyard.trial_status", "lost (its driver died before Tune saved it)")
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def _log_plots(cfg: Config, histories: list[TrialHistory], rungs: list[int], tracking_uri: str, run_id: str,

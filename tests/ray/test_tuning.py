@@ -96,6 +96,9 @@ def test_trials_as_two_worker_train_jobs_with_plots_and_pruned_checkpoints(digit
     plots = {a.path for a in client.list_artifacts(parent, "plots")}
     assert plots == {"plots/learning_curves.png", "plots/objective_vs_params.png"}
     assert client.get_run(parent).data.metrics["checkpoint_disk_mb"] == summary.checkpoint_disk_mb > 0
+    # the Train jobs checkpoint inside the search's folder, and only the best one is left
+    kept = [str(p) for p in Path(summary.experiment_path).rglob("checkpoint_*") if p.is_dir()]
+    assert kept == [summary.best_checkpoint] and summary.checkpoints_kept == 1
 
 
 def test_checkpoints_beyond_the_best_k_are_deleted_but_never_the_best_trials(digits, workdir):

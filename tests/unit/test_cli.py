@@ -34,3 +34,31 @@ def test_unreachable_tracking_server_fails_fast():
     out = run("-m", "shipyard", "run", "pipelines/configs/digits.yaml", "tracking.uri=http://127.0.0.1:9")
     assert out.returncode == 2
     assert "tracking.uri http://127.0.0.1:9 does not answer" in out.stderr
+
+
+def test_resume_without_an_unfinished_run_fails_before_ray(tmp_path):
+    out = run("-m", "pipelines.digits", f"tracking.uri=sqlite:///{tmp_path}/m.db", "--resume")
+    assert out.returncode == 2
+    assert "--resume: no unfinished pipeline run of pipeline 'digits'" in out.stderr
+    assert "starting or attaching to Ray" not in out.stderr
+
+
+def test_resume_refuses_a_changed_config_naming_the_key_and_the_value_to_pass(tmp_path):
+    import mlflow
+
+    from shipyard import tracking
+    from shipyard.config import load_config
+
+    cfg = load_config(ROOT / "pipelines/configs/digits.yaml", {"tracking.uri": f"sqlite:///{tmp_path}/m.db"})
+    tracking.setup(cfg)
+    with mlflow.start_run(run_name="digits-20260101-000000", tags={
+            "shipyard.kind": "pipeline", "shipyard.pipeline": "digits", "shipyard.stamp": "20260101-000000"}):
+        tracking.log_config(cfg)
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    run_id = client.search_runs([mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0].info.run_id
+    client.set_terminated(run_id, status="FAILED")  # its driver died
+    out = run("-m", "pipelines.digits", f"tracking.uri={cfg.tracking_uri}", "--resume", "train.lr=0.01")
+    assert out.returncode == 2
+    assert "train.lr is 0.01 (was 0.003): pass the same values (train.lr=0.003)" in out.stderr, out.stderr
+    out = run("-m", "pipelines.digits", f"tracking.uri={cfg.tracking_uri}", "tune.scheduler=hyperband", "--resume")
+    assert out.returncode == 2 and "a HyperBand search cannot be resumed" in out.stderr

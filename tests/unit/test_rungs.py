@@ -1,10 +1,11 @@
 """Scheduler maths, checkpoint retention and trial sizing, without Ray."""
 import pytest
 
+from shipyard.checkpoints import checkpoints_to_delete
 from shipyard.config import load_config
 from shipyard.errors import ConfigError
-from shipyard.tuning import (asha_rungs, check_space, checkpoints_to_delete, hyperband_brackets, rung_counts,
-                             trial_status, trials_at_once)
+from shipyard.tuning import (Schedule, asha_rungs, check_space, hyperband_brackets, rung_counts, trial_status,
+                             trials_at_once)
 
 
 def test_rungs_grow_by_the_reduction_factor_below_max_t():
@@ -24,8 +25,17 @@ def test_rung_counts_and_statuses():
 
 def test_hyperband_brackets_match_rays_rounding():
     # max_t 9, eta 3: Ray fills a bracket of 3 trials run to 9 epochs, then 5 halved at 3, then 9 halved at 1 and 3
-    assert hyperband_brackets(9, 3) == [(3, []), (5, [3]), (9, [1, 3])]
-    assert hyperband_brackets(3, 3) == [(2, []), (3, [1])]
+    assert hyperband_brackets(9, 3) == [(3, [], 9), (5, [3], 9), (9, [1, 3], 9)]
+    assert hyperband_brackets(3, 3) == [(2, [], 3), (3, [1], 3)]
+    # max_t not a power of eta: the last bracket starts at int(15/9) = 1 epoch and its survivors stop at 9
+    assert hyperband_brackets(15, 3) == [(3, [], 15), (5, [5], 15), (9, [1, 3], 9)]
+
+
+def test_a_hyperband_trial_that_ends_its_bracket_below_max_t_is_completed():
+    schedule = Schedule(15, [1, 3, 5], ends=(9,))
+    assert schedule.status(9, False) == "completed"
+    assert schedule.status(3, False) == "stopped at rung 2 (epoch 3)"
+    assert schedule.status(15, False) == "completed"
 
 
 def test_keep_the_best_k_checkpoints_and_the_protected_ones():
@@ -51,6 +61,7 @@ def test_trials_at_once_is_capped_by_cpus_and_max_concurrent_trials():
 @pytest.mark.parametrize("tune, nodes, match", [
     ({"cpus_per_trial": 4}, [2.0, 2.0], r"tune.cpus_per_trial=4, but the largest Ray node has 2 CPUs"),
     ({"workers_per_trial": 3, "cpus_per_trial": 6}, [2.0, 2.0], r"tune.workers_per_trial=3 workers of 2 CPUs"),
+    ({"workers_per_trial": 2, "cpus_per_trial": 0.01}, [2.0], r"tune.cpus_per_trial=0.01 is too small for 2"),
 ])
 def test_a_trial_that_can_never_fit_is_refused(tune, nodes, match):
     with pytest.raises(ConfigError, match=match):

@@ -164,6 +164,7 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
                 summary["best_config"] = found.best_overrides
                 summary["trials"] = found.trial_status
                 summary["search"] = {"trials": found.trials, "wall_s": found.wall_s,
+                                     "experiment_path": found.experiment_path,
                                      "best_checkpoint": found.best_checkpoint,
                                      "checkpoints_kept": found.checkpoints_kept,
                                      "checkpoint_disk_mb": found.checkpoint_disk_mb}

@@ -116,7 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.train.epochs):
         train_batches = iter_batches(train_shard, per_worker_batch, cfg.train.seed + epoch, device)
         metrics = run_epoch(model, optimizer, train_batches, iter_batches(val_ds, 512, device=device), world)
-        metrics["epoch"] = epoch
+        metrics["epoch"], metrics["epochs_done"] = epoch, epoch + 1  # epochs_done: the search schedulers' clock
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:

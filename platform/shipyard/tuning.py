@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -115,6 +116,10 @@ def trials_at_once(cfg: Config, node_cpus: list[float]) -> int:
     return min(fits, t.max_concurrent_trials, t.num_samples)
 
 
+EPOCHS = "epochs_done"
+"""The schedulers' clock: epochs a trial has trained, reported with each epoch's metrics. Not Tune's
+training_iteration, which restarts when a multi-worker trial resumes from its Train job's own checkpoint."""
+
 TRIAL_DRIVER_CPU = 0.01
 """A multi-worker trial is a small driver plus its Train workers, whose bundles are separate (RAY_NOTES §6):
 the driver takes this much of tune.cpus_per_trial so that the whole trial holds exactly cpus_per_trial."""
@@ -198,7 +203,7 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
                        Path(tmp) / CHECKPOINT_FILE)
-            tune.report({**metrics, "epoch": epoch, "reported_at_s": time.time()},
+            tune.report({**metrics, "epoch": epoch, EPOCHS: epoch + 1, "reported_at_s": time.time()},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -220,6 +225,21 @@ def tune_trial_ddp(trial_config: dict[str, Any], base: dict[str, Any], train_ds,
                            storage_path=str(storage), num_workers=cfg.tune.workers_per_trial,
                            cpus_per_worker=worker_cpus(cfg), callbacks=[TuneReportCallback()], quiet=True)
     trainer.fit()
+    _wait_for_last_report()
+
+
+def _wait_for_last_report(timeout_s: float = 30.0) -> None:
+    """TuneReportCallback hands rank 0's reports to the trial through a queue of one (a private Ray API, as is
+    this read of it). If the trial function returned as soon as the Train run did, Tune would end the trial before
+    it read the last report, and the trial's status came out one epoch short (seen on Ray 2.60). So stay until
+    Tune, having read it, stops the trial (the `stop` rule at train.epochs, or the scheduler)."""
+    from ray.train._internal.session import get_session
+
+    q = getattr(get_session(), "_inter_actor_queue", None)
+    deadline = time.time() + timeout_s
+    while q is not None and not q.empty() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(max(0.0, min(10.0, deadline - time.time())))  # Tune stops the trial within this
 
 
 def _progress_callback(cfg: Config, total: int, schedule: Schedule):
@@ -238,7 +258,7 @@ def _progress_callback(cfg: Config, total: int, schedule: Schedule):
         def _line(self, trial, errored: bool) -> None:
             self.done += 1
             last = trial.last_result or {}
-            status = schedule.status(last.get("training_iteration", 0), errored)
+            status = schedule.status(last.get(EPOCHS, 0), errored)
             log.info("trial %d/%d %s: %s, %s %.4f", self.done, total, trial.trial_id, status, cfg.tune.metric,
                      last.get(cfg.tune.metric, float("nan")))
 
@@ -265,12 +285,12 @@ def _scheduler(cfg: Config, space: dict[str, Any]):
 
     t = cfg.tune
     if t.scheduler == "asha":
-        return ASHAScheduler(max_t=cfg.train.epochs, grace_period=min(t.grace_period, cfg.train.epochs),
+        return ASHAScheduler(time_attr=EPOCHS, max_t=cfg.train.epochs, grace_period=min(t.grace_period, cfg.train.epochs),
                              reduction_factor=t.reduction_factor)
     if t.scheduler == "hyperband":
-        return HyperBandScheduler(max_t=cfg.train.epochs, reduction_factor=t.reduction_factor)
+        return HyperBandScheduler(time_attr=EPOCHS, max_t=cfg.train.epochs, reduction_factor=t.reduction_factor)
     if t.scheduler == "pbt":
-        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=t.perturbation_interval,
+        return PopulationBasedTraining(time_attr=EPOCHS, perturbation_interval=t.perturbation_interval,
                                        hyperparam_mutations=space)
     return FIFOScheduler()
 
@@ -337,12 +357,17 @@ def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedu
                 client.update_run(found[0].info.run_id, status="RUNNING")
             if not pbt:
                 return
-            step = (trial.last_result or {}).get("training_iteration", 0)
+            step = (trial.last_result or {}).get(EPOCHS, 0)
             numeric = {f"pbt.{k}": v for k, v in trial.config.items() if isinstance(v, (int, float))}
             self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=numeric, step=step)
 
+        def log_trial_result(self, iteration: int, trial, result: dict):
+            # Tune's training_iteration restarts at 1 when a multi-worker trial resumes from its Train checkpoint
+            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=result,
+                                         step=result.get(EPOCHS, result.get("training_iteration")))
+
         def log_trial_end(self, trial, failed: bool = False):
-            status = schedule.status((trial.last_result or {}).get("training_iteration", 0), failed)
+            status = schedule.status((trial.last_result or {}).get(EPOCHS, 0), failed)
             run_id = self._trial_runs[trial]
             self.mlflow_util._get_client().set_tag(run_id, "shipyard.trial_status", status)
             super().log_trial_end(trial, failed)
@@ -375,6 +400,9 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
                                      num_classes=splits.num_classes)
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU if multi else cfg.tune.cpus_per_trial})
     path = Path(cfg.storage_dir) / run_name
+    # Tune snapshots the experiment every >= 10 s by default; a trial that ends after the last snapshot of a
+    # killed driver is restored and run again from its last snapshotted checkpoint (RAY_NOTES §7): snapshot often
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if resume and tune.Tuner.can_restore(str(path)):
         log.info("resuming the search saved at %s: finished trials are kept, the others restart from their "
                  "latest checkpoint", path)
@@ -393,7 +421,7 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
                 name=run_name, storage_path=str(cfg.storage_dir), verbose=0,
                 # a function trial's last report is not marked done: without this stop rule HyperBand pauses a
                 # trial that reached max_t, and if it is its bracket's last, the search hangs (seen on Ray 2.60)
-                stop={"training_iteration": cfg.train.epochs},
+                stop={EPOCHS: cfg.train.epochs},
                 # per trial: its best and its latest (PBT restores older ones too: RAY_NOTES §5); across finished
                 # trials the keeper keeps the best tune.keep_checkpoints
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1,
@@ -414,6 +442,9 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     best = results.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
     histories = _histories(cfg, results, schedule, started)
     best_checkpoint = best.checkpoint.path if best.checkpoint else best.metrics.get("checkpoint_path")
+    if best_checkpoint and not Path(best_checkpoint).exists():  # a Train-job trial: its job's newest
+        best_checkpoint = str(max((d for d in Path(best.path).rglob("checkpoint_*") if d.is_dir()),
+                                  key=lambda d: d.stat().st_mtime, default=best_checkpoint))
     kept, disk_mb = final_prune(cfg, results, best_checkpoint)
     log.info("checkpoints: %d kept (%.1f MiB) under %s; the best trial's is %s", kept, disk_mb,
              results.experiment_path, best_checkpoint)
@@ -424,7 +455,7 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     for h in histories:
         key = h.status.split(" (")[0]
         summary[key] = summary.get(key, 0) + 1
-    _close_orphan_runs(tracking_uri, parent_run_id, {h.trial_id for h in histories})
+    _settle_trial_runs(tracking_uri, parent_run_id, histories)
     _log_plots(cfg, histories, schedule.rungs, tracking_uri, parent_run_id, kept, disk_mb)
     overrides = {k: best.config[k] for k in cfg.tune.space}
     return SearchSummary(overrides, float(best.metrics[cfg.tune.metric]), len(results), summary, histories,
@@ -440,7 +471,7 @@ def _histories(cfg: Config, results, schedule: Schedule, started: float) -> list
     t0 = min([started, *stamps])
     for r, df in zip(results, frames):
         rows = df if df is not None and cfg.tune.metric in getattr(df, "columns", []) else None
-        epochs = rows["training_iteration"].astype(int).tolist() if rows is not None else []
+        epochs = rows[EPOCHS].astype(int).tolist() if rows is not None else []
         elapsed = ((rows["reported_at_s"] if "reported_at_s" in rows else rows["timestamp"]) - t0).tolist() \
             if rows is not None else []
         status = schedule.status(epochs[-1] if epochs else 0, r.error is not None)
@@ -450,18 +481,27 @@ def _histories(cfg: Config, results, schedule: Schedule, started: float) -> list
     return out
 
 
-def _close_orphan_runs(tracking_uri: str, parent_run_id: str, trial_ids: set[str]) -> None:
-    """A trial the searcher created after the last snapshot of a killed search comes back under a new id
-    (Optuna ids are random): its first run never ends; mark it so instead of leaving it RUNNING."""
+def _settle_trial_runs(tracking_uri: str, parent_run_id: str, histories: list[TrialHistory]) -> None:
+    """Make each trial run's outcome agree with the trial's result log once the search is over. Two cases differ
+    from what the logger saw live: a trial that finished just before a killed driver's last experiment snapshot
+    is restored with an older last result, and a trial the searcher created after that snapshot comes back under
+    a new id (Optuna ids are random), leaving its first run RUNNING."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_run(parent_run_id).info.experiment_id
-    for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
-                                         "attributes.status = 'RUNNING'"):
-        if not any(run.data.tags.get("trial_name", "").endswith(t) for t in trial_ids):
-            client.set_tag(run.info.run_id, "shipyard.trial_status", "lost (its driver died before Tune saved it)")
-            client.set_terminated(run.info.run_id, status="KILLED")
+    for run in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}'"):
+        name = run.data.tags.get("trial_name", "")
+        history = next((h for h in histories if name.endswith(h.trial_id)), None)
+        if history is None:
+            if run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, "shipyard.trial_status", "lost (its driver died before Tune saved it)")
+                client.set_terminated(run.info.run_id, status="KILLED")
+            continue
+        if run.data.tags.get("shipyard.trial_status") != history.status:
+            client.set_tag(run.info.run_id, "shipyard.trial_status", history.status)
+            client.set_terminated(run.info.run_id, status={"completed": "FINISHED", "errored": "FAILED"}.get(
+                history.status, "KILLED"))
 
 
 def _log_plots(cfg: Config, histories: list[TrialHistory], rungs: list[int], tracking_uri: str, run_id: str,

@@ -49,8 +49,10 @@ def test_asha_stops_weak_trials_at_rungs(digits, workdir):
     assert len(runs) == 4
     stopped = [r for r in runs if r.data.tags["shipyard.trial_status"].startswith("stopped at rung")]
     assert stopped and all(r.info.status == "KILLED" for r in stopped)
-    assert summary.trial_status.get("stopped at rung 1", 0) + summary.trial_status.get("stopped at rung 2", 0) \
-        == len(stopped)
+    # rungs at epochs 1, 2, 4: a trial may stop at any of them, and the summary counts the same outcomes
+    assert sum(v for k, v in summary.trial_status.items() if k.startswith("stopped at rung")) == len(stopped)
+    assert {k for k in summary.trial_status} <= {"completed", "stopped at rung 1", "stopped at rung 2",
+                                                 "stopped at rung 3"}
     assert 0 < summary.best_overrides["train.lr"] <= 1e-2
 
 

@@ -8,126 +8,21 @@ The search space uses the config's own dotted keys (`train.lr`), so a trial's co
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from shipyard.checkpoints import checkpoint_keeper, final_prune
 from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError, TrainingError
-from shipyard.models import build_model
 from shipyard.plots import TrialHistory, write_search_plots
-from shipyard.train import CHECKPOINT_FILE, iter_batches, make_optimizer, run_epoch
+from shipyard.schedules import EPOCHS, Schedule, explain_schedule, rung_counts
+from shipyard.trials import TRIAL_DRIVER_CPU, trials_at_once, tune_trial, tune_trial_ddp
 
 log = logging.getLogger(__name__)
-
-
-def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
-    """Epochs at which ASHA compares a trial with its peers: grace * rf^k below max_t.
-
-    Source: Li et al., "A System for Massively Parallel Hyperparameter Tuning" (MLSys 2020), Alg. 1;
-    Ray's ASHAScheduler builds the same milestones (ray/tune/schedulers/async_hyperband.py, _Bracket).
-    """
-    rungs, t = [], float(grace_period)
-    while t < max_t:
-        rungs.append(int(t))
-        t *= reduction_factor
-    return rungs
-
-
-def hyperband_brackets(max_t: int, reduction_factor: float) -> list[tuple[int, list[int], int]]:
-    """HyperBand's brackets as (trials in the bracket, epochs at which it halves them, epoch at which its last
-    trials stop), in the order Tune fills them: the first runs every trial to max_t, later ones start more
-    trials on fewer epochs (and may end below max_t when max_t is not a power of the reduction factor).
-
-    Source: Li et al., "Hyperband" (JMLR 2018), Alg. 1, with Ray's rounding
-    (ray/tune/schedulers/hyperband.py: s_max_1, _get_n0, _get_r0, _Bracket.successive_halving).
-    """
-    eta = reduction_factor
-    s_max_1 = int(round(math.log(max_t) / math.log(eta))) + 1
-    brackets = []
-    for s in range(s_max_1):
-        n0, r = int(math.ceil(s_max_1 / (s + 1) * eta ** s)), int(max_t * eta ** -s)
-        if r == 0:
-            continue
-        halvings = []
-        for _ in range(s):
-            halvings.append(r)
-            r = int(min(r * eta, max_t))
-        brackets.append((n0, halvings, r))
-    return brackets
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """When the scheduler judges trials: the statuses of trials and the rung marks of the plots come from it."""
-    max_t: int
-    rungs: list[int]
-    ends: tuple[int, ...] = ()
-    """Epochs below max_t at which a HyperBand bracket's last trials stop: for them, that is completion."""
-
-    def status(self, epochs_run: int, errored: bool) -> str:
-        return trial_status(epochs_run, errored, self.rungs, self.max_t, self.ends)
-
-
-def rung_counts(epochs_run: list[int], rungs: list[int], max_t: int) -> dict[int, int]:
-    """How many trials reached each rung (and max_t) given the epochs each trial ran."""
-    return {r: sum(e >= r for e in epochs_run) for r in [*rungs, max_t]}
-
-
-def trial_status(epochs_run: int, errored: bool, rungs: list[int], max_t: int, ends: tuple[int, ...] = ()) -> str:
-    """`completed`, `errored`, or `stopped at rung r (epoch e)` for one trial."""
-    if errored:
-        return "errored"
-    if epochs_run >= max_t or epochs_run in ends:
-        return "completed"
-    reached = [i for i, r in enumerate(rungs) if epochs_run >= r]
-    return f"stopped at rung {reached[-1] + 1} (epoch {epochs_run})" if reached else f"stopped at epoch {epochs_run}"
-
-
-def trials_at_once(cfg: Config, node_cpus: list[float]) -> int:
-    """How many trials run side by side on these nodes; ConfigError when a trial can never start."""
-    t = cfg.tune
-    if t.workers_per_trial == 1:
-        if t.cpus_per_trial > max(node_cpus, default=0):
-            raise ConfigError(f"tune.cpus_per_trial={t.cpus_per_trial:g}, but the largest Ray node has "
-                              f"{max(node_cpus, default=0):g} CPUs: no trial can ever start. Lower "
-                              "tune.cpus_per_trial or add a bigger node")
-        fits = sum(int(c // t.cpus_per_trial) for c in node_cpus)
-    else:  # a Train job: its workers may spread over nodes
-        if t.cpus_per_trial <= TRIAL_DRIVER_CPU * 2:
-            raise ConfigError(f"tune.cpus_per_trial={t.cpus_per_trial:g} is too small for {t.workers_per_trial} "
-                              "workers; give each trial at least 0.1 CPU per worker")
-        per_worker = worker_cpus(cfg)
-        slots = sum(int(c // per_worker) for c in node_cpus)
-        if slots < t.workers_per_trial or t.cpus_per_trial > sum(node_cpus):
-            raise ConfigError(f"tune.workers_per_trial={t.workers_per_trial} workers of {per_worker:.3g} CPUs "
-                              f"(tune.cpus_per_trial={t.cpus_per_trial:g}) do not fit on this cluster's nodes "
-                              f"({', '.join(f'{c:g}' for c in node_cpus)} CPUs): no trial can ever start. "
-                              "Lower tune.workers_per_trial or tune.cpus_per_trial")
-        fits = max(1, int(sum(node_cpus) // t.cpus_per_trial))
-    return min(fits, t.max_concurrent_trials, t.num_samples)
-
-
-EPOCHS = "epochs_done"
-"""The schedulers' clock: epochs a trial has trained, reported with each epoch's metrics. Not Tune's
-training_iteration, which restarts when a multi-worker trial resumes from its Train job's own checkpoint."""
-
-TRIAL_DRIVER_CPU = 0.01
-"""A multi-worker trial is a small driver plus its Train workers, whose bundles are separate (RAY_NOTES §6):
-the driver takes this much of tune.cpus_per_trial so that the whole trial holds exactly cpus_per_trial."""
-
-
-def worker_cpus(cfg: Config) -> float:
-    """CPUs of each Train worker of a multi-worker trial: its share of cpus_per_trial, less the driver's."""
-    return (cfg.tune.cpus_per_trial - TRIAL_DRIVER_CPU) / cfg.tune.workers_per_trial
 
 
 def build_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
@@ -170,76 +65,6 @@ def check_space(cfg: Config) -> None:
         (dist, args), = spec.items()
         for value in (args if dist in ("choice", "grid") else args[:1]):
             apply_overrides(cfg, {key: value}, source=f"tune.space.{key}")
-
-
-def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, in_features: int,
-               num_classes: int) -> None:
-    """One Tune trial: the same epoch loop as a Train worker, on one process, reporting to Tune.
-
-    Each epoch saves a checkpoint, so PBT can clone a trial, HyperBand can pause one, and a restarted trial
-    resumes where it stopped.
-    """
-    from ray import tune
-
-    cfg = apply_overrides(base, trial_config, source="tune trial")
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only Ray Data blocks
-    torch.manual_seed(cfg.train.seed)
-    torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))  # trials run side by side
-    model = build_model(cfg.model, in_features, num_classes)
-    optimizer = make_optimizer(cfg, model)
-    start = 0
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # PBT may have perturbed these since the checkpoint
-            group["lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
-        start = state["epoch"] + 1
-    for epoch in range(start, cfg.train.epochs):
-        metrics = run_epoch(model, optimizer, iter_batches(train_ds, cfg.train.batch_size, cfg.train.seed + epoch),
-                            iter_batches(val_ds, 512))
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                       Path(tmp) / CHECKPOINT_FILE)
-            tune.report({**metrics, "epoch": epoch, EPOCHS: epoch + 1, "reported_at_s": time.time()},
-                        checkpoint=tune.Checkpoint.from_directory(tmp))
-
-
-def tune_trial_ddp(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, in_features: int,
-                   num_classes: int) -> None:
-    """A trial that is a Ray Train job of tune.workers_per_trial data-parallel workers; rank 0's reports reach
-    Tune through TuneReportCallback (RAY_NOTES §6), with the path of the job's checkpoint (`checkpoint_path`)."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from shipyard.train import make_trainer
-
-    cfg = apply_overrides(base, trial_config, source="tune trial")
-    ctx = tune.get_context()
-    # the trial's folder in the search's storage (get_trial_dir() is a node-local staging copy): a resumed trial
-    # finds its Train run there, and Train resumes a run of the same name and storage from its last checkpoint
-    storage = Path(cfg.storage_dir) / ctx.get_experiment_name() / Path(ctx.get_trial_dir()).name
-    trainer = make_trainer(cfg, {"train": train_ds, "val": val_ds}, in_features, num_classes, "train",
-                           storage_path=str(storage), num_workers=cfg.tune.workers_per_trial,
-                           cpus_per_worker=worker_cpus(cfg), callbacks=[TuneReportCallback()], quiet=True)
-    trainer.fit()
-    _wait_for_last_report()
-
-
-def _wait_for_last_report(timeout_s: float = 30.0) -> None:
-    """TuneReportCallback hands rank 0's reports to the trial through a queue of one (a private Ray API, as is
-    this read of it). If the trial function returned as soon as the Train run did, Tune would end the trial before
-    it read the last report, and the trial's status came out one epoch short (seen on Ray 2.60). So stay until
-    Tune, having read it, stops the trial (the `stop` rule at train.epochs, or the scheduler)."""
-    from ray.train._internal.session import get_session
-
-    q = getattr(get_session(), "_inter_actor_queue", None)
-    deadline = time.time() + timeout_s
-    while q is not None and not q.empty() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(max(0.0, min(10.0, deadline - time.time())))  # Tune stops the trial within this
 
 
 def _progress_callback(cfg: Config, total: int, schedule: Schedule):
@@ -310,31 +135,6 @@ def _search_alg(cfg: Config, at_once: int):
         at_once = 0
     # the generator caps concurrency itself: Tune ignores max_concurrent_trials next to a SearchGenerator
     return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=at_once)
-
-
-def explain_schedule(cfg: Config) -> Schedule:
-    """Log which epochs the scheduler judges trials at, before the search starts."""
-    t, max_t = cfg.tune, cfg.train.epochs
-    if t.scheduler == "asha":
-        rungs = asha_rungs(max_t, min(t.grace_period, max_t), t.reduction_factor)
-        log.info("ASHA: max_t %d epochs, grace_period %d, reduction_factor %g -> rungs at epochs %s: at each rung "
-                 "a trial goes on only if it is in the top 1/%g of the trials that reached it", max_t,
-                 t.grace_period, t.reduction_factor, rungs, t.reduction_factor)
-        return Schedule(max_t, rungs)
-    if t.scheduler == "hyperband":
-        brackets = hyperband_brackets(max_t, t.reduction_factor)
-        first = 1
-        for i, (n, halvings, last) in enumerate(brackets, 1):
-            log.info("HyperBand bracket %d: trials %d-%d, halved at epochs %s (the top 1/%g go on), its last "
-                     "trials stop at epoch %d", i, first, first + n - 1, halvings or "never", t.reduction_factor, last)
-            first += n
-        log.info("HyperBand pauses a trial at a rung until its bracket has caught up: running trials are limited "
-                 "by CPUs (tune.cpus_per_trial), not by tune.max_concurrent_trials")
-        return Schedule(max_t, sorted({h for _, hs, _ in brackets for h in hs}),
-                        tuple(sorted({last for _, _, last in brackets if last < max_t})))
-    log.info("scheduler %s over %d epochs%s", t.scheduler, max_t,
-             f", perturbing every {t.perturbation_interval} epochs" if t.scheduler == "pbt" else "")
-    return Schedule(max_t, [])
 
 
 def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedule: Schedule, pbt: bool):

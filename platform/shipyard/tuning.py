@@ -110,8 +110,8 @@ def _scheduler(cfg: Config, space: dict[str, Any]):
 
     t = cfg.tune
     if t.scheduler == "asha":
-        return ASHAScheduler(time_attr=EPOCHS, max_t=cfg.train.epochs, grace_period=min(t.grace_period, cfg.train.epochs),
-                             reduction_factor=t.reduction_factor)
+        return ASHAScheduler(time_attr=EPOCHS, max_t=cfg.train.epochs,
+                             grace_period=min(t.grace_period, cfg.train.epochs), reduction_factor=t.reduction_factor)
     if t.scheduler == "hyperband":
         return HyperBandScheduler(time_attr=EPOCHS, max_t=cfg.train.epochs, reduction_factor=t.reduction_factor)
     if t.scheduler == "pbt":

@@ -40,7 +40,7 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_local, workd
         seen.append(line)
         if f"shipyard.tuning: trial 1/{n}" in line:
             finished = line.split(f"trial 1/{n} ")[1].split(":")[0]
-            time.sleep(2.5)  # past Tune's next experiment snapshot (TUNE_GLOBAL_CHECKPOINT_S=1), which records it
+            time.sleep(4.0)  # past Tune's next experiment snapshot (TUNE_GLOBAL_CHECKPOINT_S=1), which records it
             break
         assert time.time() < deadline, "no trial finished in 300 s:\n" + "".join(seen[-30:])
     first.send_signal(signal.SIGKILL)

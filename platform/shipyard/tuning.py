@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 import tempfile
 import time
 from dataclasses import dataclass
@@ -170,8 +171,8 @@ def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedu
             status = schedule.status((trial.last_result or {}).get(EPOCHS, 0), failed)
             run_id = self._trial_runs[trial]
             self.mlflow_util._get_client().set_tag(run_id, "shipyard.trial_status", status)
-            super().log_trial_end(trial, failed)
-            if status.startswith("stopped"):
+            super().log_trial_end(trial, failed)  # FINISHED, or FAILED when errored
+            if _run_status(status) == "KILLED":
                 self.mlflow_util._get_client().set_terminated(run_id, status="KILLED")
 
     return TrialRunLogger(tracking_uri=tracking_uri, experiment_name=experiment, save_artifact=False,
@@ -251,12 +252,9 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     if schedule.rungs:
         counts = rung_counts([h.epochs[-1] if h.epochs else 0 for h in histories], schedule.rungs, schedule.max_t)
         log.info("trials reaching each rung (epoch: trials): %s", counts)
-    summary: dict[str, int] = {}
-    for h in histories:
-        key = h.status.split(" (")[0]
-        summary[key] = summary.get(key, 0) + 1
+    summary = dict(Counter(h.status.split(" (")[0] for h in histories))  # "stopped at rung 2 (epoch 9)" -> rung
     _settle_trial_runs(tracking_uri, parent_run_id, histories)
-    _log_plots(cfg, histories, schedule.rungs, tracking_uri, parent_run_id, kept, disk_mb)
+    _log_search_outputs(cfg, histories, schedule.rungs, tracking_uri, parent_run_id, kept, disk_mb)
     overrides = {k: best.config[k] for k in cfg.tune.space}
     return SearchSummary(overrides, float(best.metrics[cfg.tune.metric]), len(results), summary, histories,
                          fit_s, best_checkpoint, kept, disk_mb, results.experiment_path)
@@ -271,14 +269,20 @@ def _histories(cfg: Config, results, schedule: Schedule, started: float) -> list
     t0 = min([started, *stamps])
     for r, df in zip(results, frames):
         rows = df if df is not None and cfg.tune.metric in getattr(df, "columns", []) else None
-        epochs = rows[EPOCHS].astype(int).tolist() if rows is not None else []
-        elapsed = ((rows["reported_at_s"] if "reported_at_s" in rows else rows["timestamp"]) - t0).tolist() \
-            if rows is not None else []
+        epochs, elapsed = [], []
+        if rows is not None:  # Train-job trials report no reported_at_s: Tune's whole-second timestamp then
+            epochs = rows[EPOCHS].astype(int).tolist()
+            elapsed = (rows["reported_at_s" if "reported_at_s" in rows else "timestamp"] - t0).tolist()
         status = schedule.status(epochs[-1] if epochs else 0, r.error is not None)
         out.append(TrialHistory(str((r.metrics or {}).get("trial_id", Path(r.path).name)),
                                 {k: r.config.get(k) for k in cfg.tune.space}, status, epochs,
                                 rows[cfg.tune.metric].astype(float).tolist() if rows is not None else [], elapsed))
     return out
+
+
+def _run_status(trial_status: str) -> str:
+    """The MLflow run status of a trial's outcome: stopped early is KILLED."""
+    return {"completed": "FINISHED", "errored": "FAILED"}.get(trial_status, "KILLED")
 
 
 def _settle_trial_runs(tracking_uri: str, parent_run_id: str, histories: list[TrialHistory]) -> None:
@@ -300,12 +304,12 @@ def _settle_trial_runs(tracking_uri: str, parent_run_id: str, histories: list[Tr
             continue
         if run.data.tags.get("shipyard.trial_status") != history.status:
             client.set_tag(run.info.run_id, "shipyard.trial_status", history.status)
-            client.set_terminated(run.info.run_id, status={"completed": "FINISHED", "errored": "FAILED"}.get(
-                history.status, "KILLED"))
+            client.set_terminated(run.info.run_id, status=_run_status(history.status))
 
 
-def _log_plots(cfg: Config, histories: list[TrialHistory], rungs: list[int], tracking_uri: str, run_id: str,
-               kept: int, disk_mb: float) -> None:
+def _log_search_outputs(cfg: Config, histories: list[TrialHistory], rungs: list[int], tracking_uri: str,
+                        run_id: str, kept: int, disk_mb: float) -> None:
+    """Onto the search run: the checkpoint disk report and the PNG plots (learning curves, objective per param)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)

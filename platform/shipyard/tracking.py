@@ -16,10 +16,10 @@ import numpy as np
 from shipyard.config import PROJECT_ROOT, Config
 from shipyard.errors import ConfigError, TrackingError
 from shipyard.promotion import Decision, decide
+from shipyard.registry import champion_version, set_champion
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -145,15 +145,6 @@ def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any], fea
     return version
 
 
-def champion_version(name: str) -> str | None:
-    import mlflow
-
-    try:
-        return str(mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
-    except mlflow.exceptions.MlflowException:
-        return None
-
-
 def score_version(name: str, version: str, x: np.ndarray, y: np.ndarray) -> float | None:
     """Accuracy of a registered version on (x, y); None if it cannot take this data (other features)."""
     import mlflow
@@ -193,9 +184,10 @@ def promote_if_better(name: str, version: str, candidate_accuracy: float, x_test
                 log.warning("champion v%s was trained with another %s (%s, now %s): the comparison may favour it",
                             current, key, theirs.get(key), mine.get(key))
     decision = decide(candidate_accuracy, champion_acc)
-    client.set_model_version_tag(name, version, "shipyard.promotion", decision.reason)
     if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        set_champion(name, version, decision.reason)
+    else:
+        client.set_model_version_tag(name, version, "shipyard.promotion", decision.reason)
     return decision, champion_acc
 
 

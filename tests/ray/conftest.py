@@ -17,6 +17,9 @@ os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 def ray_local():
     import ray
 
+    from shipyard.endpoint import enable_fast_ingress
+
+    enable_fast_ingress()  # Serve through HAProxy, as the pipeline does: read when Ray starts
     # keep the dashboard: Train V2 needs it to free stopped trials (RAY_NOTES §6); loopback only
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port())
     raylet = our_raylet_pid()

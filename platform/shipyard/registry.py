@@ -1,0 +1,155 @@
+"""The MLflow model registry as the endpoint sees it: model URIs, loading a version for serving,
+and the `champion` alias with its history (for `shipyard promote` and `shipyard rollback`).
+
+MLflow keeps only where an alias points now, not where it pointed; the history of champions is kept
+as a JSON list in the registered model's tag `shipyard.champion_history`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shipyard.errors import ServingError
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+HISTORY_TAG = "shipyard.champion_history"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """`models:/name@alias` or `models:/name/3`, parsed."""
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, uri: str) -> ModelRef:
+        rest = uri[len("models:/"):] if uri.startswith("models:/") else None
+        if not rest or rest.startswith(("/", "@")):
+            raise ServingError(f"model must be a registry URI models:/<name>@<alias> or models:/<name>/<version> "
+                               f"(e.g. models:/digits@champion), got {uri!r}")
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return cls(name, alias=alias)
+        name, _, version = rest.partition("/")
+        if not version.isdigit():
+            raise ServingError(f"{uri!r}: the version after the model name must be a number, e.g. models:/{name}/3")
+        return cls(name, version=version)
+
+    def resolve(self) -> str:
+        """The version number this reference points at now."""
+        if self.version is not None:
+            return self.version
+        import mlflow
+
+        try:
+            return str(mlflow.MlflowClient().get_model_version_by_alias(self.name, self.alias).version)
+        except mlflow.exceptions.MlflowException as err:
+            raise ServingError(f"registered model {self.name!r} has no alias {self.alias!r} in the registry at "
+                               f"{mlflow.get_registry_uri()}: {err.message}") from err
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One registered version, loaded, with the request schema taken from its MLflow signature."""
+    name: str
+    version: str
+    model: Any
+    num_features: int
+    dtype: np.dtype
+    classes: list[Any] | None
+    feature_names: list[str] | None
+
+    def classify(self, x: np.ndarray) -> list[Any]:
+        import torch
+
+        with torch.no_grad():
+            idx = self.model(torch.from_numpy(x)).argmax(1).tolist()
+        return [self.classes[i] for i in idx] if self.classes else idx
+
+    def schema(self) -> dict[str, Any]:
+        return {"features": self.num_features, "dtype": str(self.dtype), "feature_names": self.feature_names}
+
+
+def load(name: str, version: str) -> ServedModel:
+    """Load `models:/name/version` (torch.export weights and graph: no pickle is unpickled) and its schema."""
+    import mlflow
+
+    uri = f"models:/{name}/{version}"
+    info = mlflow.models.get_model_info(uri)
+    spec = info.signature.inputs.to_dict()[0] if info.signature else {}
+    tensor = spec.get("tensor-spec")
+    if not tensor or len(tensor.get("shape") or ()) != 2:
+        raise ServingError(f"{uri} has no 2-D tensor signature ({spec or 'no signature'}); Shipyard serves models "
+                           "logged by its pipeline (shipyard.tracking.log_model), whose signature is [-1, features]")
+    meta = info.metadata or {}
+    model = mlflow.pytorch.load_model(uri)
+    return ServedModel(name, version, model, int(tensor["shape"][1]), np.dtype(tensor["dtype"]),
+                       meta.get("classes"), meta.get("feature_names"))
+
+
+# -- the champion alias and its history ---------------------------------------------------------------
+
+def champion_version(name: str) -> str | None:
+    import mlflow
+
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def champion_history(name: str) -> list[str]:
+    import mlflow
+
+    tags = mlflow.MlflowClient().get_registered_model(name).tags
+    return json.loads(tags.get(HISTORY_TAG, "[]"))
+
+
+def set_champion(name: str, version: str, reason: str) -> str | None:
+    """Point `champion` at `version`, append it to the history; returns the version it pointed at before.
+
+    A running endpoint serving `models:/name@champion` notices within its `refresh_s` and swaps in place.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.get_model_version(name, version)  # raises with MLflow's own message when it does not exist
+    before = champion_version(name)
+    history = champion_history(name)
+    if before is not None and (not history or history[-1] != before):
+        history.append(before)  # an alias moved by hand or by an older Shipyard
+    if not history or history[-1] != version:
+        history.append(version)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-50:]))
+    client.set_model_version_tag(name, version, "shipyard.promotion", reason)
+    log.info("%s: champion v%s -> v%s (%s)", name, before, version, reason)
+    return before
+
+
+def rollback(name: str) -> tuple[str, str]:
+    """Put the previous champion back; returns (from_version, to_version)."""
+    import mlflow
+
+    current = champion_version(name)
+    history = champion_history(name)
+    if current is not None and history and history[-1] != current:
+        history.append(current)  # the alias was moved outside Shipyard: roll back from where it is now
+    if len(history) < 2:
+        raise ServingError(f"no previous champion of {name!r} is recorded (history {history}); pick a version "
+                           f"with `shipyard promote {name} <version>`")
+    history.pop()
+    previous = history[-1]
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    client.set_model_version_tag(name, previous, "shipyard.promotion", f"rolled back from v{current}")
+    log.info("%s: champion rolled back v%s -> v%s", name, current, previous)
+    return str(current), previous

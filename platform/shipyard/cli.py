@@ -1,6 +1,8 @@
 """The `shipyard` command (also `python -m shipyard`).
 
     shipyard run pipelines/configs/digits.yaml train.lr=0.01 tune.num_samples=4 --summary-json out.json
+    shipyard promote digits 3        # champion -> v3, by hand
+    shipyard rollback digits         # champion -> the one before
 """
 from __future__ import annotations
 
@@ -98,10 +100,12 @@ def pipeline_main(default_config: Path, argv: list[str] | None = None, descripti
 def _resume_is_not_an_override(args: argparse.Namespace) -> argparse.Namespace:
     """`--resume train.lr=0.01` or `--resume my.yaml`: argparse takes the argument for the optional run name;
     give it back (a config file goes first, where `pipeline_main` looks for it)."""
-    if args.resume and "=" in args.resume:
+    if getattr(args, "resume", None) is None:
+        return args
+    if "=" in args.resume:
         args.overrides.append(args.resume)
         args.resume = "latest"
-    elif args.resume and args.resume.endswith((".yaml", ".yml")):
+    elif args.resume.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.resume)
         args.resume = "latest"
     return args
@@ -123,11 +127,46 @@ def main(argv: list[str] | None = None) -> int:
     run_p = sub.add_parser("run", help="run a pipeline from a YAML config",
                            description="Run data -> tune -> train -> register -> serve from a YAML config.")
     _add_run_args(run_p, config_required=True)
+    promote_p = sub.add_parser("promote", help="point a model's champion alias at a version",
+                               description="Move `champion` to VERSION by hand (no accuracy gate); a running "
+                                           "endpoint on models:/NAME@champion swaps to it in place.")
+    promote_p.add_argument("name", help="registered model name, e.g. digits")
+    promote_p.add_argument("version", help="version number to make champion")
+    rollback_p = sub.add_parser("rollback", help="put the previous champion back",
+                                description="Move `champion` back to the version it pointed at before.")
+    rollback_p.add_argument("name", help="registered model name, e.g. digits")
+    for q in (promote_p, rollback_p):
+        q.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else the project's "
+                            "sqlite file, as the pipeline uses)")
     args = _resume_is_not_an_override(p.parse_args(argv))
     if args.command == "run":
         return _guard(lambda: run_pipeline(args.config, args.overrides, args.address, args.summary_json,
                                            args.keep_serving, args.resume))
-    return 1
+    return _guard(lambda: move_champion(args))
+
+
+def move_champion(args: argparse.Namespace) -> None:
+    import os
+
+    import mlflow
+
+    from shipyard import registry
+    from shipyard.config import load_config
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or load_config(None, {}).tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        if args.command == "promote":
+            before = registry.set_champion(args.name, args.version, "promoted by hand (shipyard promote)")
+            moved = (before, args.version)
+        else:
+            moved = registry.rollback(args.name)
+    except mlflow.exceptions.MlflowException as err:
+        raise PlatformError(f"{args.command} {args.name}: {err.message} (registry {uri})") from None
+    print(f"{args.name}: champion v{moved[0]} -> v{moved[1]}; endpoints serving models:/{args.name}@champion "
+          "swap to it in place within their refresh_s (default 2 s)")
 
 
 if __name__ == "__main__":

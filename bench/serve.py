@@ -19,8 +19,9 @@ loopback, one digits row per request, at 1, 8 and 32 connections for --seconds e
 wrk's own CPU (its rusage, as a child of this process) is reported per run as cores used, to show it is not
 the bottleneck. Shipyard's best configuration for a model is the batching variant with the most requests/s at
 32 connections; ratios at 32 connections are to (c) and (d). Then that configuration, on the tiny model, is
-driven at half its maximum with 32 connections paced by wrk's Lua `delay()` (calibrated until the achieved
-rate is within 10 % of the target) and its p99 latency reported. Last line: one JSON object.
+driven at half its maximum with 32 connections paced by wrk's Lua `delay()` (a random wait with an
+exponential distribution before each request, its mean calibrated until the achieved rate is within 10 % of
+the target) and its p99 latency reported. Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -117,15 +118,15 @@ def parse_wrk(out: str, wrk_cores: float) -> WrkResult:
 
 
 def lua_script(path: Path, body: str, delay_ms: float | None = None) -> Path:
-    """A wrk script POSTing `body`; with `delay_ms`, each connection waits that long (dithered to whole ms,
-    which is all wrk takes) before each request."""
+    """A wrk script POSTing `body`; with `delay_ms`, each connection waits a random time with that mean before
+    each request (exponential: Poisson arrivals per connection, so the connections do not fire in lockstep;
+    dithered to the whole ms that wrk takes)."""
     assert "]==]" not in body
     lines = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"',
              f"wrk.body = [==[{body}]==]"]
     if delay_ms is not None:
-        whole, frac = int(delay_ms), delay_ms - int(delay_ms)
-        lines += ["function delay()", f"  if math.random() < {frac:.4f} then return {whole + 1} end",
-                  f"  return {whole}", "end"]
+        wait = f"-{delay_ms:.4f} * math.log(1 - math.random())"
+        lines += ["function delay()", f"  return math.floor({wait} + math.random())", "end"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -384,18 +385,20 @@ def bench_bare(model: dict, uri: str, tmp: Path, seconds: float, warmup_s: float
         return measure("bare", url, lua_script(tmp / "bare.lua", json.dumps(payload)), seconds, warmup_s)
 
 
-def bench_half_max(url: str, body: str, max_rps: float, tmp: Path, seconds: float, connections: int = 32,
-                   tries: int = 4) -> tuple[WrkResult, float]:
-    """Drive `url` at about max_rps / 2 with `connections` paced connections; returns (result, delay ms).
+def bench_half_max(url: str, body: str, max_rps: float, tmp: Path, seconds: float, first_latency_ms: float,
+                   connections: int = 32, tries: int = 5) -> tuple[WrkResult, float]:
+    """Drive `url` at about max_rps / 2 with `connections` paced connections; returns (result, mean delay ms).
 
     A connection's cycle is its request's latency plus the delay; the delay is re-fitted from each run's
-    achieved rate (cycle = connections / rate) until the rate is within HALF_MAX_TOLERANCE of the target.
+    achieved rate (cycle = connections / rate), kept inside the bracket of delays already seen to give too
+    much and too little, until the rate is within HALF_MAX_TOLERANCE of the target.
     """
     target = max_rps / 2
     cycle_ms = connections * 1000 / target
-    delay = max(0.0, cycle_ms - 2.0)  # first guess: a few ms of latency
+    delay = max(0.0, cycle_ms - first_latency_ms)
+    low, high = 0.0, cycle_ms  # delays known to give a rate above / below the target
     best: tuple[WrkResult, float] | None = None
-    for i in range(tries):
+    for _ in range(tries):
         r = run_wrk(url, lua_script(tmp / "half.lua", body, delay), connections, seconds)
         off = r.rps / target - 1
         print(f"  half max: delay {delay:.2f} ms -> {r.rps:.1f} req/s (target {target:.1f}, {off:+.1%}), "
@@ -405,8 +408,14 @@ def bench_half_max(url: str, body: str, max_rps: float, tmp: Path, seconds: floa
             best = (r, delay)
         if abs(off) <= HALF_MAX_TOLERANCE:
             break
+        if off > 0:
+            low = max(low, delay)
+        else:
+            high = min(high, delay)
         service_ms = connections * 1000 / r.rps - delay
-        delay = max(0.0, cycle_ms - service_ms)
+        delay = cycle_ms - service_ms
+        if not low < delay < high:
+            delay = (low + high) / 2
     return best
 
 
@@ -489,8 +498,11 @@ def main() -> None:
                   f"x{rps / ref_b:5.2f} vs bare{mark}")
         ratios[kind] = (results[kind][best[kind]][32].rps / ref_m, results[kind][best[kind]][32].rps / ref_b)
     half_result, half_delay = half
-    print(f"\nhalf max: {best['tiny']} on tiny at {half_result.rps:.1f} req/s (half of "
-          f"{results['tiny'][best['tiny']][32].rps:.1f}), 32 connections each waiting {half_delay:.2f} ms: "
+    half_target = results["tiny"][best["tiny"]][32].rps / 2
+    half_ok = abs(half_result.rps / half_target - 1) <= HALF_MAX_TOLERANCE
+    print(f"\nhalf max: {best['tiny']} on tiny at {half_result.rps:.1f} req/s (target {half_target:.1f}, "
+          f"{'within' if half_ok else 'NOT within'} {HALF_MAX_TOLERANCE:.0%}), 32 connections waiting "
+          f"{half_delay:.2f} ms on average between requests: "
           f"p50 {half_result.p50_ms:.2f} ms, p99 {half_result.p99_ms:.2f} ms")
     flagged = [f"{kind}/{server}/c={c}" for kind in results for server, by_c in results[kind].items()
                for c, r in by_c.items() if r.errors]
@@ -505,6 +517,7 @@ def main() -> None:
         "tiny_ratio_vs_bare": round(ratios["tiny"][1], 2),
         "heavy_ratio_vs_bare": round(ratios["heavy"][1], 2),
         "p99_ms_at_half_max": round(half_result.p99_ms, 2), "half_max_rps": round(half_result.rps, 2),
+        "half_max_target_rps": round(half_target, 2), "half_max_within_tolerance": half_ok,
         "rps": {kind: {server: {str(c): round(r.rps, 2) for c, r in results[kind][server].items()}
                        for server in SERVERS if server in results[kind]} for kind in results},
         "best": best, "seconds": seconds, "wrk_max_cores": round(wrk_max, 2), "errors": flagged,
@@ -543,7 +556,8 @@ def run_shipyard(models: dict, variants: list[str], uri: str, tmp: Path, seconds
             wait_for_prediction(url, payload, lambda a: a["predictions"][0], tiny["label"], 60)
             run_wrk(url, lua_script(tmp / "warm.lua", json.dumps(payload)), 8, warmup_s)
             print(f"\nhalf max ({variant} on tiny, 32 paced connections):", flush=True)
-            half = bench_half_max(url, json.dumps(payload), results["tiny"][variant][32].rps, tmp, seconds)
+            half = bench_half_max(url, json.dumps(payload), results["tiny"][variant][32].rps, tmp, seconds,
+                                  results["tiny"][variant][8].p50_ms)
         finally:
             serve.delete("bench-half")
         return half, best

@@ -2,10 +2,13 @@
 
 Three small versions of one registered model; each test deploys its own Serve app on one Serve instance.
 """
+import contextlib
 import os
+import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -20,7 +23,7 @@ from shipyard.cli import main as shipyard_main
 from shipyard.config import load_config
 from shipyard.endpoint import build_app
 from shipyard.models import mlp
-from tests.helpers import free_port
+from tests.helpers import free_port, raylet_processes
 
 pytestmark = pytest.mark.ray
 ROW = {"instances": [[0.1, 0.2, 0.3, 0.4]]}
@@ -101,7 +104,8 @@ class Load:
 def wait_for_version(url, version, timeout_s=30.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if requests.get(f"{url}/metadata", timeout=10).json()["model_version"] == version:
+        r = requests.get(f"{url}/metadata", timeout=10)  # 404 while a `serve deploy` is still starting the app
+        if r.status_code == 200 and r.json()["model_version"] == version:
             return
         time.sleep(0.2)
     raise AssertionError(f"{url} still serves {requests.get(f'{url}/metadata', timeout=10).json()}")
@@ -260,3 +264,106 @@ def test_every_port_of_the_fast_ingress_listens_on_loopback(deploy):
     assert ("127.0.0.1", port) in listening
     assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
     assert len(listening) >= 3  # the Serve port, stats, Prometheus
+
+
+def test_serve_deploy_reconfigures_in_place_or_rolls_without_a_failed_request(ray_local, registry_uri):
+    """`serve deploy serving/config.yaml` (this test's registry and port): a new `model` in the deployment's
+    user_config swaps the running replica in place; changed `args` roll it (new replica up before the old one
+    stops). Under steady load, no request fails in either."""
+    import subprocess
+
+    import yaml
+    from ray import serve
+
+    uri, base = registry_uri
+    config = yaml.safe_load(Path("serving/config.yaml").read_text())
+    config["http_options"]["port"] = int(base.rsplit(":", 1)[1])
+    app = config["applications"][0]
+    app.update(name="declared", route_prefix="/declared")
+    app["args"].update(model="models:/svc/1", tracking_uri=uri)
+    app["deployments"][0]["user_config"]["model"] = "models:/svc/1"
+    dashboard = "http://" + ray_local._private.worker.get_dashboard_url()
+    tmp = Path(uri.removeprefix("sqlite:///")).parent
+    url = f"{base}/declared"
+
+    def deploy(step: int) -> None:
+        path = tmp / f"serve_{step}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        subprocess.run([str(Path(sys.executable).with_name("serve")), "deploy", str(path), "-a", dashboard],
+                       check=True, env={**os.environ, "RAY_AUTH_MODE": "token"}, timeout=120)
+
+    def replica() -> str:
+        return requests.get(f"{url}/metadata", timeout=10).json()["replica"]
+
+    try:
+        deploy(1)
+        wait_for_version(url, "1", timeout_s=90)
+        first = replica()
+        with Load(url) as in_place:
+            time.sleep(2)
+            app["deployments"][0]["user_config"]["model"] = "models:/svc/2"
+            deploy(2)
+            wait_for_version(url, "2", timeout_s=60)
+            time.sleep(2)
+        assert replica() == first  # reconfigured, not replaced
+        with Load(url) as rolled:
+            time.sleep(2)
+            app["args"]["max_instances"] = 512
+            deploy(3)
+            deadline = time.monotonic() + 90
+            while replica() == first and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(2)
+        assert replica() != first
+        for load in (in_place, rolled):
+            assert load.failed() == [], load.failed()[:5]
+        assert [v for _, _, v in in_place.answers][0] == "1" and {v for _, _, v in in_place.answers} == {"1", "2"}
+        assert {v for _, _, v in rolled.answers} == {"2"}
+    finally:
+        serve.delete("declared")
+
+
+def test_serve_run_cli_serves_the_registry_model_through_fast_ingress(registry_uri, tmp_path):
+    """`serve run serving.app:build_app model=... tracking_uri=...` from a fresh shell: its own local Ray, fast
+    ingress switched on by serving/app.py, loopback port 8000 (Serve's default); Ctrl-C stops it all."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    uri, _ = registry_uri
+    if any(c.laddr.port == 8000 for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN):
+        pytest.skip("port 8000 (Serve's default for `serve run`) is taken on this machine")
+    env = {k: v for k, v in os.environ.items()  # a fresh shell: none of this test session's Ray settings
+           if not k.startswith(("RAY_SERVE_", "SHIPYARD_HAPROXY", "RAY_ADDRESS"))}
+    log = (tmp_path / "serve_run.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", "serving.app:build_app",
+                             "model=models:/svc@champion", f"tracking_uri={uri}"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, answer = time.monotonic() + 120, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                answer = requests.post("http://127.0.0.1:8000/predict", json=ROW, timeout=5)
+                if answer.status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        assert answer is not None and answer.status_code == 200, (tmp_path / "serve_run.log").read_text()[-3000:]
+        assert answer.json()["model_version"] == "1"
+        listeners = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == 8000]
+        assert [psutil.Process(c.pid).name() for c in listeners] == ["haproxy"]
+        assert listeners[0].laddr.ip == "127.0.0.1"
+    finally:
+        family = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))] \
+            if proc.poll() is None else [proc.pid]
+        raylets = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).name() == "raylet"]
+        ray_procs = set(family) | {pid for r in raylets for pid in raylet_processes(r)}
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: serve run shuts Serve and its Ray down
+        try:
+            proc.wait(timeout=60)
+        finally:
+            for pid in ray_procs:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    psutil.Process(pid).kill()

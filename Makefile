@@ -1,7 +1,7 @@
 # The two README commands:  `make digits`  and  `make test`  (each installs first; install is idempotent).
 PY := .venv/bin/python
 
-.PHONY: install digits test test-unit clean
+.PHONY: install digits test test-unit bench-serve clean
 
 install: .venv/.installed
 
@@ -19,6 +19,11 @@ test: install
 
 test-unit: install
 	$(PY) -m pytest tests/unit -q
+
+# The serving benchmark needs wrk, a load generator in C (Debian package `wrk`).
+bench-serve: install
+	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf .shipyard .pytest_cache

@@ -201,8 +201,7 @@ class Predictor:
                 with self._lock:
                     self._sync()
             except Exception as err:  # registry unreachable, version deleted: keep serving what is loaded
-                log.warning("could not refresh the served model (still serving v%s): %s", self._slots[0].version,
-                            err)
+                log.warning("could not refresh the served model (still serving %s): %s", self._slots[0], err)
 
     def check_health(self) -> None:
         if self._slots[0] is None:
@@ -294,6 +293,26 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return Predictor.options(**options).bind(
         tracking_uri=a.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), max_instances=a.max_instances,
         max_body_bytes=a.max_body_bytes, api_key_sha256=key_hash)
+
+
+def wait_until_routed(url: str, timeout_s: float = 30.0, in_a_row: int = 5) -> None:
+    """Wait until `url`/healthz answers 200 `in_a_row` times on fresh connections.
+
+    `serve.run` returns when the replicas are up; behind HAProxy a new route then takes a moment to reach
+    every HAProxy process (a reload leaves the old one accepting briefly, with the old routes: 404).
+    """
+    import requests
+
+    deadline, streak = time.monotonic() + timeout_s, 0
+    while streak < in_a_row:
+        try:
+            ok = requests.get(f"{url}/healthz", timeout=5).status_code == 200
+        except requests.ConnectionError:
+            ok = False
+        streak = streak + 1 if ok else 0
+        if time.monotonic() > deadline:
+            raise ServingError(f"{url}/healthz did not answer 200 {in_a_row} times in a row within {timeout_s:.0f} s")
+        time.sleep(0.05 if ok else 0.2)
 
 
 def enable_fast_ingress() -> bool:

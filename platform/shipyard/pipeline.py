@@ -241,7 +241,7 @@ def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, 
     import requests
     from ray import serve
 
-    from shipyard.endpoint import build_app
+    from shipyard.endpoint import build_app, wait_until_routed
 
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     model_uri = f"models:/{cfg.model_name}@champion"
@@ -252,6 +252,7 @@ def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, 
                      "tracking_uri": cfg.tracking_uri})
     serve.run(app, name=cfg.name, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    wait_until_routed(url)
     x_test, y_test = data.to_numpy(splits.test)
     hint = ("a Serve instance that was already running on this cluster keeps its own HTTP host and port; "
             "set serve.host and serve.port to those")

@@ -9,7 +9,7 @@ import torch
 
 from shipyard import tracking
 from shipyard.config import load_config
-from shipyard.endpoint import build_app
+from shipyard.endpoint import build_app, wait_until_routed
 from shipyard.models import mlp
 from tests.helpers import free_port
 
@@ -38,6 +38,7 @@ def endpoint(ray_local, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": "models:/tiny@champion", "tracking_uri": cfg.tracking_uri,
                          "max_instances": 8}), name="tiny", route_prefix="/")
+    wait_until_routed(f"http://127.0.0.1:{port}")
     yield f"http://127.0.0.1:{port}", model, cfg.tracking_uri
     serve.shutdown()
 
@@ -114,6 +115,8 @@ def test_a_registered_version_can_be_served_by_number(ray_local, endpoint):
               route_prefix="/v1")
     serve.run(build_app({"model": "models:/tiny@champion", "tracking_uri": tracking_uri}), name="tiny-champion",
               route_prefix="/champion")
+    wait_until_routed(f"{url}/v1")
+    wait_until_routed(f"{url}/champion")
     try:
         ask = {"instances": [[0, 0, 0, 0]]}
         assert requests.post(f"{url}/v1/predict", json=ask, timeout=30).json()["model_version"] == "1"

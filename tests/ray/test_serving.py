@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, settings
 from shipyard import registry, tracking
 from shipyard.cli import main as shipyard_main
 from shipyard.config import load_config
-from shipyard.endpoint import build_app
+from shipyard.endpoint import build_app, wait_until_routed
 from shipyard.models import mlp
 from tests.helpers import free_port, raylet_processes
 
@@ -61,6 +61,7 @@ def deploy(registry_uri):
         serve.run(build_app({"model": "models:/svc@champion", "tracking_uri": uri, **args}), name=name,
                   route_prefix=f"/{name}")
         names.append(name)
+        wait_until_routed(f"{base}/{name}")
         return f"{base}/{name}"
 
     yield _deploy
@@ -293,11 +294,14 @@ def test_serve_deploy_reconfigures_in_place_or_rolls_without_a_failed_request(ra
                        check=True, env={**os.environ, "RAY_AUTH_MODE": "token"}, timeout=120)
 
     def replica() -> str:
-        return requests.get(f"{url}/metadata", timeout=10).json()["replica"]
+        r = requests.get(f"{url}/metadata", timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()["replica"]
 
     try:
         deploy(1)
         wait_for_version(url, "1", timeout_s=90)
+        wait_until_routed(url)
         first = replica()
         with Load(url) as in_place:
             time.sleep(2)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError
 from ray import serve
 
@@ -223,8 +223,18 @@ class Predictor:
                 out[i], start = labels[start:start + n], start + n
         return out
 
-    @app.post("/predict", response_model=PredictResponse)
-    async def predict(self, body: PredictRequest) -> dict[str, Any]:
+    # The body is parsed by pydantic-core straight from the bytes, and the answer written as bytes: FastAPI's
+    # own body dependency and response validation cost ~15 % of a tiny model's CPU per request (py-spy, c=32).
+    # The OpenAPI description is declared by hand from the same models.
+    @app.post("/predict", response_model=PredictResponse, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}})
+    async def predict(self, request: Request) -> Response:
+        try:
+            body = PredictRequest.model_validate_json(await request.body())
+        except ValidationError as err:
+            errors = err.errors(include_url=False, include_context=False, include_input=False)
+            detail = [{**e, "loc": ["body", *e["loc"]]} for e in errors]  # FastAPI's own 422 shape
+            return Response(json.dumps({"detail": detail}, default=str), 422, media_type="application/json")
         model = self._pick()
         rows = body.instances
         if len(rows) > self.max_instances:
@@ -243,7 +253,8 @@ class Predictor:
                                      f"takes {model.dtype} features")
         x = x.astype(model.dtype)
         labels = await self._predict_batch((model, x)) if self._batching else model.classify(x)
-        return {"predictions": labels, "model_version": model.version}
+        return Response(json.dumps({"predictions": labels, "model_version": model.version}),
+                        media_type="application/json")
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:

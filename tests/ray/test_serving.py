@@ -193,7 +193,7 @@ BAD_REQUESTS = [
     ("POST", "/predict", b'{"instances": [[1, 2, 3, 4]]', "application/json", 422),
     ("POST", "/predict", b"\xff\xfe\x00garbage", "application/json", 422),
     ("POST", "/predict", b"instances=1", "application/x-www-form-urlencoded", 422),
-    ("POST", "/predict", b'{"instances": [' + b"[" * 5000 + b"]" * 5000 + b"]}", "application/json", 400),
+    ("POST", "/predict", b'{"instances": [' + b"[" * 5000 + b"]" * 5000 + b"]}", "application/json", 422),
     ("GET", "/predict", b"", "application/json", 405),
     ("PUT", "/metadata", b"{}", "application/json", 405),
     ("POST", "/nowhere", b"{}", "application/json", 404),

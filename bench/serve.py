@@ -4,8 +4,9 @@
 
 Two models are trained here on sklearn's digits (a few seconds each, plain torch) and registered with
 `shipyard.tracking.log_model` in an MLflow sqlite store in a temp folder: *tiny*, the digits MLP
-64->128->128->10 (per-request overhead dominates), and *heavy*, a wide MLP 64->1024x3->10 (widened until one
-instance costs >= 0.5 ms on one thread, so batching pays). Each registered version is served in turn by
+64->128->128->10 (per-request overhead dominates), and *heavy*, a wide MLP of three hidden layers, 1024 wide
+to start with and widened (1280, 1536, ...) until one instance costs >= 0.5 ms on one thread, so batching pays
+(1536 on the 2-vCPU machine of BENCHMARKS.md). Each registered version is served in turn by
 
   (a) Shipyard (`shipyard.endpoint.build_app`, fast ingress through HAProxy) with `@serve.batch` at its
       defaults (max_batch_size 32, batch_wait_timeout_s 0.002), one replica and, as a variant, two;

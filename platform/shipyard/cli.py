@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--tracking-uri", default=None,
                        help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else the project's "
                             "sqlite file, as the pipeline uses)")
+    sub.add_parser("fast-ingress-env", help="print the environment for `ray start` with Serve's fast ingress",
+                   description="Print `export KEY=VALUE` lines that turn on Serve's HAProxy ingress (stats and "
+                               "metrics on loopback) for a Ray started after them: "
+                               'eval "$(shipyard fast-ingress-env)" && ray start ...')
     args = _resume_is_not_an_override(p.parse_args(argv))
+    if args.command == "fast-ingress-env":
+        from shipyard.endpoint import fast_ingress_env
+
+        print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in fast_ingress_env(free_ports=False).items()))
+        return 0
     if args.command == "run":
         return _guard(lambda: run_pipeline(args.config, args.overrides, args.address, args.summary_json,
                                            args.keep_serving, args.resume))

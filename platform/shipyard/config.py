@@ -162,7 +162,7 @@ class EndpointConfig(_Section):
     """How often each replica re-reads the aliases it serves; a moved alias is loaded and swapped in place
     (0 turns the watch off: then only a redeploy changes the model)."""
     access_log: bool = False
-    """Serve's per-request access log line: ~10 % of a tiny model's CPU per request on 2 cores."""
+    """Serve's per-request access log line: ~20 % fewer requests/s on a tiny model, 2 cores (BENCHMARKS.md)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> EndpointConfig:

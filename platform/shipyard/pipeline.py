@@ -259,9 +259,11 @@ def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, 
     headers = {"X-API-Key": os.environ[cfg.serve.api_key_env]} if cfg.serve.api_key_env else {}
     predictions: list[Any] = []
     served_version = None
-    for start in range(0, len(x_test), cfg.serve.max_instances):
+    # rows per request: within max_instances and, at ~25 bytes a number in JSON, within max_body_bytes
+    step = max(1, min(cfg.serve.max_instances, cfg.serve.max_body_bytes // (25 * x_test.shape[1])))
+    for start in range(0, len(x_test), step):
         try:
-            resp = requests.post(f"{url}/predict", json={"instances": x_test[start:start + cfg.serve.max_instances]
+            resp = requests.post(f"{url}/predict", json={"instances": x_test[start:start + step]
                                                          .tolist()}, headers=headers, timeout=60)
         except requests.ConnectionError as err:
             raise ServingError(f"nothing listens on {url}: {hint}") from err

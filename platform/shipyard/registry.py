@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -60,7 +60,7 @@ class ServedModel:
     """One registered version, loaded, with the request schema taken from its MLflow signature."""
     name: str
     version: str
-    model: Any
+    model: Any = field(repr=False)
     num_features: int
     dtype: np.dtype
     classes: list[Any] | None

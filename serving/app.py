@@ -6,7 +6,8 @@
 Importing this module asks a Ray that `serve run` starts next for fast ingress (HAProxy straight into the
 replicas); a running cluster decides that in its own start commands (see cluster.yaml).
 """
-from shipyard.endpoint import Predictor, build_app, enable_fast_ingress
+from shipyard.endpoint import Predictor, build_app
+from shipyard.ingress import enable_fast_ingress
 
 enable_fast_ingress()
 

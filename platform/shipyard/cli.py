@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                                'eval "$(shipyard fast-ingress-env)" && ray start ...')
     args = _resume_is_not_an_override(p.parse_args(argv))
     if args.command == "fast-ingress-env":
-        from shipyard.endpoint import fast_ingress_env
+        from shipyard.ingress import fast_ingress_env
 
         print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in fast_ingress_env(free_ports=False).items()))
         return 0

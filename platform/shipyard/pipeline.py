@@ -128,7 +128,7 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
     stages = Stages()
     with stages("ray", "starting or attaching to Ray"):
         if cfg.serve.enabled and cfg.serve.fast_ingress:
-            from shipyard.endpoint import enable_fast_ingress
+            from shipyard.ingress import enable_fast_ingress
 
             enable_fast_ingress()  # read when Serve's processes start: only a Ray started here takes it
         started_ray = init_ray(address)
@@ -241,7 +241,8 @@ def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, 
     import requests
     from ray import serve
 
-    from shipyard.endpoint import build_app, wait_until_routed
+    from shipyard.endpoint import build_app
+    from shipyard.ingress import wait_until_routed
 
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     model_uri = f"models:/{cfg.model_name}@champion"

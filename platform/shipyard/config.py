@@ -136,16 +136,33 @@ class AutoscalingConfig(_Section):
         return self
 
 
-class EndpointConfig(_Section):
+class InPlaceConfig(_Section):
+    """The endpoint's knobs a running replica takes in place (Serve's `user_config`: no restart)."""
+    max_batch_size: int = Field(32, ge=1)
+    """Most requests `@serve.batch` runs through the model at once; 1 turns batching off."""
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    """How long the first request of a batch waits for others: latency paid at low load for throughput at high."""
+    canary_model: str | None = None
+    """A challenger, `models:/<name>/<version>` or `models:/<name>@<alias>`, that answers `canary_share` of requests."""
+    canary_share: float = Field(0.0, ge=0, le=1)
+    refresh_s: float = Field(2.0, ge=0)
+    """How often each replica re-reads the aliases it serves; a moved alias is loaded and swapped in place
+    (0 turns the watch off: then only a redeploy changes the model)."""
+
+    @model_validator(mode="after")
+    def _canary_named(self) -> InPlaceConfig:
+        if self.canary_share > 0 and not self.canary_model:
+            raise ValueError(f"canary_share is {self.canary_share} but no canary_model is set; set "
+                             "canary_model=models:/<name>/<version>")
+        return self
+
+
+class EndpointConfig(InPlaceConfig):
     """What the Serve app itself takes: `build_app` arguments, `serve run ... key=value`, serving/config.yaml."""
     num_replicas: int = Field(1, ge=1)
     """Fixed replica count; ignored when `autoscaling` is set."""
     autoscaling: AutoscalingConfig | None = None
     cpus_per_replica: float = Field(0.5, gt=0)
-    max_batch_size: int = Field(32, ge=1)
-    """Most requests `@serve.batch` runs through the model at once; 1 turns batching off."""
-    batch_wait_timeout_s: float = Field(0.002, ge=0)
-    """How long the first request of a batch waits for others: latency paid at low load for throughput at high."""
     max_ongoing_requests: int = Field(64, ge=1)
     """Requests one replica holds at once; must be >= max_batch_size or batches never fill."""
     max_instances: int = Field(1024, ge=1)
@@ -155,23 +172,14 @@ class EndpointConfig(_Section):
     api_key_env: str | None = None
     """Name of an environment variable holding an API key: requests without `X-API-Key: <key>` get a 401.
     The key itself never goes into a config file or the Serve config (replicas get its SHA-256)."""
-    canary_model: str | None = None
-    """A challenger, `models:/<name>/<version>` or `models:/<name>@<alias>`, that answers `canary_share` of requests."""
-    canary_share: float = Field(0.0, ge=0, le=1)
-    refresh_s: float = Field(2.0, ge=0)
-    """How often each replica re-reads the aliases it serves; a moved alias is loaded and swapped in place
-    (0 turns the watch off: then only a redeploy changes the model)."""
     access_log: bool = False
     """Serve's per-request access log line: ~20 % fewer requests/s on a tiny model, 2 cores (BENCHMARKS.md)."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> EndpointConfig:
+    def _batches_can_fill(self) -> EndpointConfig:
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_batch_size "
                              f"({self.max_batch_size}): batches could never fill; raise it")
-        if self.canary_share > 0 and not self.canary_model:
-            raise ValueError(f"canary_share is {self.canary_share} but no canary_model is set; set "
-                             "canary_model=models:/<name>/<version>")
         return self
 
 

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError
 from ray import serve
 
-from shipyard.config import EndpointConfig, load_config
+from shipyard.config import EndpointConfig, InPlaceConfig, load_config
 from shipyard.errors import ServingError
 from shipyard.registry import ModelRef, ServedModel, load
 
@@ -57,21 +57,9 @@ class AppArgs(EndpointConfig):
     tracking_uri: str | None = None
 
 
-class UserConfig(BaseModel):
-    """What can change in place (`serve deploy` with a new user_config): no replica restarts."""
-    model_config = ConfigDict(extra="forbid")
+class UserConfig(InPlaceConfig):
+    """Serve's `user_config` for a replica: what it serves and the knobs it takes in place."""
     model: str
-    canary_model: str | None = None
-    canary_share: float = Field(0.0, ge=0, le=1)
-    refresh_s: float = Field(2.0, ge=0)
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.002, ge=0)
-
-    @model_validator(mode="after")
-    def _canary_named(self) -> "UserConfig":
-        if self.canary_share > 0 and not self.canary_model:
-            raise ValueError(f"canary_share is {self.canary_share} but no canary_model is set")
-        return self
 
 
 class _Guard:
@@ -145,8 +133,8 @@ app.add_middleware(_Guard)
 class Predictor:
     """Serves `user_config["model"]` (and a canary); the model is chosen per request, the batch per model."""
 
-    def __init__(self, tracking_uri: str | None = None, max_instances: int = 1024,
-                 max_body_bytes: int = 4 * 1024 * 1024, api_key_sha256: str | None = None):
+    def __init__(self, tracking_uri: str | None, max_instances: int, max_body_bytes: int,
+                 api_key_sha256: str | None):  # all from build_app (defaults: EndpointConfig)
         import mlflow
         import torch
 

@@ -288,7 +288,7 @@ class Predictor:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run serving.app:build_app model=models:/digits@champion [key=value]`
     and for `serve deploy serving/config.yaml` (its `args:`). Keys: `model`, `tracking_uri` (default
-    $MLFLOW_TRACKING_URI) and every field of `shipyard.config.EndpointConfig`."""
+    $MLFLOW_TRACKING_URI, else the project's sqlite file) and every field of `shipyard.config.EndpointConfig`."""
     try:
         a = AppArgs.model_validate(args)
     except ValidationError as err:

@@ -140,6 +140,38 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--tracking-uri", default=None,
                        help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else the project's "
                             "sqlite file, as the pipeline uses)")
+    plan_p = sub.add_parser("plan", help="predict step time, scaling and search time before running",
+                            description="Price a pipeline config on this machine (the profile `shipyard "
+                                        "calibrate` wrote) or on catalog hardware, without starting Ray: top layers "
+                                        "by time, step and epoch time, strong and weak scaling, a worker count, the "
+                                        "search's wall time, and a PNG of the scaling curve.")
+    plan_p.add_argument("config", help="YAML config file, e.g. pipelines/configs/digits.yaml")
+    plan_p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=256")
+    plan_p.add_argument("--hardware", default="local",
+                        help="local (the calibrated profile) or a catalog device: a100, h100, h200")
+    plan_p.add_argument("--nodes", default="1", help="node count or range, e.g. 4 or 1..8")
+    plan_p.add_argument("--gpus-per-node", type=int, default=None,
+                        help="workers per node (default: 8 for catalog GPUs, cores / scaling.cpus_per_worker locally)")
+    plan_p.add_argument("--interconnect", default=None,
+                        help="network between nodes for catalog hardware: ib-200, ib-400, eth-100, eth-25 "
+                             "(inside a node: the GPU's NVLink)")
+    plan_p.add_argument("--algorithm", default="ring", choices=["ring", "tree", "ps"],
+                        help="gradient all-reduce: ring (DDP's NCCL/gloo default), tree, ps (one parameter server)")
+    plan_p.add_argument("--dtype", default="fp32", choices=["fp32", "tf32", "bf16"],
+                        help="matmul precision on catalog GPUs (Shipyard trains in fp32)")
+    plan_p.add_argument("--profile", type=Path, default=None, help="hardware profile (default: plan.profile)")
+    plan_p.add_argument("--plot", type=Path, default=Path(".shipyard/plan.png"), metavar="PNG",
+                        help="where to write the scaling curve (default: .shipyard/plan.png)")
+    cal_p = sub.add_parser("calibrate", help="measure this machine (every Ray node) for shipyard plan",
+                           description="Measure compute per op class and the per-op overhead on every Ray node "
+                                       "(a Ray task each), and gloo all-reduce between two Ray workers; write the "
+                                       "hardware profile that `shipyard plan` and the pipeline read.")
+    cal_p.add_argument("--address", default=None,
+                       help="Ray cluster to measure (default: $RAY_ADDRESS, else a local Ray started here)")
+    cal_p.add_argument("--out", type=Path, default=None, help="profile path (default: plan.profile, "
+                                                              ".shipyard/hardware.json)")
+    cal_p.add_argument("--threads", type=int, default=1,
+                       help="torch threads per worker to measure with (= scaling.cpus_per_worker; default 1)")
     sub.add_parser("fast-ingress-env", help="print the environment for `ray start` with Serve's fast ingress",
                    description="Print `export KEY=VALUE` lines that turn on Serve's HAProxy ingress (stats and "
                                "metrics on loopback) for a Ray started after them: "
@@ -150,10 +182,54 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in fast_ingress_env(free_ports=False).items()))
         return 0
+    if args.command == "plan":
+        return _guard(lambda: plan_command(args))
+    if args.command == "calibrate":
+        return _guard(lambda: calibrate_command(args))
     if args.command == "run":
         return _guard(lambda: run_pipeline(args.config, args.overrides, args.address, args.summary_json,
                                            args.keep_serving, args.resume))
     return _guard(lambda: move_champion(args))
+
+
+def plan_command(args: argparse.Namespace) -> None:
+    import time
+
+    from shipyard.config import load_config, parse_overrides
+    from shipyard.planning import format_plan, make_plan, plot_scaling
+
+    started = time.perf_counter()
+    cfg = load_config(args.config, parse_overrides(args.overrides))
+    try:
+        plan = make_plan(cfg, args.hardware, args.nodes, args.gpus_per_node, args.interconnect, args.profile,
+                         args.algorithm, args.dtype)
+    except (KeyError, FileNotFoundError, ValueError) as err:
+        raise PlatformError(str(err).strip("'\"")) from None
+    print(format_plan(plan, cfg))
+    out = plot_scaling(plan, args.plot)
+    print(f"scaling curve written to {out} ({time.perf_counter() - started:.1f} s, no Ray started)")
+
+
+def calibrate_command(args: argparse.Namespace) -> None:
+    from shipyard.calibration import calibrate
+    from shipyard.config import load_config
+    from shipyard.pipeline import init_ray
+    from shipyard.planning import default_profile_path
+
+    out = args.out or default_profile_path(load_config(None, {}))
+    started = init_ray(args.address)
+    import ray
+
+    try:
+        profile = calibrate(out, threads=args.threads)
+    finally:
+        if started:
+            ray.shutdown()
+    d, link = profile.device, profile.interconnect
+    print(f"{out}: {len(profile.nodes)} node(s); slowest {d.name}: matmul up to {d.peak_tflops['fp32'] * 1e3:.1f} "
+          f"GFLOP/s, element-wise {d.mem_bandwidth_gbps:.1f} GB/s at 100 MB, {d.op_overhead_us:.2f} us per op "
+          f"({d.threads} thread(s)); all-reduce {link.name}: {link.latency_us:.1f} us + bytes / "
+          f"{link.bandwidth_gbps:.2f} GB/s")
 
 
 def move_champion(args: argparse.Namespace) -> None:

@@ -49,7 +49,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = "mlp"
-    """A built-in factory (`mlp`, `cnn`) or a user factory `package.module:function`."""
+    """A built-in factory (`mlp`, `cnn`, `transformer`) or a user factory `package.module:function`."""
     hidden: int = Field(128, ge=1)
     """Width of hidden layers (MLP units, CNN channels)."""
     depth: int = Field(2, ge=1)
@@ -121,6 +121,20 @@ class TrackingConfig(_Section):
     experiment: str = "shipyard"
     model_name: str | None = None
     """Registered model name; default: the pipeline's name (plus the data file's stem for data.path)."""
+
+
+class PlanConfig(_Section):
+    enabled: bool = True
+    """Predict step and epoch time before training (shipyard.perf), show an ETA, log predicted next to measured
+    step time per epoch, and warn when they differ by more than warn_off_by."""
+    hardware: str = "local"
+    """What the prediction prices: `local` (the calibrated profile of the Ray nodes' CPUs) or catalog hardware
+    for GPU workers (`a100`, `h100`, `h200`; `shipyard plan --help`)."""
+    profile: str = ".shipyard/hardware.json"
+    """The hardware profile `shipyard calibrate` writes; relative paths are under the project root. When it is
+    missing, the pipeline measures this machine first (~20 s) and writes it."""
+    warn_off_by: float = Field(0.25, gt=0)
+    """Warn (once per run) when the measured step time is off the prediction by more than this fraction."""
 
 
 class AutoscalingConfig(_Section):
@@ -204,6 +218,7 @@ class Config(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     storage_path: str = ".shipyard/ray_results"
     """Where Ray Train/Tune write checkpoints; relative paths are under the project root."""

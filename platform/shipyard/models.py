@@ -53,7 +53,37 @@ def cnn(in_features: int, num_classes: int, hidden: int = 32, depth: int = 2, dr
     return SmallCNN(in_features, num_classes, hidden, depth, dropout)
 
 
-BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
+class SmallTransformer(nn.Module):
+    """A transformer encoder over the features as a sequence of tokens: the rows of a square image (8x8
+    digits -> 8 tokens of 8 features), else one feature per token. Mean-pooled, then a linear head."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 64, depth: int = 2, dropout: float = 0.1,
+                 heads: int = 4):
+        super().__init__()
+        if hidden % heads:
+            raise ConfigError(f"model.name=transformer: model.hidden ({hidden}) must be a multiple of "
+                              f"model.options.heads ({heads})")
+        side = math.isqrt(in_features)
+        self.token_features = side if side * side == in_features else 1
+        tokens = in_features // self.token_features
+        self.embed = nn.Linear(self.token_features, hidden)
+        self.position = nn.Parameter(torch.zeros(1, tokens, hidden))
+        layer = nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=dropout,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.view(x.shape[0], -1, self.token_features)) + self.position
+        return self.head(self.encoder(tokens).mean(dim=1))
+
+
+def transformer(in_features: int, num_classes: int, hidden: int = 64, depth: int = 2, dropout: float = 0.1,
+                heads: int = 4) -> nn.Module:
+    return SmallTransformer(in_features, num_classes, hidden, depth, dropout, heads)
+
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
 
 
 def resolve_factory(name: str) -> Callable[..., nn.Module]:

@@ -106,6 +106,23 @@ def preflight(cfg: Config, resume: str | None = None) -> None:
             raise ConfigError("--resume: a HyperBand search cannot be resumed (Tune does not save HyperBand's "
                               "brackets, and a restored bracket waits forever); use tune.scheduler=asha to resume")
     tracking.check_reachable(cfg.tracking_uri)
+    if cfg.plan.enabled:
+        _check_plan(cfg)
+
+
+def _check_plan(cfg: Config) -> None:
+    from shipyard.perf.devices import DEVICES, load_profile
+    from shipyard.planning import default_profile_path
+
+    if cfg.plan.hardware != "local" and cfg.plan.hardware.lower() not in DEVICES:
+        raise ConfigError(f"plan.hardware '{cfg.plan.hardware}' is unknown; use local (this machine, calibrated) or "
+                          f"one of {', '.join(DEVICES)}")
+    path = default_profile_path(cfg)
+    if cfg.plan.hardware == "local" and path.is_file():
+        try:
+            load_profile(path)
+        except ValueError as err:
+            raise ConfigError(f"plan.profile: {err}") from None
 
 
 def run(cfg: Config, address: str | None = None, keep_serving: bool | None = None,
@@ -153,6 +170,11 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
             summary["data_hash"] = splits.data_hash
 
             best_cfg = cfg
+            if cfg.tune.enabled and cfg.tune.space and cfg.plan.enabled:
+                plan = _predict(cfg, splits)
+                if plan is not None and plan.search_wall_s is not None:
+                    log.info("plan: the search trains ~%.0f trial-epochs (rung maths), ~%.0f s wall with %d at a time",
+                             plan.search_trial_epochs, plan.search_wall_s, cfg.tune.max_concurrent_trials)
             if cfg.tune.enabled and cfg.tune.space:
                 with stages("tune", f"{cfg.tune.num_samples} trials, {cfg.tune.scheduler}, at most "
                                     f"{cfg.tune.max_concurrent_trials} at a time"):
@@ -213,9 +235,22 @@ def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict
 
     from shipyard.train import fit, load_trained
 
+    plan = _predict(cfg, splits) if cfg.plan.enabled else None
+    prediction = None
+    if plan is not None:
+        from shipyard.planning import summary_lines
+
+        for line in summary_lines(plan):
+            log.info("%s", line)
+        prediction = {"step_time_ms": plan.step.step_time_ms, "epoch_s": plan.epoch_s,
+                      "exposed_comm_ms": plan.step.exposed_comm_ms, "warn_off_by": cfg.plan.warn_off_by,
+                      "link": plan.inter.name if plan.inter else None}
     with mlflow.start_run(run_name="train", nested=True, tags={"shipyard.kind": "train"}) as run:
         tracking.log_config(cfg)
-        result = fit(cfg, splits, f"{cfg.name}-train-{stamp}", cfg.tracking_uri, run.info.run_id)
+        if plan is not None:
+            mlflow.log_params({"plan.device": plan.device.name, "plan.predicted_step_time_ms":
+                               round(plan.step.step_time_ms, 4), "plan.predicted_epoch_s": round(plan.epoch_s, 4)})
+        result = fit(cfg, splits, f"{cfg.name}-train-{stamp}", cfg.tracking_uri, run.info.run_id, prediction)
         model = load_trained(cfg, result.checkpoint, splits.in_features, splits.num_classes)
         x_test, y_test = data.to_numpy(splits.test)
         import torch
@@ -234,6 +269,23 @@ def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict
             "champion_version": registry.champion_version(cfg.model_name),
             "train_run_id": run.info.run_id, "checkpoint": result.checkpoint.path,
             "final_metrics": {k: result.metrics.get(k) for k in ("train_loss", "val_loss", "val_accuracy")}}
+
+
+def _predict(cfg: Config, splits):
+    """The performance model's plan for cfg on the data found, or None where it cannot price the run."""
+    from shipyard.planning import DataShape, default_profile_path, make_plan
+
+    if cfg.scaling.use_gpu and cfg.plan.hardware == "local":
+        log.info("plan: skipped: plan.hardware=local prices CPUs; set plan.hardware=h100 (a100, h200) for GPU workers")
+        return None
+    path = default_profile_path(cfg)
+    if cfg.plan.hardware == "local" and not path.is_file():
+        from shipyard.calibration import calibrate
+
+        log.info("plan: no hardware profile at %s yet: measuring this machine first (shipyard calibrate)", path)
+        calibrate(path, threads=max(1, int(cfg.scaling.cpus_per_worker)))
+    shape = DataShape(sum(splits.rows.values()), splits.in_features, splits.num_classes)
+    return make_plan(cfg, cfg.plan.hardware, profile=path, shape=shape, rows=splits.rows)
 
 
 def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, Any]:

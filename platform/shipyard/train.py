@@ -8,6 +8,7 @@ Train, a checkpoint (weights, optimizer, epoch) from which a restarted worker gr
 from __future__ import annotations
 
 import logging
+import statistics
 import tempfile
 import time
 import warnings
@@ -21,6 +22,7 @@ from torch import nn
 from shipyard.config import Config
 from shipyard.errors import TrainingError
 from shipyard.models import build_model
+from shipyard.perf.layers import training_step
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +57,33 @@ def _evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> t
 
 def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train_batches, val_batches,
               world_size: int = 1) -> dict[str, float]:
-    """One pass over this worker's training batches, then validation. Pure torch: no Ray inside."""
+    """One pass over this worker's training batches, then validation. Pure torch: no Ray inside.
+
+    `step_time_ms` is the median time of one training step (forward, backward with DDP's all-reduce,
+    optimizer), what shipyard.perf predicts; `data_wait_ms` the median wait for the next batch.
+    """
     start = time.perf_counter()
     model.train()
     loss_sum, n = 0.0, 0
-    for b in train_batches:
-        optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(b["x"]), b["y"])
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.item() * len(b["y"])
+    step_s: list[float] = []
+    wait_s: list[float] = []
+    batches = iter(train_batches)
+    while True:
+        t0 = time.perf_counter()
+        b = next(batches, None)
+        t1 = time.perf_counter()
+        if b is None:
+            break
+        loss_sum += training_step(model, optimizer, b["x"], b["y"]) * len(b["y"])
         n += len(b["y"])
+        step_s.append(time.perf_counter() - t1)
+        wait_s.append(t1 - t0)
     train_time_s = time.perf_counter() - start
     val_loss, val_acc = _evaluate(model, val_batches)
     return {"train_loss": loss_sum / max(n, 1), "val_loss": val_loss, "val_accuracy": val_acc,
-            "epoch_time_s": time.perf_counter() - start,
+            "epoch_time_s": time.perf_counter() - start, "train_time_s": train_time_s,
+            "step_time_ms": statistics.median(step_s) * 1e3 if step_s else 0.0,
+            "data_wait_ms": statistics.median(wait_s) * 1e3 if wait_s else 0.0, "steps": len(step_s),
             # all workers process similar shards in lockstep (DDP), so global throughput ~ world_size x local
             "samples_per_s": n * world_size / max(train_time_s, 1e-9)}
 
@@ -113,10 +127,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_worker_batch = max(1, cfg.train.batch_size // world)
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
+    report_s = 0.0
+    progress = _Progress(config.get("prediction"), cfg.train.epochs - start_epoch, world) if rank == 0 else None
     for epoch in range(start_epoch, cfg.train.epochs):
         train_batches = iter_batches(train_shard, per_worker_batch, cfg.train.seed + epoch, device)
         metrics = run_epoch(model, optimizer, train_batches, iter_batches(val_ds, 512, device=device), world)
         metrics["epoch"], metrics["epochs_done"] = epoch, epoch + 1  # epochs_done: the search schedulers' clock
+        metrics["report_s"] = report_s  # the previous epoch's checkpoint + ray.train.report
+        report_start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -124,12 +142,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.save({"model": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
                            Path(tmp) / CHECKPOINT_FILE)
                 ckpt = Checkpoint.from_directory(tmp)
+                timing = progress.after_epoch(metrics)  # adds predicted_step_time_ms
                 logger.log(metrics, epoch)
                 if not config.get("quiet"):
-                    log.info("epoch %d/%d | train_loss %.4f | val_loss %.4f | val_accuracy %.4f | %.2f s | "
-                             "%.0f samples/s", epoch + 1, cfg.train.epochs, metrics["train_loss"], metrics["val_loss"],
-                             metrics["val_accuracy"], metrics["epoch_time_s"], metrics["samples_per_s"])
+                    log.info("epoch %d/%d | train_loss %.4f | val_loss %.4f | val_accuracy %.4f | %s | %.2f s | "
+                             "%.0f samples/s%s", epoch + 1, cfg.train.epochs, metrics["train_loss"],
+                             metrics["val_loss"], metrics["val_accuracy"], timing, metrics["epoch_time_s"],
+                             metrics["samples_per_s"], progress.eta())
+                warning = progress.warning(metrics)
+                if warning:
+                    log.warning("%s", warning)
+                    logger.set_tag("shipyard.plan_warning", warning)
             ray.train.report(metrics, checkpoint=ckpt)  # a barrier: every rank calls it
+        report_s = time.perf_counter() - report_start
 
 
 def _log_to_driver() -> None:
@@ -146,6 +171,60 @@ def _log_to_driver() -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.endswith(".py") and "/ray/train/" in name:
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _Progress:
+    """Rank 0's view of the run against the plan: step time beside the prediction, an ETA, one warning."""
+
+    def __init__(self, prediction: dict[str, Any] | None, epochs_left: int, world: int):
+        self.pred = prediction
+        self.left = epochs_left
+        self.world = world
+        self.ratios: list[float] = []  # measured epoch wall (training, validation, report) / predicted epoch
+        self.last_end = time.perf_counter()
+        self.warned = False
+
+    def after_epoch(self, metrics: dict[str, float]) -> str:
+        now = time.perf_counter()
+        wall_s, self.last_end = now - self.last_end, now
+        self.left -= 1
+        step = f"{metrics['step_time_ms']:.2f} ms/step"
+        if not self.pred:
+            return step
+        predicted = self.pred["step_time_ms"]
+        metrics["predicted_step_time_ms"] = predicted
+        self.ratios.append(wall_s / max(self.pred["epoch_s"], 1e-9))
+        return f"{step} (model {predicted:.2f} ms, x{metrics['step_time_ms'] / max(predicted, 1e-9):.2f})"
+
+    def eta(self) -> str:
+        """Epochs left x the predicted epoch time x how far off the epochs so far ran (the median ratio; the
+        first epoch alone, which also warms up, only until there are others)."""
+        if not self.pred or not self.ratios:
+            return ""
+        ratios = self.ratios[1:] or self.ratios
+        return f" | ETA {self.left * self.pred['epoch_s'] * statistics.median(ratios):.1f} s"
+
+    def warning(self, metrics: dict[str, float]) -> str | None:
+        """Once, from the second epoch on (the first warms up): the likely cause of a step time off the plan."""
+        if not self.pred or self.warned or len(self.ratios) < 2:
+            return None
+        measured, predicted = metrics["step_time_ms"], self.pred["step_time_ms"]
+        off = measured / max(predicted, 1e-9) - 1
+        if abs(off) <= self.pred["warn_off_by"]:
+            return None
+        self.warned = True
+        head = (f"step time {measured:.2f} ms is {off:+.0%} off the prediction ({predicted:.2f} ms, "
+                f"plan.warn_off_by={self.pred['warn_off_by']}): ")
+        if metrics["data_wait_ms"] > 0.25 * measured:
+            return head + (f"likely input-bound: each step also waited {metrics['data_wait_ms']:.2f} ms for its batch "
+                           "from Ray Data (larger batches or more CPUs for data loading help)")
+        if self.world > 1 and self.pred["exposed_comm_ms"] > 0.2 * predicted and off > 0:
+            return head + (f"likely communication-bound: {self.pred['exposed_comm_ms']:.2f} ms of each step was "
+                           f"predicted for the gradient all-reduce over {self.pred['link']}; the network or the "
+                           "workers' placement is slower than calibrated (rerun shipyard calibrate on this cluster)")
+        return head + ("likely compute-bound: the ops ran " + ("slower" if off > 0 else "faster") + " than the "
+                       "hardware profile says: other load on these CPUs, another machine than the one calibrated, or "
+                       "a stale profile (rerun shipyard calibrate)")
 
 
 class _RankZeroMlflow:
@@ -166,11 +245,15 @@ class _RankZeroMlflow:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def set_tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.client.set_tag(self.run_id, key, value[:5000])
+
 
 def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_classes: int, run_name: str, *,
                  storage_path: str | None = None, num_workers: int | None = None, cpus_per_worker: float | None = None,
                  tracking_uri: str | None = None, mlflow_run_id: str | None = None, callbacks: list | None = None,
-                 quiet: bool = False):
+                 quiet: bool = False, prediction: dict[str, Any] | None = None):
     """A TorchTrainer over `train_loop_per_worker`: the pipeline's train stage, and each trial of a search
     with tune.workers_per_trial > 1 (then `callbacks=[TuneReportCallback()]` forwards rank 0's reports)."""
     import ray.train
@@ -180,7 +263,7 @@ def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_cl
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "in_features": in_features,
                            "num_classes": num_classes, "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
-                           "quiet": quiet},
+                           "quiet": quiet, "prediction": prediction},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers or cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker or cfg.scaling.cpus_per_worker}),
@@ -195,13 +278,16 @@ def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_cl
     )
 
 
-def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlflow_run_id: str | None = None
-        ) -> TrainResult:
-    """Data-parallel training with Ray Train's TorchTrainer; returns the last checkpoint and metrics."""
+def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlflow_run_id: str | None = None,
+        prediction: dict[str, Any] | None = None) -> TrainResult:
+    """Data-parallel training with Ray Train's TorchTrainer; returns the last checkpoint and metrics.
+
+    `prediction` (the pipeline's plan: step_time_ms, epoch_s, ...) turns on the ETA, the predicted step time
+    beside the measured one in each epoch's metrics, and the warning when they differ."""
     import ray.train
 
     trainer = make_trainer(cfg, {"train": splits.train, "val": splits.val}, splits.in_features, splits.num_classes,
-                           run_name, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id)
+                           run_name, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, prediction=prediction)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:

@@ -1,0 +1,267 @@
+"""`shipyard plan`: what a config will cost before anything runs, on this machine or on catalog hardware.
+
+    plan = make_plan(load_config("pipelines/configs/digits.yaml"), hardware="h100", nodes=range(1, 9))
+    print(format_plan(plan)); plot_scaling(plan, "plan.png")
+
+Counts the configured model's work on the meta device (shipyard.perf.layers), prices it on a device and an
+interconnect (shipyard.perf.devices: the calibrated profile of this machine, or a data sheet), and gives the
+step and epoch time, a strong- and weak-scaling table, a worker count, and the search's wall time. No Ray.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from shipyard.config import PROJECT_ROOT, Config
+from shipyard.errors import ConfigError
+from shipyard.perf.devices import (INTRA_NODE, Device, Interconnect, get_device, get_interconnect, load_profile,
+                                   with_threads)
+from shipyard.perf.estimate import (ScalingRow, StepEstimate, estimate_step, forward_time_ms, recommend_workers,
+                                    scaling_table)
+from shipyard.perf.layers import StepWork, count_step_work
+from shipyard.perf.search import expected_trial_epochs, search_wall_s
+
+EVAL_BATCH = 512  # train._evaluate's batch (train_loop_per_worker iterates val in batches of 512)
+
+
+@dataclass(frozen=True)
+class DataShape:
+    rows: int
+    in_features: int
+    num_classes: int
+
+
+def data_shape(cfg: Config) -> DataShape:
+    """Rows, features and classes of the configured data, read from file metadata and the label column only."""
+    if cfg.data.builtin == "digits":
+        return DataShape(1797, 64, 10)  # sklearn.datasets.load_digits: 1,797 8x8 images, 10 classes
+    import pyarrow.dataset as pads
+
+    from shipyard.data import check_source
+
+    check_source(cfg.data)
+    path = Path(cfg.data.path).expanduser()
+    fmt = "csv" if (path.suffix == ".csv" or (path.is_dir() and any(path.rglob("*.csv")))) else "parquet"
+    ds = pads.dataset(str(path), format=fmt)
+    names = ds.schema.names
+    if cfg.data.label not in names:
+        raise ConfigError(f"data.label: column '{cfg.data.label}' not in {path}; its columns: {', '.join(names)}")
+    labels = ds.to_table(columns=[cfg.data.label]).column(0)
+    return DataShape(len(labels), len(names) - 1, len(labels.unique()))
+
+
+@dataclass(frozen=True)
+class Plan:
+    hardware: str
+    device: Device
+    intra: Interconnect | None
+    inter: Interconnect | None
+    workers_per_node: int
+    shape: DataShape
+    rows_train: int
+    rows_val: int
+    step: StepEstimate
+    """One step at the configured worker count (scaling.num_workers)."""
+    epoch_s: float
+    strong: list[ScalingRow]
+    weak: list[ScalingRow]
+    recommended: ScalingRow
+    search_trial_epochs: float | None
+    search_wall_s: float | None
+    train_s: float
+    param_count: int
+    notes: tuple[str, ...] = ()
+
+
+def _node_counts(spec: str) -> list[int]:
+    """`4` or `1..8` -> node counts."""
+    try:
+        if ".." in spec:
+            lo, hi = (int(x) for x in spec.split("..", 1))
+            counts = list(range(lo, hi + 1))
+        else:
+            counts = [int(spec)]
+    except ValueError:
+        raise ConfigError(f"--nodes '{spec}': give a count (4) or a range (1..8)") from None
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--nodes '{spec}': node counts start at 1")
+    return counts
+
+
+def worker_counts(nodes: Sequence[int], per_node: int) -> list[int]:
+    """1, 2, 4, ... up to one full node, then every node count's full complement."""
+    counts = {1}
+    n = 2
+    while n < per_node:
+        counts.add(n)
+        n *= 2
+    counts.update(k * per_node for k in nodes)
+    return sorted(counts)
+
+
+def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_node: int | None = None,
+              interconnect: str | None = None, profile: str | Path | None = None, algorithm: str = "ring",
+              dtype: str = "fp32", shape: DataShape | None = None, rows: dict[str, int] | None = None) -> Plan:
+    """Price cfg's training and search on `hardware` (`local`: the calibrated profile; or a catalog name).
+
+    `shape` and `rows` (train/val row counts): the pipeline passes what its data stage found; otherwise they
+    come from the data's metadata and the configured split fractions."""
+    from shipyard.models import build_model
+
+    notes: list[str] = []
+    node_counts = _node_counts(nodes)
+    if hardware == "local":
+        prof = load_profile(profile or default_profile_path(cfg))
+        threads = max(1, int(cfg.scaling.cpus_per_worker))
+        device = with_threads(prof.device, threads)
+        intra = inter = prof.interconnect
+        per_node = gpus_per_node or max(1, _local_cpus() // threads)  # CPU workers that fit on one node
+        notes.append(f"local profile from {prof.measured_at} ({prof.device.source})")
+    else:
+        device = get_device(hardware)
+        per_node = gpus_per_node or 8
+        intra = get_interconnect(INTRA_NODE.get(device.name, "pcie4"))
+        inter = get_interconnect(interconnect or "ib-200")
+        if interconnect is None and max(node_counts) > 1:
+            notes.append("between nodes: ib-200 (InfiniBand HDR, one NIC per GPU); pick another with --interconnect")
+    shape = shape or data_shape(cfg)
+    rows_train = rows["train"] if rows else round(shape.rows * (1 - cfg.data.val_fraction - cfg.data.test_fraction))
+    rows_val = rows["val"] if rows else round(shape.rows * cfg.data.val_fraction)
+    foreach = device.kind == "gpu"  # AdamW's default: multi-tensor on CUDA, per-tensor on CPU
+
+    @functools.lru_cache(maxsize=None)
+    def work(batch: int) -> StepWork:
+        return count_step_work(lambda: build_model(cfg.model, shape.in_features, shape.num_classes), batch,
+                               shape.in_features, shape.num_classes, foreach=foreach)
+
+    eval_work = count_step_work(lambda: build_model(cfg.model, shape.in_features, shape.num_classes),
+                                min(EVAL_BATCH, rows_val), shape.in_features, shape.num_classes, forward_only=True)
+    eval_s = math.ceil(rows_val / EVAL_BATCH) * forward_time_ms(eval_work, device, dtype) / 1e3
+
+    def placement(n: int) -> tuple[int, Interconnect | None]:
+        used = math.ceil(n / per_node)
+        return used, (intra if used == 1 else inter)
+
+    counts = worker_counts(node_counts, per_node)
+    gb = cfg.train.batch_size
+    strong = scaling_table(work, device, counts, placement, gb, rows_train, algorithm=algorithm, dtype=dtype)
+    weak = scaling_table(work, device, counts, placement, gb, rows_train, weak=True, algorithm=algorithm, dtype=dtype)
+    if any(r.batch_per_worker * r.workers < gb for r in strong):
+        notes.append(f"strong scaling splits the global batch {gb} as {gb} // N per worker (rows left over are dropped)")
+    n = cfg.scaling.num_workers
+    _, link = placement(n)
+    step = estimate_step(work(max(1, gb // n)), device, n, link, algorithm, dtype)
+    steps = math.ceil(rows_train / (max(1, gb // n) * n))
+    epoch_s = steps * step.step_time_ms / 1e3 + eval_s
+    trial_epochs = wall = None
+    if cfg.tune.enabled and cfg.tune.space:
+        t = cfg.tune
+        w = t.workers_per_trial
+        trial_step = estimate_step(work(max(1, gb // w)), device, w, placement(w)[1], algorithm, dtype)
+        trial_epoch_s = math.ceil(rows_train / (max(1, gb // w) * w)) * trial_step.step_time_ms / 1e3 + eval_s
+        trial_epochs = expected_trial_epochs(t.scheduler, t.num_samples, cfg.train.epochs, t.grace_period,
+                                             t.reduction_factor)
+        wall = search_wall_s(trial_epochs, t.num_samples, trial_epoch_s, t.max_concurrent_trials)
+    return Plan(hardware, device, intra, inter, per_node, shape, rows_train, rows_val, step, epoch_s, strong, weak,
+                recommend_workers(strong), trial_epochs, wall, epoch_s * cfg.train.epochs,
+                work(1).param_bytes // 4, tuple(notes))
+
+
+def _local_cpus() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def default_profile_path(cfg: Config | None = None) -> Path:
+    """Where `shipyard calibrate` writes and plan and the pipeline read: plan.profile, under the project."""
+    p = Path(cfg.plan.profile if cfg is not None else ".shipyard/hardware.json")
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+def summary_lines(plan: Plan, top: int = 3) -> list[str]:
+    """The pipeline's lines before training: step, epoch, training time and the heaviest layers."""
+    s = plan.step
+    layers = ", ".join(f"{lt.layer} {lt.kind} {_ms(lt.time_ms)} ms ({lt.bound})" for lt in s.top_layers(top))
+    return [f"plan ({plan.device.name}): step {_ms(s.step_time_ms)} ms per {s.batch_per_worker} rows on each of "
+            f"{s.workers} worker(s) (forward {_ms(s.forward_ms)}, backward {_ms(s.backward_ms)}, optimizer "
+            f"{_ms(s.optimizer_ms)}, all-reduce {_ms(s.exposed_comm_ms)} not hidden); epoch {plan.epoch_s:.2f} s; "
+            f"training ~{plan.train_s:.1f} s plus Ray's start-up",
+            f"plan: heaviest layers {layers}"]
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def format_plan(plan: Plan, cfg: Config, top: int = 5) -> str:
+    d, s = plan.device, plan.step
+    link = plan.intra if s.workers <= plan.workers_per_node else plan.inter
+    lines = [f"plan for '{cfg.name}': model {cfg.model.name} ({plan.param_count:,} parameters), "
+             f"global batch {cfg.train.batch_size}, {plan.rows_train} training rows, {cfg.train.epochs} epochs",
+             f"hardware: {d.name} ({d.source}); {plan.workers_per_node} workers per node"
+             + (f"; all-reduce over {link.name} ({link.latency_us:g} us + bytes / {link.bandwidth_gbps:g} GB/s)"
+                if link else ""),
+             "", f"top layers by time (one step, {s.workers} worker(s) x {s.batch_per_worker} rows):",
+             f"  {'layer':24s} {'kind':18s} {'time_ms':>9s} {'MFLOP':>9s} {'MB moved':>9s}  bound"]
+    for lt in s.top_layers(top):
+        lines.append(f"  {lt.layer:24s} {lt.kind:18s} {_ms(lt.time_ms):>9s} {lt.flops / 1e6:9.2f} "
+                     f"{lt.bytes_moved / 1e6:9.3f}  {lt.bound}")
+    lines += ["", f"predicted step time {_ms(s.step_time_ms)} ms (forward {_ms(s.forward_ms)}, backward "
+                  f"{_ms(s.backward_ms)}, optimizer {_ms(s.optimizer_ms)}, all-reduce {_ms(s.comm_ms)} of which "
+                  f"{_ms(s.exposed_comm_ms)} not hidden) with scaling.num_workers={s.workers}",
+              f"predicted epoch time {plan.epoch_s:.2f} s (incl. validation); {cfg.train.epochs} epochs "
+              f"{plan.train_s:.1f} s of training"]
+    for title, rows in (("strong scaling (global batch fixed)", plan.strong),
+                        ("weak scaling (batch per worker fixed)", plan.weak)):
+        lines += ["", title + ":", f"  {'workers':>7s} {'nodes':>5s} {'batch/w':>7s} {'step_ms':>9s} "
+                                   f"{'comm_ms':>8s} {'samples/s':>11s} {'speedup':>7s} {'effic.':>6s} {'epoch_s':>8s}"]
+        for r in rows:
+            lines.append(f"  {r.workers:7d} {r.nodes:5d} {r.batch_per_worker:7d} {_ms(r.step_time_ms):>9s} "
+                         f"{_ms(r.exposed_comm_ms):>8s} {r.samples_per_s:11.0f} {r.speedup:7.2f} "
+                         f"{r.efficiency:6.0%} {r.epoch_time_s:8.3f}")
+    rec = plan.recommended
+    lines += ["", f"recommended: {rec.workers} worker(s) ({rec.speedup:.2f}x, efficiency {rec.efficiency:.0%}): the "
+                  "most workers whose strong-scaling efficiency stays >= 70 % while throughput still grows"
+                  + ("" if rec.workers > 1 else "; this model is too small to gain from more workers at this batch")]
+    if plan.search_wall_s is not None:
+        t = cfg.tune
+        lines.append(f"search: {t.num_samples} trials, {t.scheduler}, {t.max_concurrent_trials} at a time -> "
+                     f"~{plan.search_trial_epochs:.0f} trial-epochs (rung maths), ~{plan.search_wall_s:.0f} s wall "
+                     "(incl. ~3 s to start each trial)")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def plot_scaling(plan: Plan, path: str | Path) -> Path:
+    """Speed-up against workers: ideal, strong and weak scaling, the recommendation marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [r.workers for r in plan.strong]
+    ax.plot(xs, xs, color="tab:gray", linestyle=":", label="ideal")
+    ax.plot(xs, [r.speedup for r in plan.strong], marker="o", label="strong (global batch fixed)")
+    ax.plot(xs, [r.speedup for r in plan.weak], marker="s", label="weak (batch per worker fixed)")
+    rec = plan.recommended
+    ax.scatter([rec.workers], [rec.speedup], s=160, facecolors="none", edgecolors="tab:red", zorder=3,
+               label=f"recommended: {rec.workers}")
+    if plan.workers_per_node < max(xs):
+        ax.axvline(plan.workers_per_node, color="tab:gray", linewidth=0.8)
+        ax.text(plan.workers_per_node, ax.get_ylim()[1] * 0.95, " one node", fontsize=8, va="top")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("workers")
+    ax.set_ylabel("speed-up over 1 worker (samples/s)")
+    ax.set_title(f"predicted scaling on {plan.device.name}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    return out

@@ -1,0 +1,105 @@
+"""`shipyard plan` and the pipeline's view of the plan, without Ray."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shipyard.config import load_config
+from shipyard.perf.devices import Device, Interconnect, Profile
+from shipyard.planning import make_plan, worker_counts
+from shipyard.train import _Progress
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS = str(ROOT / "pipelines" / "configs" / "digits.yaml")
+NO_RAY = "import sys; from shipyard.cli import main; rc = main(sys.argv[1:]); " \
+         "assert 'ray' not in sys.modules, 'plan imported ray'; sys.exit(rc)"
+
+
+def shipyard(*args):
+    return subprocess.run([sys.executable, "-c", NO_RAY, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": f"{ROOT / 'platform'}:{ROOT}", "PATH": "/usr/bin:/bin"})
+
+
+def _profile(tmp_path) -> Path:
+    device = Device("cpu:test", "cpu", {"fp32": 0.1}, 20.0, 1.0, 1.0, 3.0, "hand-made", threads=1)
+    path = tmp_path / "hw.json"
+    path.write_text(Profile(device, Interconnect("gloo-loopback", 1.0, 100.0, "hand-made", 0.0)).to_json())
+    return path
+
+
+def test_plan_on_catalog_hardware_prints_tables_and_a_plot_without_ray(tmp_path):
+    out = shipyard("plan", DIGITS, "--hardware", "h100", "--nodes", "1..8", "--plot", str(tmp_path / "p.png"))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for needle in ("top layers by time", "predicted step time", "strong scaling", "weak scaling", "recommended:",
+                   "search: 4 trials, asha", "nvlink4", "ib-200"):
+        assert needle in text
+    table = text.split("strong scaling")[1].split("weak scaling")[0]
+    workers = [int(line.split()[0]) for line in table.splitlines() if line.strip()[:1].isdigit()]
+    assert workers == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_errors_name_the_fix(tmp_path):
+    out = shipyard("plan", DIGITS, "--profile", str(tmp_path / "none.json"), "--plot", str(tmp_path / "p.png"))
+    assert out.returncode == 2 and "run `shipyard calibrate`" in out.stderr
+    out = shipyard("plan", DIGITS, "--hardware", "tpu", "--plot", str(tmp_path / "p.png"))
+    assert out.returncode == 2 and "known: a100, h100, h200" in out.stderr
+    out = shipyard("plan", DIGITS, "--hardware", "h100", "--nodes", "8..x", "--plot", str(tmp_path / "p.png"))
+    assert out.returncode == 2 and "--nodes '8..x'" in out.stderr
+
+
+def test_local_plan_uses_the_profile_and_the_configured_workers(tmp_path):
+    cfg = load_config(DIGITS, {"model.name": "cnn", "scaling.num_workers": 2})
+    plan = make_plan(cfg, "local", profile=_profile(tmp_path), gpus_per_node=2)
+    assert plan.step.workers == 2 and plan.step.batch_per_worker == 32
+    assert plan.step.exposed_comm_ms > 0  # gloo with no overlap: the all-reduce adds to the step
+    assert [r.workers for r in plan.strong] == [1, 2]
+    assert plan.rows_train == round(1797 * 0.7) and plan.search_wall_s > 0
+    assert plan.step.top_layers(1)[0].kind == "Conv2d"
+
+
+def test_worker_counts_double_within_a_node_then_step_by_nodes():
+    assert worker_counts([1, 2, 3], 8) == [1, 2, 4, 8, 16, 24]
+    assert worker_counts([1], 2) == [1, 2]
+
+
+def test_unknown_plan_hardware_fails_before_ray_starts():
+    out = subprocess.run([sys.executable, "-m", "pipelines.digits", "plan.hardware=tpu"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "plan.hardware 'tpu' is unknown" in out.stderr
+    assert "starting or attaching to Ray" not in out.stderr
+
+
+PRED = {"step_time_ms": 2.0, "epoch_s": 0.1, "exposed_comm_ms": 1.0, "warn_off_by": 0.25, "link": "gloo-loopback"}
+
+
+def _epoch(step_ms, wait_ms=0.0):
+    return {"step_time_ms": step_ms, "data_wait_ms": wait_ms}
+
+
+@pytest.mark.parametrize("metrics,world,cause", [
+    (_epoch(4.0, wait_ms=2.0), 2, "input-bound"),
+    (_epoch(4.0), 2, "communication-bound"),
+    (_epoch(4.0), 1, "compute-bound"),
+    (_epoch(1.0), 2, "compute-bound: the ops ran faster"),
+])
+def test_progress_warns_once_with_the_likely_cause(metrics, world, cause):
+    p = _Progress(PRED, epochs_left=5, world=world)
+    p.after_epoch(dict(metrics))
+    assert p.warning(metrics) is None  # the first epoch warms up: no verdict yet
+    m = dict(metrics)
+    p.after_epoch(m)
+    assert m["predicted_step_time_ms"] == 2.0
+    assert cause in p.warning(m) and p.warning(m) is None  # once
+
+
+def test_progress_is_quiet_within_tolerance_and_eta_follows_measured_epochs():
+    p = _Progress(PRED, epochs_left=4, world=1)
+    for _ in range(2):
+        p.after_epoch(_epoch(2.2))
+    assert p.warning(_epoch(2.2)) is None
+    assert p.eta().startswith(" | ETA ")
+    p.ratios = [5.0, 2.0]  # after the first, the epochs ran 2x the predicted 0.1 s: 2 left -> 0.4 s
+    assert p.eta() == " | ETA 0.4 s"

@@ -8,13 +8,15 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from shipyard.config import ModelConfig
 from shipyard.errors import ConfigError
+
+if TYPE_CHECKING:  # the factories run where only torch is installed (bench/gpu_check.sh)
+    from shipyard.config import ModelConfig
 
 
 def mlp(in_features: int, num_classes: int, hidden: int = 128, depth: int = 2, dropout: float = 0.1) -> nn.Module:
@@ -105,7 +107,7 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     return factory
 
 
-def build_model(cfg: ModelConfig, in_features: int, num_classes: int) -> nn.Module:
+def build_model(cfg: "ModelConfig", in_features: int, num_classes: int) -> nn.Module:
     """Instantiate the configured model; unknown keyword arguments are a ConfigError, not a TypeError."""
     factory = resolve_factory(cfg.name)
     kwargs: dict[str, Any] = {"hidden": cfg.hidden, "depth": cfg.depth, "dropout": cfg.dropout, **cfg.options}

@@ -1,7 +1,7 @@
 # The two README commands:  `make digits`  and  `make test`  (each installs first; install is idempotent).
 PY := .venv/bin/python
 
-.PHONY: install digits test test-unit bench-serve clean
+.PHONY: install digits test test-unit bench-serve bench-perf calibrate clean
 
 install: .venv/.installed
 
@@ -24,6 +24,14 @@ test-unit: install
 bench-serve: install
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	$(PY) bench/serve.py
+
+# Measure this machine for the performance model (.shipyard/hardware.json; the pipeline also does it once).
+calibrate: install
+	$(PY) -m shipyard calibrate
+
+# Predicted vs measured step time through Ray Train, and Ray Train's overhead (bench/perfmodel.py).
+bench-perf: install
+	$(PY) bench/perfmodel.py
 
 clean:
 	rm -rf .shipyard .pytest_cache

@@ -60,7 +60,9 @@ class _Peer:
         dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
 
-    def time_allreduce(self, sizes: tuple[int, ...], min_time_s: float) -> list[float]:
+    def time_allreduce(self, sizes: tuple[int, ...], calls: int) -> list[float]:
+        """Median over 5 rounds of the mean time of `calls` all-reduces, per size. Both ranks run the same
+        fixed number of calls: a collective whose count depended on a rank's own clock could hang."""
         import torch
         import torch.distributed as dist
 
@@ -72,13 +74,10 @@ class _Peer:
             reps = []
             for _ in range(5):
                 dist.barrier()
-                n, start = 0, time.perf_counter()
-                while n < 5 or time.perf_counter() - start < min_time_s / 5:  # same count on both: see below
+                start = time.perf_counter()
+                for _ in range(calls):
                     dist.all_reduce(t)
-                    n += 1
-                    if n >= 200:
-                        break
-                reps.append((time.perf_counter() - start) / n)
+                reps.append((time.perf_counter() - start) / calls)
             out.append(statistics.median(reps))
         return out
 
@@ -88,7 +87,7 @@ class _Peer:
         dist.destroy_process_group()
 
 
-def measure_allreduce(threads: float = 1.0, min_time_s: float = 0.05, spread: bool = False) -> Interconnect:
+def measure_allreduce(threads: float = 1.0, calls: int = 20, spread: bool = False) -> Interconnect:
     """Fit alpha and bandwidth to gloo all-reduce times between two Ray actors (on two nodes when `spread`)."""
     import ray
 
@@ -97,8 +96,7 @@ def measure_allreduce(threads: float = 1.0, min_time_s: float = 0.05, spread: bo
     try:
         addr, port = ray.get(peers[0].where.remote())
         ray.get([p.join.remote(addr, port, rank, 2) for rank, p in enumerate(peers)])
-        # both ranks must call all_reduce equally often: rank 0 decides nothing, each loops a fixed count
-        times = ray.get([p.time_allreduce.remote(ALLREDUCE_BYTES, 0.0) for p in peers])[0]
+        times = ray.get([p.time_allreduce.remote(ALLREDUCE_BYTES, calls) for p in peers])[0]
         ray.get([p.leave.remote() for p in peers])
     finally:
         for p in peers:
@@ -141,7 +139,7 @@ def calibrate(out: str | Path, threads: int = 1, budget_s: float = 0.15) -> Prof
     tmp = path.with_suffix(".tmp")
     tmp.write_text(profile.to_json())
     tmp.replace(path)  # never a half-written profile
-    log.info("calibrated %d node(s) in %.1f s: matmul up to %.3f TFLOP/s, element-wise %.1f GB/s (DRAM), %.2f us "
+    log.info("calibrated %d node(s) in %.1f s: matmul up to %.3f TFLOP/s, element-wise %.1f GB/s at 100 MB, %.2f us "
              "per op; gloo all-reduce %.1f us + bytes / %.2f GB/s -> %s", len(nodes), time.perf_counter() - started,
              device.peak_tflops["fp32"], device.mem_bandwidth_gbps, device.op_overhead_us, link.latency_us,
              link.bandwidth_gbps, path)

@@ -6,10 +6,22 @@ from shipyard.errors import ConfigError
 from shipyard.models import build_model
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_builtin_factories_map_rows_to_logits(name):
-    model = build_model(ModelConfig(name=name, hidden=16, depth=2), in_features=64, num_classes=10)
-    assert model(torch.randn(5, 64)).shape == (5, 10)
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_builtin_factories_map_rows_to_logits_and_export(name):
+    model = build_model(ModelConfig(name=name, hidden=16, depth=2), in_features=64, num_classes=10).eval()
+    x = torch.randn(5, 64)
+    assert model(x).shape == (5, 10)
+    # logged and served in torch.export form, with a dynamic batch dimension (tracking.log_model)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    assert exported.module()(torch.randn(3, 64)).shape == (3, 10)
+    assert torch.allclose(exported.module()(x), model(x), atol=1e-5)
+
+
+def test_transformer_tokens_and_heads():
+    model = build_model(ModelConfig(name="transformer", hidden=16), in_features=10, num_classes=3)
+    assert model.token_features == 1 and model(torch.randn(2, 10)).shape == (2, 3)  # not square: one per feature
+    with pytest.raises(ConfigError, match="multiple of model.options.heads"):
+        build_model(ModelConfig(name="transformer", hidden=18), in_features=64, num_classes=3)
 
 
 def test_user_factory_by_import_path_with_options():
@@ -19,7 +31,7 @@ def test_user_factory_by_import_path_with_options():
 
 
 @pytest.mark.parametrize("name, match", [
-    ("resnet", r"neither a built-in \(mlp, cnn\) nor an import path"),
+    ("resnet", r"neither a built-in \(mlp, cnn, transformer\) nor an import path"),
     ("no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"),
     ("tests.unit.user_models:missing", "has no callable 'missing'"),
     ("tests.unit.user_models:not_a_module", "not a torch.nn.Module"),

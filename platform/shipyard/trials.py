@@ -17,7 +17,7 @@ from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError
 from shipyard.models import build_model
 from shipyard.schedules import EPOCHS
-from shipyard.train import CHECKPOINT_FILE, iter_batches, make_optimizer, run_epoch
+from shipyard.train import CHECKPOINT_FILE, fits_in_memory, iter_batches, make_optimizer, run_epoch
 
 TRIAL_DRIVER_CPU = 0.01
 """A multi-worker trial is a small driver plus its Train workers, whose bundles are separate (RAY_NOTES §6):
@@ -78,9 +78,10 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
         for group in optimizer.param_groups:  # PBT may have perturbed these since the checkpoint
             group["lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
         start = state["epoch"] + 1
+    in_memory = fits_in_memory(train_ds.count(), in_features)
     for epoch in range(start, cfg.train.epochs):
         metrics = run_epoch(model, optimizer, iter_batches(train_ds, cfg.train.batch_size, cfg.train.seed + epoch),
-                            iter_batches(val_ds, 512))
+                            iter_batches(val_ds, 512), in_memory=in_memory)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
                        Path(tmp) / CHECKPOINT_FILE)

@@ -75,12 +75,13 @@ def test_unknown_plan_hardware_fails_before_ray_starts():
 PRED = {"step_time_ms": 2.0, "epoch_s": 0.1, "exposed_comm_ms": 1.0, "warn_off_by": 0.25, "link": "gloo-loopback"}
 
 
-def _epoch(step_ms, wait_ms=0.0):
-    return {"step_time_ms": step_ms, "data_wait_ms": wait_ms}
+def _epoch(step_ms, wait_ms=0.0, steps=10):
+    return {"step_time_ms": step_ms, "data_wait_ms": wait_ms, "steps": steps,
+            "train_time_s": steps * (step_ms + wait_ms) / 1e3, "data_time_s": steps * wait_ms / 1e3}
 
 
 @pytest.mark.parametrize("metrics,world,cause", [
-    (_epoch(4.0, wait_ms=2.0), 2, "input-bound"),
+    (_epoch(2.0, wait_ms=2.0), 2, "input-bound"),
     (_epoch(4.0), 2, "communication-bound"),
     (_epoch(4.0), 1, "compute-bound"),
     (_epoch(1.0), 2, "compute-bound: the ops ran faster"),

@@ -84,3 +84,27 @@ def kill_leftovers(raylet_pid: int | None, known: set[int] = frozenset(), grace_
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return left
+
+
+def shutdown_serve(timeout_s: float = 30.0) -> None:
+    """serve.shutdown(), then wait until this Ray's HAProxy has let go of its stats port.
+
+    The port is fixed for the whole Ray session (RAY_SERVE_HAPROXY_STATS_PORT, read when Ray starts), so the
+    next serve.start() on the same Ray (another test module, a pipeline run) crashes its HAProxy with
+    "cannot bind socket (Address already in use)" while the old one is still exiting.
+    """
+    from ray import serve
+
+    serve.shutdown()
+    port = os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT")
+    if not port:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener blocks it, TIME_WAIT does not
+            try:
+                s.bind(("127.0.0.1", int(port)))
+                return
+            except OSError:
+                time.sleep(0.2)

@@ -9,7 +9,9 @@ import requests
 
 from tests.helpers import free_port, kill_leftovers, our_raylet_pid, raylet_processes
 
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # before ray.init: see RAY_NOTES §3
+# before ray.init: every ray.train.report waits about one controller poll (RAY_NOTES §3, §13.4). The pipeline's own
+# 0.5 s suits real jobs; the tests' Train runs are a few tiny epochs each, dozens of them per session
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 
 
@@ -32,10 +34,23 @@ def ray_local():
         print(f"killed {len(left)} Ray worker(s) that outlived ray.shutdown(): {left}")
 
 
+@pytest.fixture(scope="session")
+def hardware_profile(ray_local, tmp_path_factory):
+    """This machine measured once for the session by `shipyard calibrate`'s code (every Ray node, gloo between
+    two Ray workers), at a short budget: the profile every pipeline test plans with (plan.profile)."""
+    from shipyard.calibration import calibrate
+
+    path = tmp_path_factory.mktemp("hardware") / "hardware.json"
+    calibrate(path, threads=1, budget_s=0.03)
+    return path
+
+
 @pytest.fixture
-def workdir(tmp_path):
-    """Per-test MLflow sqlite store and Ray storage: nothing leaks into the project."""
-    return {"tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "storage_path": str(tmp_path / "results")}
+def workdir(tmp_path, hardware_profile):
+    """Per-test MLflow sqlite store and Ray storage, the session's hardware profile: nothing leaks into the
+    project."""
+    return {"tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "storage_path": str(tmp_path / "results"),
+            "plan.profile": str(hardware_profile)}
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The Serve endpoint on a registered model: answers, versions, and 4xx on malformed bodies."""
 import json
+import time
 
 import mlflow
 import numpy as np
@@ -12,7 +13,7 @@ from shipyard.config import load_config
 from shipyard.endpoint import build_app
 from shipyard.ingress import wait_until_routed
 from shipyard.models import mlp
-from tests.helpers import free_port
+from tests.helpers import free_port, shutdown_serve
 
 pytestmark = pytest.mark.ray
 
@@ -41,7 +42,7 @@ def endpoint(ray_local, tmp_path_factory):
                          "max_instances": 8}), name="tiny", route_prefix="/")
     wait_until_routed(f"http://127.0.0.1:{port}")
     yield f"http://127.0.0.1:{port}", model, cfg.tracking_uri
-    serve.shutdown()
+    shutdown_serve()
 
 
 def test_predict_answers_with_labels_and_version(endpoint):
@@ -112,10 +113,18 @@ def test_a_registered_version_can_be_served_by_number(ray_local, endpoint):
 
     url, _, tracking_uri = endpoint
     mlflow.MlflowClient(tracking_uri).set_registered_model_alias("tiny", "champion", "2")
-    serve.run(build_app({"model": "models:/tiny/1", "tracking_uri": tracking_uri}), name="tiny-v1",
-              route_prefix="/v1")
-    serve.run(build_app({"model": "models:/tiny@champion", "tracking_uri": tracking_uri}), name="tiny-champion",
-              route_prefix="/champion")
+    from ray.serve.api import _run
+
+    # both apps start at once (a replica's start is mostly imports: the two share the 2 cores), then both are
+    # waited for; serve.run would wait for the first before starting the second
+    _run(build_app({"model": "models:/tiny/1", "tracking_uri": tracking_uri}), name="tiny-v1",
+         route_prefix="/v1", _blocking=False)
+    _run(build_app({"model": "models:/tiny@champion", "tracking_uri": tracking_uri}), name="tiny-champion",
+         route_prefix="/champion", _blocking=False)
+    deadline = time.monotonic() + 120
+    while {serve.status().applications[n].status for n in ("tiny-v1", "tiny-champion")} != {"RUNNING"}:
+        assert time.monotonic() < deadline, serve.status()
+        time.sleep(0.2)
     wait_until_routed(f"{url}/v1")
     wait_until_routed(f"{url}/champion")
     try:
@@ -123,6 +132,7 @@ def test_a_registered_version_can_be_served_by_number(ray_local, endpoint):
         assert requests.post(f"{url}/v1/predict", json=ask, timeout=30).json()["model_version"] == "1"
         assert requests.post(f"{url}/champion/predict", json=ask, timeout=30).json()["model_version"] == "2"
     finally:
-        serve.delete("tiny-v1")
-        serve.delete("tiny-champion")
+        # not waiting for their replicas to drain: the module's serve.shutdown() stops what is still stopping
+        serve.delete("tiny-v1", _blocking=False)
+        serve.delete("tiny-champion", _blocking=False)
         mlflow.MlflowClient(tracking_uri).set_registered_model_alias("tiny", "champion", "1")

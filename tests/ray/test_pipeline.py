@@ -59,8 +59,14 @@ def test_digits_promotes_only_better_models_and_serves_the_champion(ray_local, w
     assert len(trials) == 2 and {r.data.tags["shipyard.kind"] for r in trials} == {"trial"}
     history = client.get_metric_history(train_run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [0, 1, 2]  # one point per epoch, logged by rank 0 only
-    for key in ("train_loss", "val_loss", "epoch_time_s", "samples_per_s"):
+    for key in ("train_loss", "val_loss", "epoch_time_s", "samples_per_s", "step_time_ms", "data_wait_ms",
+                "predicted_step_time_ms"):
         assert len(client.get_metric_history(train_run.info.run_id, key)) == 3
+    # the plan, made before training from the session's calibrated profile, is beside the measurement
+    predicted = float(train_run.data.params["plan.predicted_step_time_ms"])
+    assert predicted > 0 and train_run.data.metrics["predicted_step_time_ms"] == pytest.approx(predicted, rel=1e-3)
+    assert train_run.data.params["plan.device"].startswith("cpu:")
+    assert 0 < train_run.data.metrics["step_time_ms"] < 1000
     for trial in trials:
         assert "train.lr" in trial.data.params and "val_accuracy" in trial.data.metrics
         assert trial.data.tags["shipyard.trial_status"]
@@ -83,11 +89,5 @@ def test_digits_promotes_only_better_models_and_serves_the_champion(ray_local, w
     assert "does not beat" in client.get_model_version("digits", "3").tags["shipyard.promotion"]
 
 
-def test_pipeline_against_a_real_mlflow_server(ray_local, mlflow_server, tmp_path, serve_port):
-    summary = run_pipeline(DIGITS, overrides({**TINY, "tune.enabled": False, "tracking.uri": mlflow_server,
-                                              "storage_path": tmp_path / "results", "serve.port": serve_port}))
-    assert summary["promoted"] and summary["served_version"] == summary["model_version"]
-    client = mlflow.MlflowClient(mlflow_server)
-    assert str(client.get_model_version_by_alias("digits", "champion").version) == summary["model_version"]
-    run = client.get_run(summary["train_run_id"])
-    assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
+# The pipeline against a real `mlflow server` (champion alias, parent/child runs, served version through the
+# server) is checked on the tabular pipeline's run: tests/ray/test_tabular.py, which shares its one run.

@@ -1,6 +1,7 @@
 """A CSV/parquet file never seen in the repo, end to end, and bad files rejected with clear errors."""
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,14 +26,26 @@ def make_table(n=600, seed=0) -> pd.DataFrame:
     return df
 
 
-def test_tabular_csv_end_to_end_serves_string_labels(ray_local, workdir, tmp_path, serve_port):
+def test_tabular_csv_end_to_end_serves_string_labels_against_a_real_mlflow_server(ray_local, mlflow_server,
+                                                                                   tmp_path, serve_port,
+                                                                                   hardware_profile):
+    """One pipeline run (search, training, registry, endpoint) on a file never seen in the repo, tracked by a real
+    `mlflow server` (HTTP) rather than a sqlite file: the checks of both on one run."""
     path = tmp_path / "flowers.csv"
     make_table().to_csv(path, index=False)
+    settings = {**TINY, "tracking.uri": mlflow_server, "storage_path": tmp_path / "results", "serve.port": serve_port,
+                "plan.profile": hardware_profile}
     summary = run_pipeline(TABULAR, [f"data.path={path}", "data.label=species",
-                                     *[f"{k}={v}" for k, v in {**TINY, **workdir, "serve.port": serve_port}.items()]])
+                                     *[f"{k}={v}" for k, v in settings.items()]])
     assert summary["model_name"] == "tabular-flowers" and summary["promoted"]  # named after the file
     assert summary["test_accuracy"] > 0.6
     assert summary["endpoint_example"]["response"]["predictions"][0] in {"setosa", "versicolor", "virginica"}
+    # through the server: the alias, the served version and the run tree
+    assert summary["served_version"] == summary["model_version"]
+    client = mlflow.MlflowClient(mlflow_server)
+    assert str(client.get_model_version_by_alias("tabular-flowers", "champion").version) == summary["model_version"]
+    run = client.get_run(summary["train_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
 
 
 def test_parquet_split_is_reproducible(ray_local, tmp_path):

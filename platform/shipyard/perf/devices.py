@@ -74,6 +74,13 @@ class Interconnect:
     overlap: float = 1.0
     """Share of an all-reduce that can hide behind the backward pass (1: DDP overlaps fully; a calibrated
     CPU host, where the all-reduce competes with compute for the same cores, measures less)."""
+    ddp_overhead_us: float = 0.0
+    """Per-step cost of data parallelism beyond the all-reduce (DDP's hooks and bucket copies, ranks waiting
+    for each other); measured by `shipyard calibrate` with a tiny model in DDP, 0 for the catalog links."""
+    compute_slowdown: float = 1.0
+    """How much slower a worker computes while all its peers compute too (shared cores, caches and memory
+    bandwidth, and the host's other processes taking a core from one rank, which the other then waits for);
+    measured by `shipyard calibrate` with a larger model in DDP, 1 for the catalog links."""
 
 
 def _interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:

@@ -49,6 +49,8 @@ class StepEstimate:
     exposed_comm_ms: float
     """The part of comm_ms that adds to the step (not hidden behind backward)."""
     layers: tuple[LayerTime, ...]
+    ddp_overhead_ms: float = 0.0
+    """Data parallelism's cost beyond the all-reduce (Interconnect.ddp_overhead_us)."""
 
     @property
     def compute_ms(self) -> float:
@@ -56,7 +58,7 @@ class StepEstimate:
 
     @property
     def step_time_ms(self) -> float:
-        return self.compute_ms + self.exposed_comm_ms
+        return self.compute_ms + self.exposed_comm_ms + self.ddp_overhead_ms
 
     @property
     def samples_per_s(self) -> float:
@@ -85,10 +87,14 @@ def estimate_step(work: StepWork, device: Device, workers: int = 1, link: Interc
         compute = op.flops / (device.compute_tflops(op.op_class, op.flops, dtype) * 1e12) if op.flops else 0.0
         acc[3] += overhead
         acc[4] += compute
-    comm_s = exposed_s = 0.0
+    comm_s = exposed_s = ddp_s = 0.0
     if workers > 1:
         if link is None:
             raise ValueError("estimate_step: workers > 1 needs an interconnect")
+        # every peer computing at once on a shared host runs slower (calibrated; 1 for catalog links)
+        phase_s = {k: v * link.compute_slowdown for k, v in phase_s.items()}
+        last_backward = {k: v * link.compute_slowdown for k, v in last_backward.items()}
+        ddp_s = link.ddp_overhead_us * 1e-6
         backward_s = phase_s["backward"]
         ready = [last_backward.get(layer, backward_s) for layer in work.param_layers] or [backward_s]
         sizes = list(work.param_sizes_bytes) or [0]
@@ -98,7 +104,7 @@ def estimate_step(work: StepWork, device: Device, workers: int = 1, link: Interc
         bound = "overhead" if overhead >= t / 2 else ("compute" if compute >= (t - overhead) / 2 else "memory")
         layers.append(LayerTime(name, work.layer_kinds.get(name, name), t * 1e3, flops, moved, bound))
     return StepEstimate(workers, work.batch_size, phase_s["forward"] * 1e3, phase_s["backward"] * 1e3,
-                        phase_s["optimizer"] * 1e3, comm_s * 1e3, exposed_s * 1e3, tuple(layers))
+                        phase_s["optimizer"] * 1e3, comm_s * 1e3, exposed_s * 1e3, tuple(layers), ddp_s * 1e3)
 
 
 def forward_time_ms(work: StepWork, device: Device, dtype: str = "fp32") -> float:

@@ -96,10 +96,17 @@ def main() -> None:
         lines.append(line)
 
     if args.device == "cuda":
+        # fp32 as priced: cuDNN convolutions would otherwise run in TF32 (torch.backends.cudnn.allow_tf32 is on
+        # by default; matmuls are fp32 by default)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU visible to torch (torch.cuda.is_available() is False)")
         name = torch.cuda.get_device_name(0)
         catalog = catalog_device(name)
+        if any(k in name.lower() for k in ("pcie", "nvl")):
+            say(f"note: {name} is priced with the SXM data sheet's figures ({catalog.source}); PCIe/NVL cards have "
+                "lower clocks and bandwidth")
     else:  # dry run: this CPU, measured as shipyard calibrate does
         from shipyard.perf.calibrate import measure_device
 

@@ -190,8 +190,13 @@ def calibrate(out: str | Path, threads: int = 1, budget_s: float = 0.15) -> Prof
     from shipyard.perf.devices import _device
 
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= threads]
+    if sum(n["Resources"]["CPU"] // threads for n in nodes) < 2:
+        raise RuntimeError(f"calibration needs two Ray workers of {threads} CPU(s) (for the all-reduce between "
+                           f"them); the cluster has {sum(n['Resources'].get('CPU', 0) for n in nodes):g} CPUs on "
+                           "nodes that fit one")
     if not nodes:
-        raise RuntimeError(f"no Ray node has {threads} CPUs free for calibration; lower --threads")
+        raise RuntimeError(f"no Ray node has {threads} CPUs free for calibration (--threads, which the pipeline "
+                           "takes from scaling.cpus_per_worker); lower it or add CPUs")
     task = ray.remote(num_cpus=threads)(_measure_node)
     started = time.perf_counter()
     results = ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))

@@ -244,7 +244,7 @@ def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict
             log.info("%s", line)
         prediction = {"step_time_ms": plan.step.step_time_ms, "epoch_s": plan.epoch_s,
                       "exposed_comm_ms": plan.step.exposed_comm_ms, "warn_off_by": cfg.plan.warn_off_by,
-                      "link": plan.inter.name if plan.inter else None}
+                      "link": plan.link.name if plan.link else None}
     with mlflow.start_run(run_name="train", nested=True, tags={"shipyard.kind": "train"}) as run:
         tracking.log_config(cfg)
         if plan is not None:
@@ -279,13 +279,18 @@ def _predict(cfg: Config, splits):
         log.info("plan: skipped: plan.hardware=local prices CPUs; set plan.hardware=h100 (a100, h200) for GPU workers")
         return None
     path = default_profile_path(cfg)
-    if cfg.plan.hardware == "local" and not path.is_file():
-        from shipyard.calibration import calibrate
+    try:
+        if cfg.plan.hardware == "local" and not path.is_file():
+            from shipyard.calibration import calibrate
 
-        log.info("plan: no hardware profile at %s yet: measuring this machine first (shipyard calibrate)", path)
-        calibrate(path, threads=max(1, int(cfg.scaling.cpus_per_worker)))
-    shape = DataShape(sum(splits.rows.values()), splits.in_features, splits.num_classes)
-    return make_plan(cfg, cfg.plan.hardware, profile=path, shape=shape, rows=splits.rows)
+            log.info("plan: no hardware profile at %s yet: measuring this machine first (shipyard calibrate)", path)
+            calibrate(path, threads=max(1, int(cfg.scaling.cpus_per_worker)))
+        shape = DataShape(sum(splits.rows.values()), splits.in_features, splits.num_classes)
+        return make_plan(cfg, cfg.plan.hardware, profile=path, shape=shape, rows=splits.rows)
+    except Exception as err:  # a prediction is advice: training goes on without one
+        log.warning("plan: no prediction for this run (%s: %s); run `shipyard calibrate` to write %s, or set "
+                    "plan.enabled=false", type(err).__name__, err, path, exc_info=log.isEnabledFor(logging.DEBUG))
+        return None
 
 
 def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, Any]:

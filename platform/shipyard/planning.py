@@ -40,12 +40,17 @@ def data_shape(cfg: Config) -> DataShape:
         return DataShape(1797, 64, 10)  # sklearn.datasets.load_digits: 1,797 8x8 images, 10 classes
     import pyarrow.dataset as pads
 
-    from shipyard.data import check_source
+    from shipyard.data import _files, check_source
 
+    if "://" in cfg.data.path:
+        raise ConfigError(f"shipyard plan reads the data's shape from local files; data.path is {cfg.data.path}: "
+                          "copy a sample locally and plan with data.path=<local file> (the pipeline plans remote "
+                          "data itself, after its data stage)")
     check_source(cfg.data)
-    path = Path(cfg.data.path).expanduser()
-    fmt = "csv" if (path.suffix == ".csv" or (path.is_dir() and any(path.rglob("*.csv")))) else "parquet"
-    ds = pads.dataset(str(path), format=fmt)
+    files = _files(Path(cfg.data.path).expanduser())  # only .csv/.parquet files, as the pipeline reads them
+    fmt = "csv" if files[0].suffix == ".csv" else "parquet"
+    path = Path(cfg.data.path)
+    ds = pads.dataset([str(f) for f in files], format=fmt)
     names = ds.schema.names
     if cfg.data.label not in names:
         raise ConfigError(f"data.label: column '{cfg.data.label}' not in {path}; its columns: {', '.join(names)}")
@@ -65,6 +70,8 @@ class Plan:
     rows_val: int
     step: StepEstimate
     """One step at the configured worker count (scaling.num_workers)."""
+    link: Interconnect | None
+    """What that step's all-reduce crosses."""
     epoch_s: float
     strong: list[ScalingRow]
     weak: list[ScalingRow]
@@ -86,7 +93,9 @@ def _node_counts(spec: str) -> list[int]:
             counts = [int(spec)]
     except ValueError:
         raise ConfigError(f"--nodes '{spec}': give a count (4) or a range (1..8)") from None
-    if not counts or min(counts) < 1:
+    if not counts:
+        raise ConfigError(f"--nodes '{spec}': the range is empty; write it low..high, e.g. 1..8")
+    if min(counts) < 1:
         raise ConfigError(f"--nodes '{spec}': node counts start at 1")
     return counts
 
@@ -113,6 +122,8 @@ def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_n
 
     notes: list[str] = []
     node_counts = _node_counts(nodes)
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node {gpus_per_node}: give at least 1")
     if hardware == "local":
         prof = load_profile(profile or default_profile_path(cfg))
         threads = max(1, int(cfg.scaling.cpus_per_worker))
@@ -147,12 +158,19 @@ def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_n
 
     counts = worker_counts(node_counts, per_node)
     gb = cfg.train.batch_size
-    strong = scaling_table(work, device, counts, placement, gb, rows_train, algorithm=algorithm, dtype=dtype)
+    strong_counts = [n for n in counts if n <= gb]  # past N = global batch a worker would get no rows
+    if len(strong_counts) < len(counts):
+        notes.append(f"strong scaling stops at {strong_counts[-1]} workers: the global batch is {gb} rows")
+    strong = scaling_table(work, device, strong_counts, placement, gb, rows_train, algorithm=algorithm, dtype=dtype)
     weak = scaling_table(work, device, counts, placement, gb, rows_train, weak=True, algorithm=algorithm, dtype=dtype)
     if any(r.batch_per_worker * r.workers < gb for r in strong):
-        notes.append(f"strong scaling splits the global batch {gb} as {gb} // N per worker (rows left over are dropped)")
+        notes.append(f"strong scaling gives each of N workers {gb} // N rows, as training does: the global batch "
+                     f"becomes ({gb} // N) x N where N does not divide {gb}")
     n = cfg.scaling.num_workers
     _, link = placement(n)
+    if hardware == "local" and max(node_counts) > 1 and len(prof.nodes) <= 1:
+        notes.append(f"more than one node priced with {inter.name}, measured on one host: run shipyard calibrate "
+                     "on the cluster to measure the network between nodes")
     step = estimate_step(work(max(1, gb // n)), device, n, link, algorithm, dtype)
     steps = math.ceil(rows_train / (max(1, gb // n) * n))
     epoch_s = steps * step.step_time_ms / 1e3 + eval_s
@@ -165,7 +183,8 @@ def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_n
         trial_epochs = expected_trial_epochs(t.scheduler, t.num_samples, cfg.train.epochs, t.grace_period,
                                              t.reduction_factor)
         wall = search_wall_s(trial_epochs, t.num_samples, trial_epoch_s, t.max_concurrent_trials)
-    return Plan(hardware, device, intra, inter, per_node, shape, rows_train, rows_val, step, epoch_s, strong, weak,
+    return Plan(hardware, device, intra, inter, per_node, shape, rows_train, rows_val, step, link, epoch_s, strong,
+                weak,
                 recommend_workers(strong), trial_epochs, wall, epoch_s * cfg.train.epochs,
                 work(1).param_bytes // 4, tuple(notes))
 

@@ -82,11 +82,13 @@ def test_tree_and_parameter_server_for_known_alpha_beta():
         allreduce_s(1, 2, LINK, "butterfly")
 
 
-def test_ddp_buckets_fill_in_reverse_order_first_one_mib_then_25_mib():
+def test_ddp_buckets_fill_in_reverse_order_first_one_mib_then_25_mib_as_torch_does():
     mib = 1024 * 1024
     sizes = [10 * mib, 10 * mib, 10 * mib, 512 * 1024, 512 * 1024, 512 * 1024]
     assert DDP_FIRST_BUCKET_BYTES == mib and DDP_BUCKET_BYTES == 25 * mib
-    assert ddp_buckets(sizes) == [[5, 4], [3, 2, 1], [0]]
+    # a bucket closes once it holds at least its cap: 0.5 + 0.5 MiB fills the first; 0.5 + 3 x 10 the second
+    assert ddp_buckets(sizes) == [[5, 4], [3, 2, 1, 0]]
+    assert ddp_buckets([4 * mib] * 10) == [[9], [8, 7, 6, 5, 4, 3, 2], [1, 0]]  # torch: 1 / 7 / 2
 
 
 def test_allreduce_overlaps_backward_bucket_by_bucket():

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from shipyard.config import load_config
+from shipyard.errors import ConfigError
 from shipyard.perf.devices import Device, Interconnect, Profile
 from shipyard.planning import make_plan, worker_counts
 from shipyard.train import _Progress
@@ -58,6 +59,15 @@ def test_local_plan_uses_the_profile_and_the_configured_workers(tmp_path):
     assert [r.workers for r in plan.strong] == [1, 2]
     assert plan.rows_train == round(1797 * 0.7) and plan.search_wall_s > 0
     assert plan.step.top_layers(1)[0].kind == "Conv2d"
+
+
+def test_strong_scaling_stops_where_the_global_batch_runs_out():
+    cfg = load_config(DIGITS, {"train.batch_size": 16})
+    plan = make_plan(cfg, "h100", nodes="1..4")
+    assert [r.workers for r in plan.strong][-1] == 16 and [r.workers for r in plan.weak][-1] == 32
+    assert any("strong scaling stops at 16 workers" in n for n in plan.notes)
+    with pytest.raises(ConfigError, match="write it low..high"):
+        make_plan(cfg, "h100", nodes="8..1")
 
 
 def test_worker_counts_double_within_a_node_then_step_by_nodes():

@@ -141,8 +141,7 @@ def _curve(op_class: str, sizes, make, device: Device, budget_s: float
         marginal = (w - prev_w) / (t - prev_t) / scale if t > prev_t and prev_w else fit_rate
         rate = marginal if 0.2 * fit_rate < marginal < 5 * fit_rate else fit_rate  # noise guard
         points.append((w / n_own, rate))
-        prev_w, prev_t = w, t - n_ops * per_op_s
-        prev_t = t
+        prev_w, prev_t = w, t
     return tuple(sorted(points)), float(per_op_s) * 1e6
 
 

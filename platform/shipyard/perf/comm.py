@@ -57,15 +57,17 @@ def allreduce_s(nbytes: float, workers: int, link: Interconnect, algorithm: Algo
 
 def ddp_buckets(param_bytes: Sequence[int]) -> list[list[int]]:
     """Indices of parameters per DDP bucket, in the order DDP reduces them (reverse registration order:
-    the last layers' gradients are ready first)."""
+    the last layers' gradients are ready first). As torch assigns them (compute_bucket_assignment_by_size in
+    torch/csrc/distributed/c10d/reducer.cpp): a tensor joins the open bucket, which closes once it holds at
+    least the cap (1 MiB for the first, 25 MiB after)."""
     buckets: list[list[int]] = [[]]
     filled, cap = 0, DDP_FIRST_BUCKET_BYTES
     for i in reversed(range(len(param_bytes))):
-        if buckets[-1] and filled + param_bytes[i] > cap:
-            buckets.append([])
-            filled, cap = 0, DDP_BUCKET_BYTES
         buckets[-1].append(i)
         filled += param_bytes[i]
+        if filled >= cap:
+            buckets.append([])
+            filled, cap = 0, DDP_BUCKET_BYTES
     return [b for b in buckets if b]
 
 

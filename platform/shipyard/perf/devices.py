@@ -50,7 +50,8 @@ class Device:
         if op_class in self.curves and dtype == "fp32":
             return _interpolate(self.curves[op_class], flops)
         if dtype not in self.peak_tflops:
-            raise KeyError(f"{self.name} has no {dtype} peak; it has {', '.join(self.peak_tflops)}")
+            raise KeyError(f"{self.name} has no {dtype} peak; it has {', '.join(self.peak_tflops)} (a CPU profile "
+                           "prices fp32 only: use --dtype fp32, or a catalog GPU such as --hardware h100)")
         return self.peak_tflops[dtype] * self.matmul_fraction
 
     def memory_gbps(self, op_class: str, bytes_moved: float) -> float:
@@ -118,8 +119,10 @@ DEVICES: dict[str, Device] = {
 INTERCONNECTS: dict[str, Interconnect] = {
     # NVLink: per-GPU bandwidth one direction (the data sheets give both directions together: A100 600 GB/s,
     # H100/H200 900 GB/s); NCCL reaches ~80 % of it as bus bandwidth (nccl-tests, PERFORMANCE.md).
-    "nvlink3": Interconnect("nvlink3", 300.0 * 0.8, 8.0, "A100 data sheet: NVLink 600 GB/s bidirectional"),
-    "nvlink4": Interconnect("nvlink4", 450.0 * 0.8, 8.0, "H100 data sheet: NVLink 900 GB/s bidirectional"),
+    # Latency per ring step: ~2 us, so that a small all-reduce over 8 GPUs (14 steps) lands in the tens of
+    # microseconds NCCL's small-message all-reduces take on NVLink (order of magnitude; not measured here).
+    "nvlink3": Interconnect("nvlink3", 300.0 * 0.8, 2.0, "A100 data sheet: NVLink 600 GB/s bidirectional"),
+    "nvlink4": Interconnect("nvlink4", 450.0 * 0.8, 2.0, "H100 data sheet: NVLink 900 GB/s bidirectional"),
     # InfiniBand HDR 200 Gb/s and NDR 400 Gb/s, one NIC per GPU (DGX A100/H100 layout); ~90 % achievable.
     "ib-200": Interconnect("ib-200", 25.0 * 0.9, 10.0, "InfiniBand HDR 200 Gb/s per GPU"),
     "ib-400": Interconnect("ib-400", 50.0 * 0.9, 10.0, "InfiniBand NDR 400 Gb/s per GPU"),

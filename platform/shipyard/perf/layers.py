@@ -214,6 +214,9 @@ def count_step_work(build: Callable[[], nn.Module], batch_size: int, in_features
             loss.item()
         else:  # the same op on meta has no value to read: count it as the real step runs it
             counter.ops.append(OpWork("aten._local_scalar_dense", "(loss)", "forward", "elementwise", 0, 8))
+    if not counter.ops:  # FlopCounterMode internals this module relies on moved (another torch than 2.13)
+        raise RuntimeError(f"no ops counted for one training step with torch {torch.__version__}: shipyard.perf "
+                           "needs the torch the project pins (2.13)")
     params = [p for p in model.parameters() if p.requires_grad]
     kinds = {name: type(m).__name__ for name, m in model.named_modules() if name}
     layer_params = {name: sum(p.nbytes for p in m.parameters(recurse=False)) for name, m in model.named_modules()}

@@ -79,6 +79,9 @@ def _peer_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from shipyard.perf.layers import training_step
+    from shipyard.train import _log_to_driver
+
+    _log_to_driver()  # quiets Ray Train's per-report INFO lines, as in a training run
 
     def median_s(fn, calls: int) -> float:
         reps = []

@@ -207,7 +207,8 @@ def summary_lines(plan: Plan, top: int = 3) -> list[str]:
     layers = ", ".join(f"{lt.layer} {lt.kind} {_ms(lt.time_ms)} ms ({lt.bound})" for lt in s.top_layers(top))
     return [f"plan ({plan.device.name}): step {_ms(s.step_time_ms)} ms per {s.batch_per_worker} rows on each of "
             f"{s.workers} worker(s) (forward {_ms(s.forward_ms)}, backward {_ms(s.backward_ms)}, optimizer "
-            f"{_ms(s.optimizer_ms)}, all-reduce {_ms(s.exposed_comm_ms)} not hidden); epoch {plan.epoch_s:.2f} s; "
+            f"{_ms(s.optimizer_ms)}, all-reduce {_ms(s.exposed_comm_ms)} not hidden, other DDP costs "
+            f"{_ms(s.ddp_overhead_ms)}); epoch {plan.epoch_s:.2f} s; "
             f"training ~{plan.train_s:.1f} s plus Ray's start-up",
             f"plan: heaviest layers {layers}"]
 
@@ -231,7 +232,8 @@ def format_plan(plan: Plan, cfg: Config, top: int = 5) -> str:
                      f"{lt.bytes_moved / 1e6:9.3f}  {lt.bound}")
     lines += ["", f"predicted step time {_ms(s.step_time_ms)} ms (forward {_ms(s.forward_ms)}, backward "
                   f"{_ms(s.backward_ms)}, optimizer {_ms(s.optimizer_ms)}, all-reduce {_ms(s.comm_ms)} of which "
-                  f"{_ms(s.exposed_comm_ms)} not hidden) with scaling.num_workers={s.workers}",
+                  f"{_ms(s.exposed_comm_ms)} not hidden, other DDP costs {_ms(s.ddp_overhead_ms)}) with "
+                  f"scaling.num_workers={s.workers}",
               f"predicted epoch time {plan.epoch_s:.2f} s (incl. validation); {cfg.train.epochs} epochs "
               f"{plan.train_s:.1f} s of training"]
     for title, rows in (("strong scaling (global batch fixed)", plan.strong),

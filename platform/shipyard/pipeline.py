@@ -170,9 +170,10 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
             summary["data_hash"] = splits.data_hash
 
             best_cfg = cfg
-            if cfg.tune.enabled and cfg.tune.space and cfg.plan.enabled:
-                plan = _predict(cfg, splits)
-                if plan is not None and plan.search_wall_s is not None:
+            if cfg.plan.enabled:
+                with stages("plan", "pricing the run (shipyard.perf; the first run on a machine measures it)"):
+                    plan = _predict(cfg, splits)
+                if plan is not None and plan.search_wall_s is not None and cfg.tune.enabled:
                     log.info("plan: the search trains ~%.0f trial-epochs (rung maths), ~%.0f s wall with %d at a time",
                              plan.search_trial_epochs, plan.search_wall_s, cfg.tune.max_concurrent_trials)
             if cfg.tune.enabled and cfg.tune.space:

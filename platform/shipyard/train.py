@@ -67,8 +67,8 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train_batches,
     """One pass over this worker's training batches, then validation. Pure torch: no Ray inside.
 
     `in_memory`: take all of the epoch's batches first, then train: a streaming iterator's threads formatting
-    the next batch slow every step of a 1-CPU worker (MLP on digits: 0.9-1.5 ms a step streaming, 0.75
-    in memory, and the epoch faster too). `step_time_ms` is the median time of one training step (forward,
+    the next batch slow every step (MLP on digits, one process on a busy 2-core machine: 0.83-1.46 ms a
+    step streaming, 0.73-0.80 ms in memory, and the epoch faster too). `step_time_ms` is the median time of one training step (forward,
     backward with DDP's all-reduce, optimizer), what shipyard.perf predicts; `data_time_s` the epoch's time
     spent getting batches (loading them all, or waiting for each).
     """

@@ -41,7 +41,7 @@ def test_digits_promotes_only_better_models_and_serves_the_champion(ray_local, w
     assert good["previous_champion_accuracy"] == pytest.approx(first["test_accuracy"])
     assert good["endpoint"] == f"http://127.0.0.1:{serve_port}" and good["served_version"] == "2"
     assert good["endpoint_accuracy"] == pytest.approx(good["test_accuracy"], abs=0.005)
-    assert set(good["stage_seconds"]) == {"ray", "data", "tune", "train", "serve"}
+    assert set(good["stage_seconds"]) == {"ray", "data", "plan", "tune", "train", "serve"}
 
     # the per-epoch checkpoint holds weights, optimizer state and the epoch (loadable without pickles)
     state = torch.load(Path(good["checkpoint"]) / "state.pt", weights_only=True)

@@ -1,6 +1,6 @@
 """The performance model on one CUDA GPU: predicted vs measured step time, torch alone (no Ray, MLflow, network).
 
-    bash bench/gpu_check.sh                     # on a machine with one NVIDIA GPU; < 8 minutes on an H100
+    bash bench/gpu_check.sh                     # on a machine with one NVIDIA GPU (sized for < 8 min on an H100)
     python bench/gpu_check.py --device cpu      # dry run of the same script on this machine's CPU
 
 For each model (MLP, CNN, transformer encoder; the built-ins at their default size on 64 features, 10

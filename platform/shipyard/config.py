@@ -132,7 +132,7 @@ class PlanConfig(_Section):
     for GPU workers (`a100`, `h100`, `h200`; `shipyard plan --help`)."""
     profile: str = ".shipyard/hardware.json"
     """The hardware profile `shipyard calibrate` writes; relative paths are under the project root. When it is
-    missing, the pipeline measures this machine first (~20 s) and writes it."""
+    missing, the pipeline measures this machine first (~35 s) and writes it."""
     warn_off_by: float = Field(0.25, gt=0)
     """Warn (once per run) when the measured step time is off the prediction by more than this fraction."""
 

@@ -1,4 +1,4 @@
-"""The driver pipeline: data -> tune -> train -> evaluate -> register/promote -> serve.
+"""The driver pipeline: data -> plan -> tune -> train -> evaluate -> register/promote -> serve.
 
     summary = run(load_config("pipelines/configs/digits.yaml", ["train.lr=0.01"]))
 

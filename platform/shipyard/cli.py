@@ -3,6 +3,7 @@
     shipyard run pipelines/configs/digits.yaml train.lr=0.01 tune.num_samples=4 --summary-json out.json
     shipyard promote digits 3        # champion -> v3, by hand
     shipyard rollback digits         # champion -> the one before
+    shipyard cluster check platform/cluster-aws.yaml   # a Ray cluster file, offline, before `ray up`
 """
 from __future__ import annotations
 
@@ -176,7 +177,21 @@ def main(argv: list[str] | None = None) -> int:
                    description="Print `export KEY=VALUE` lines that turn on Serve's HAProxy ingress (stats and "
                                "metrics on loopback) for a Ray started after them: "
                                'eval "$(shipyard fast-ingress-env)" && ray start ...')
+    cluster_p = sub.add_parser("cluster", help="check a Ray cluster file before `ray up` / `kubectl apply`",
+                               description="Cluster files: Ray launcher files (cluster.yaml, "
+                                           "platform/cluster-aws.yaml) and KubeRay manifests (platform/kuberay/).")
+    check_p = cluster_p.add_subparsers(dest="cluster_command", required=True).add_parser(
+        "check", help="validate a cluster file offline: Ray's schema and Shipyard's rules",
+        description="Validate a Ray launcher file against the schema inside Ray (ray up's pre-flight, without a "
+                    "provider's cloud calls) or a KubeRay manifest, plus Shipyard's rules: the project installed on "
+                    "every node, token auth on, nothing on 0.0.0.0. Starts nothing, no SSH. Exit 0: ok; 2: problems.")
+    check_p.add_argument("file", nargs="?", default="cluster.yaml", type=Path,
+                         help="launcher file or KubeRay manifest (default: cluster.yaml)")
+    check_p.add_argument("--allow-public", action="store_true",
+                         help="binding 0.0.0.0 / :: (all interfaces) is meant: a warning, not an error")
     args = _resume_is_not_an_override(p.parse_args(argv))
+    if args.command == "cluster":
+        return cluster_check_command(args.file, args.allow_public)
     if args.command == "fast-ingress-env":
         from shipyard.ingress import fast_ingress_env
 
@@ -190,6 +205,22 @@ def main(argv: list[str] | None = None) -> int:
         return _guard(lambda: run_pipeline(args.config, args.overrides, args.address, args.summary_json,
                                            args.keep_serving, args.resume))
     return _guard(lambda: move_champion(args))
+
+
+def cluster_check_command(path: Path, allow_public: bool = False) -> int:
+    """`shipyard cluster check`: one "ok" line (and its warnings) and 0, or every problem and 2."""
+    from shipyard.clusterfile import check_file
+
+    result = check_file(path, allow_public=allow_public)
+    checked = f"{result.kind}: {result.checked}" if result.checked else result.kind
+    warnings = [f"  warning: {w}" for w in result.warnings]
+    if result.ok:
+        counted = f", {len(warnings)} warning(s)" if warnings else ""
+        print("\n".join([f"{path}: ok ({checked}{counted})", *warnings]))
+        return 0
+    errors = [f"  error: {e}" for e in result.errors]
+    print("\n".join([f"{path}: {len(errors)} problem(s) ({checked})", *errors, *warnings]), file=sys.stderr)
+    return 2
 
 
 def plan_command(args: argparse.Namespace) -> None:

@@ -75,6 +75,9 @@ class ScalingConfig(_Section):
     """Data-parallel Ray Train workers for the final training run."""
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    """Where Ray puts the workers (ScalingConfig.placement_strategy): PACK fills a node first (all-reduce stays
+    inside it), SPREAD prefers one worker per node, STRICT_SPREAD demands it (waits for enough nodes)."""
 
 
 Distribution = Literal["uniform", "loguniform", "randint", "choice", "grid"]
@@ -206,7 +209,9 @@ class ServeConfig(EndpointConfig):
     RAY_SERVE_THROUGHPUT_OPTIMIZED) instead of the Python proxy actor: ~7x the requests/s on 2 cores
     (BENCHMARKS.md). Applies to a Ray this pipeline starts; a cluster sets them in its start commands."""
     keep_running: bool = False
-    """Leave the endpoint up after the pipeline's check (the driver then waits for Ctrl-C)."""
+    """Leave the endpoint up after the pipeline's check. With a Ray this pipeline started, the driver waits for
+    Ctrl-C; attached to a cluster (--address, RAY_ADDRESS, `ray job submit`), the app stays deployed there and
+    the driver exits (`serve shutdown` or `serve delete <name>` removes it)."""
 
 
 class Config(_Section):

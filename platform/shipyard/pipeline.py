@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -58,27 +60,81 @@ def init_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address:
+        check_cluster_address(address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            context = ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ray.exceptions.RayError) as err:
             raise PlatformError(
                 f"cannot attach to the Ray cluster at {address}: {err}. Check the address (`ray status` on the "
                 "head prints it) and that this machine holds the cluster's token (~/.ray/auth_token or "
                 "RAY_AUTH_TOKEN)") from err
-        log.info("attached to the Ray cluster at %s: %s", address, ray.cluster_resources())
-        hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        hosts = {n["NodeManagerAddress"] for n in nodes}
+        log.info("running on the Ray cluster at %s: %d nodes on %d hosts, %s; dashboard %s", address, len(nodes),
+                 len(hosts), _resources(ray.cluster_resources()), _dashboard_url(context))
         if len(hosts) > 1:
             log.warning("the cluster spans %d hosts: tracking.uri and storage_path must be reachable from every "
                         "one of them (an MLflow server, shared storage), not files on this machine", len(hosts))
     else:
         # the dashboard must stay on: Train V2 needs the State API to free stopped trials (RAY_NOTES §6)
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
-        log.info("started a local Ray: %s", ray.cluster_resources())
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        log.info("running on a local Ray started here: %s; dashboard %s", _resources(ray.cluster_resources()),
+                 _dashboard_url(context))
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per stage is ours to print
-    return True
+    return not address
+
+
+def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's ~20 s of retries with a misleading "previous instance crashed" message,
+    when nothing answers at a cluster address or the cluster refuses this machine's token (RAY_NOTES §2)."""
+    if address == "auto" or "://" in address:  # found locally by Ray itself / Ray Client
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address '{address}' is not host:port; use e.g. --address 10.0.0.5:6379 (the head's "
+                          "`ray start --head --port`) or RAY_ADDRESS=auto on a cluster node")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise PlatformError(f"nothing answers at Ray address {address} ({err.strerror or err}): start the head with "
+                            "`ray start --head --port=6379` (or `ray up cluster.yaml`), or fix --address/RAY_ADDRESS"
+                            ) from None
+    if gcs_accepts_token(address, timeout_s) is False:
+        raise PlatformError(f"the Ray cluster at {address} refused this machine's token: copy the cluster's token "
+                            "to ~/.ray/auth_token (or set RAY_AUTH_TOKEN) and run with RAY_AUTH_MODE=token")
+
+
+def gcs_accepts_token(address: str, timeout_s: float = 5.0, token: str | None = None) -> bool | None:
+    """Ask the cluster's GCS for its node list with the token Ray would send (RAY_AUTH_TOKEN, else the file at
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token): True = accepted, False = refused, None = no answer."""
+    import grpc
+
+    if token is None and os.environ.get("RAY_AUTH_MODE", "token") != "disabled":
+        token = os.environ.get("RAY_AUTH_TOKEN")
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+        if not token and path.is_file():
+            token = path.read_text().strip()
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo")  # raw bytes in, raw bytes out
+        try:
+            call(b"", timeout=timeout_s, metadata=metadata)
+            return True
+        except grpc.RpcError as err:
+            return False if err.code() == grpc.StatusCode.UNAUTHENTICATED else None
+
+
+def _resources(res: dict[str, float]) -> str:
+    keep = ("CPU", "GPU")
+    return ", ".join(f"{res[k]:g} {k}" for k in keep if res.get(k)) or "no CPU or GPU"
+
+
+def _dashboard_url(context) -> str:
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and "://" not in url else (url or "(none)")
 
 
 def _token_mode_if_token() -> None:
@@ -151,7 +207,7 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
         started_ray = init_ray(address)
     summary: dict[str, Any] = {"model_name": cfg.model_name, "endpoint": None}
     keep = cfg.serve.keep_running if keep_serving is None else keep_serving
-    served = serve_was_running = False
+    served = serve_was_running = left_up = False
     try:
         tracking.setup(cfg)
         with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"{cfg.name}-{stamp}",
@@ -218,10 +274,14 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
             mlflow.log_dict(summary, "summary.json")
         if report is not None:
             report(summary)
-        if served and keep:
+        if served and keep and started_ray:
             _wait_for_ctrl_c(summary["endpoint"])
+        elif served and keep:
+            left_up = True
+            log.info("endpoint stays up at %s on the cluster (serve.keep_running); `serve delete %s` or "
+                     "`serve shutdown` stops it", summary["endpoint"], cfg.name)
     finally:
-        if served:
+        if served and not left_up:
             from ray import serve
 
             # remove only our app from a Serve instance that was already running: other endpoints stay up

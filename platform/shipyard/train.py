@@ -7,7 +7,9 @@ Train, a checkpoint (weights, optimizer, epoch) from which a restarted worker gr
 """
 from __future__ import annotations
 
+import json
 import logging
+import socket
 import statistics
 import tempfile
 import time
@@ -139,6 +141,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     logger = _RankZeroMlflow(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else None
+    placement = _worker_placement(world)  # every rank takes part (a collective)
+    if logger is not None:
+        logger.set_tag("shipyard.worker_nodes", json.dumps(placement))
+        logger.set_tag("shipyard.num_nodes", str(len({p["node_id"] for p in placement})))
     per_worker_batch = max(1, cfg.train.batch_size // world)
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
@@ -172,6 +178,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     logger.set_tag("shipyard.plan_warning", warning)
             ray.train.report(metrics, checkpoint=ckpt)  # a barrier: every rank calls it
         report_s = time.perf_counter() - report_start
+
+
+def _worker_placement(world: int) -> list[dict[str, str]]:
+    """Ray node id and host of every rank, rank order: where a run really trained (a tag on its MLflow run)."""
+    import ray
+
+    me = {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+          "node_ip": ray.util.get_node_ip_address()}
+    if world == 1:
+        return [me]
+    everyone: list[Any] = [None] * world
+    torch.distributed.all_gather_object(everyone, me)  # the process group Ray Train set up for DDP
+    return everyone
 
 
 def _log_to_driver() -> None:
@@ -288,7 +307,8 @@ def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_cl
                            "train_rows": datasets["train"].count() if hasattr(datasets["train"], "count") else 0},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers or cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker or cfg.scaling.cpus_per_worker}),
+            resources_per_worker={"CPU": cpus_per_worker or cfg.scaling.cpus_per_worker},
+            placement_strategy=cfg.scaling.placement_strategy),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # every rank validates on all of val
         run_config=ray.train.RunConfig(

@@ -1,0 +1,294 @@
+"""A real multi-node Ray cluster and a real MLflow server on one machine: the proof that a pipeline runs
+unchanged on a cluster (`make cluster-demo`, tests/ray/test_multinode.py).
+
+    with LocalCluster(root, nodes=2) as cluster, MlflowServer(root / "mlflow") as ml:
+        rc, log = cluster.submit(["python", "-m", "pipelines.digits", f"tracking.uri={ml.url}"], working_dir=".")
+
+Each node is a `ray start --block` process, started as cluster.yaml starts a node: token authentication on
+(a token made for this cluster), the dashboard on 127.0.0.1, Serve's fast ingress. Each node gets its own temp
+dir: two nodes sharing one unpack a job's working_dir over each other (seen: the job driver's cwd vanished) and
+its own ports where Ray's defaults are fixed. Everything is stopped by pid — the node processes and all their
+descendants, SIGTERM then SIGKILL; `ray stop` would kill every Ray on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import requests
+
+log = logging.getLogger(__name__)
+
+NODE_START_TIMEOUT_S = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_tree(pids: list[int], marker: str | None = None, grace_s: float = 10.0) -> list[int]:
+    """SIGTERM every process in `pids` and all their descendants (and, with `marker`, any process whose command
+    line holds it: Ray workers that outlived their raylet); SIGKILL what is left after `grace_s`. The whole set
+    is collected before the first signal: a job driver is a grandchild of a Ray worker and is reparented away
+    once that worker dies. Returns the pids signalled."""
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+        except psutil.NoSuchProcess:
+            pass
+    if marker:
+        for p in psutil.process_iter(["cmdline"]):
+            if any(marker in part for part in p.info["cmdline"] or ()):
+                procs.setdefault(p.pid, p)
+    procs.pop(os.getpid(), None)
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
+    for p in alive:  # Ray's head `ray start --block` and its GCS do not always exit on SIGTERM
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return sorted(procs)
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+class LocalCluster:
+    """A head and `nodes - 1` worker nodes on this machine, `cpus_per_node` logical CPUs each."""
+
+    def __init__(self, root: Path | None = None, nodes: int = 2, cpus_per_node: int = 2,
+                 env: dict[str, str] | None = None):
+        # short paths: Ray's unix sockets live under the temp dir and a socket path must stay under 108 bytes
+        self.root = Path(root or tempfile.mkdtemp(prefix="sy-cluster-"))
+        self.nodes, self.cpus_per_node = nodes, cpus_per_node
+        self.token = secrets.token_hex(32)
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.procs: list[subprocess.Popen] = []
+        self.env = self._environment(env or {})
+
+    @property
+    def address(self) -> str:
+        """The GCS address for `--address` / RAY_ADDRESS (the GCS listens on every interface)."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """Where `ray job submit --address` and `serve deploy -a` go."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _environment(self, extra: dict[str, str]) -> dict[str, str]:
+        from shipyard.ingress import fast_ingress_env
+
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+        env.update(fast_ingress_env())  # as cluster.yaml's start commands do (free stats/metrics ports here)
+        env.update({
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,  # the nodes, `ray job submit` and drivers
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # jobs' `python`: this venv
+            # Ray's autoscaler and dashboard serve Prometheus metrics on fixed ports: two Rays on one machine
+            # would collide there
+            "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port()),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        })
+        env.update(extra)
+        return env
+
+    def start(self) -> "LocalCluster":
+        t0 = time.perf_counter()
+        for i in range(self.nodes):
+            temp_dir = self.root / f"n{i}"
+            temp_dir.mkdir(parents=True, exist_ok=True)
+            cmd = [_ray_bin(), "start", "--block", f"--num-cpus={self.cpus_per_node}", f"--temp-dir={temp_dir}",
+                   f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                   f"--resources={json.dumps({f'shipyard_node_{i}': 1})}"]
+            if i == 0:
+                cmd += ["--head", f"--port={self.port}", "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
+            else:
+                cmd += [f"--address={self.address}"]
+            out = open(self.root / f"n{i}.log", "w")
+            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+            self._wait_for_nodes(i + 1)
+        log.info("local Ray cluster: %d nodes x %d CPUs at %s (dashboard %s) in %.1f s", self.nodes,
+                 self.cpus_per_node, self.address, self.dashboard_url, time.perf_counter() - t0)
+        return self
+
+    def node_ids(self) -> list[str]:
+        """Ids of the alive nodes, from the dashboard's state API (with the cluster's token)."""
+        resp = requests.get(f"{self.dashboard_url}/api/v0/nodes", params={"limit": 100}, timeout=10,
+                            headers={"Authorization": f"Bearer {self.token}"})
+        resp.raise_for_status()
+        return [n["node_id"] for n in resp.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+    def _wait_for_nodes(self, n: int) -> None:
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for i, p in enumerate(self.procs):
+                if p.poll() is not None:
+                    raise RuntimeError(f"ray start of node {i} exited ({p.returncode}): "
+                                       f"{(self.root / f'n{i}.log').read_text()[-2000:]}")
+            try:
+                if len(self.node_ids()) >= n:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{n} Ray nodes not up after {NODE_START_TIMEOUT_S:.0f} s; logs in {self.root}")
+
+    def pids(self) -> set[int]:
+        """Every process of the cluster now (node processes, raylets, GCS, agents, workers)."""
+        found: set[int] = set()
+        for p in self.procs:
+            try:
+                root = psutil.Process(p.pid)
+                found |= {root.pid, *(c.pid for c in root.children(recursive=True))}
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    def submit(self, entrypoint: list[str], working_dir: str | Path = ".", echo: bool = False) -> tuple[int, str]:
+        """`ray job submit --working-dir DIR -- ENTRYPOINT`, waiting for the job; returns (exit code, its log).
+        `echo` prints the job's log as it comes."""
+        cmd = [_ray_bin(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir),
+               "--", *entrypoint]
+        lines: list[str] = []
+        with subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+            for line in p.stdout:
+                lines.append(line)
+                if echo:
+                    print(line, end="", flush=True)
+        return p.returncode, "".join(lines)
+
+    def stop(self) -> None:
+        stop_tree([p.pid for p in self.procs], marker=str(self.root))
+        for p in self.procs:
+            p.wait(timeout=10)
+        self.procs.clear()
+
+    def __enter__(self) -> "LocalCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (sqlite store, artifacts proxied by the server), stopped by pid."""
+
+    def __init__(self, root: Path, port: int | None = None):
+        self.root, self.port = Path(root), port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MlflowServer":
+        self.root.mkdir(parents=True, exist_ok=True)
+        out = open(self.root / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                time.sleep(0.5)
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_tree([self.proc.pid])  # the server, its uvicorn worker, its job runner and huey consumers
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def __enter__(self) -> "MlflowServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def worker_nodes(tracking_uri: str, parent_run_id: str) -> list[dict[str, str]]:
+    """Where the pipeline's final training ran: the `shipyard.worker_nodes` tag of its `train` run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`shipyard.kind` = 'train'")
+    if not runs:
+        raise RuntimeError(f"no train run under pipeline run {parent_run_id} at {tracking_uri}")
+    return json.loads(runs[0].data.tags["shipyard.worker_nodes"])
+
+
+def demo(argv: list[str] | None = None) -> int:
+    """Two nodes + an MLflow server, the digits pipeline through `ray job submit`, checks, teardown."""
+    p = argparse.ArgumentParser(description=demo.__doc__)
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--cpus-per-node", type=int, default=2)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="more pipeline overrides")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = Path(tempfile.mkdtemp(prefix="sy-demo-"))
+    summary_path, serve_port = root / "summary.json", free_port()
+    try:
+        with LocalCluster(root / "ray", args.nodes, args.cpus_per_node) as cluster, \
+                MlflowServer(root / "mlflow") as ml:
+            entry = ["python", "-m", "pipelines.digits", f"tracking.uri={ml.url}",
+                     f"storage_path={root / 'results'}", f"scaling.num_workers={args.nodes}",
+                     "scaling.placement_strategy=SPREAD", f"serve.port={serve_port}", *args.overrides,
+                     "--keep-serving", "--summary-json", str(summary_path)]
+            log.info("ray job submit --address %s --working-dir . -- %s", cluster.dashboard_url, " ".join(entry))
+            rc, _ = cluster.submit(entry, echo=True)
+            if rc != 0:
+                log.error("the job failed (exit %d); logs above and in %s", rc, root)
+                return 1
+            summary = json.loads(summary_path.read_text())
+            placement = worker_nodes(ml.url, summary["parent_run_id"])
+            answer = requests.post(f"http://127.0.0.1:{serve_port}/predict", json={"instances": [[0.0] * 64]},
+                                   timeout=30).json()
+            print(json.dumps({"nodes": cluster.node_ids(), "train_workers": placement,
+                              "model": f"{summary['model_name']} v{summary['model_version']}",
+                              "test_accuracy": summary["test_accuracy"], "endpoint_after_job": answer}, indent=1))
+            return 0 if len({w["node_id"] for w in placement}) == min(args.nodes, len(placement)) else 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(demo())

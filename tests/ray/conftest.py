@@ -1,11 +1,7 @@
 """Integration fixtures: one local Ray (num_cpus=2) for the session, stopped by the driver that started it."""
 import os
-import subprocess
-import sys
-import time
 
 import pytest
-import requests
 
 from tests.helpers import free_port, kill_leftovers, our_raylet_pid, raylet_processes
 
@@ -55,30 +51,11 @@ def workdir(tmp_path, hardware_profile):
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` process on loopback, stopped by pid."""
-    d = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log_file = open(d / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts"),
-         "--workers", "1"],
-        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
-    yield url
-    os.killpg(proc.pid, 15)  # the server and its uvicorn workers
-    proc.wait(timeout=30)
-    log_file.close()
+    """A real `mlflow server` process on loopback (shipyard.localcluster.MlflowServer), stopped by pid: its URL."""
+    from shipyard.localcluster import MlflowServer
+
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server.url
 
 
 @pytest.fixture

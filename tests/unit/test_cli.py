@@ -62,3 +62,19 @@ def test_resume_refuses_a_changed_config_naming_the_key_and_the_value_to_pass(tm
     assert "train.lr is 0.01 (was 0.003): pass the same values (train.lr=0.003)" in out.stderr, out.stderr
     out = run("-m", "pipelines.digits", f"tracking.uri={cfg.tracking_uri}", "tune.scheduler=hyperband", "--resume")
     assert out.returncode == 2 and "a HyperBand search cannot be resumed" in out.stderr
+
+
+def test_wrong_cluster_address_fails_with_what_to_fix(tmp_path):
+    """--address and RAY_ADDRESS: nothing listening there is said at once (Ray itself retries ~20 s, then
+    blames "a previous Ray instance that has since crashed"), nothing is written to the tracking store."""
+    import os
+
+    tracking = f"tracking.uri=sqlite:///{tmp_path}/m.db"
+    out = run("-m", "pipelines.digits", "--address", "127.0.0.1:9", tracking)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "nothing answers at Ray address 127.0.0.1:9" in out.stderr and "ray start --head" in out.stderr
+    env = {**os.environ, "RAY_ADDRESS": "no-port-here"}
+    out = subprocess.run([sys.executable, "-m", "pipelines.digits", tracking], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "Ray address 'no-port-here' is not host:port" in out.stderr
+    assert not (tmp_path / "m.db").exists()

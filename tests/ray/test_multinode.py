@@ -1,0 +1,92 @@
+"""The pipeline unchanged on a real two-node Ray cluster (two `ray start` nodes on this machine) with a real
+MLflow server, submitted with `ray job submit` as a user would; and what listens where while it runs."""
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from shipyard.localcluster import LocalCluster, worker_nodes
+from tests.helpers import TINY, free_port, listening_sockets, probe_without_token
+
+ROOT = Path(__file__).resolve().parents[2]
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_local):  # ray_local: the session's Ray is up too (two Rays on one host, as on a shared box)
+    with LocalCluster(nodes=2, cpus_per_node=2) as c:
+        yield c
+    assert not [p for p in c.pids() if psutil.pid_exists(p)], "cluster processes left after stop"
+
+
+@pytest.fixture(scope="module")
+def job(cluster, mlflow_server, hardware_profile, tmp_path_factory):
+    """The digits pipeline through `ray job submit --working-dir .`, its endpoint left up on the cluster."""
+    out = tmp_path_factory.mktemp("job")
+    serve_port = free_port()
+    entry = ["python", "-m", "pipelines.digits", f"tracking.uri={mlflow_server}",
+             f"storage_path={out / 'results'}", f"plan.profile={hardware_profile}",
+             *(f"{k}={v}" for k, v in TINY.items()),
+             "scaling.placement_strategy=SPREAD",
+             f"serve.port={serve_port}", "--keep-serving", "--summary-json", str(out / "summary.json")]
+    rc, log = cluster.submit(entry, working_dir=ROOT)
+    assert rc == 0, log[-5000:]
+    return {"summary": json.loads((out / "summary.json").read_text()), "log": log, "serve_port": serve_port}
+
+
+def test_pipeline_trains_on_both_nodes_registers_and_serves(cluster, mlflow_server, job):
+    summary = job["summary"]
+    assert "running on the Ray cluster at" in job["log"] and "2 nodes" in job["log"]
+    placement = worker_nodes(mlflow_server, summary["parent_run_id"])
+    assert len(placement) == 2
+    assert {w["node_id"] for w in placement} == set(cluster.node_ids())  # one training worker on each node
+    # registered in the shared server's registry, with the lineage of this run
+    version = MlflowClient(mlflow_server).get_model_version(summary["model_name"], summary["model_version"])
+    assert version.tags["shipyard.data_hash"] == summary["data_hash"]
+    assert summary["endpoint_accuracy"] == pytest.approx(summary["test_accuracy"], abs=0.005)
+    # the endpoint outlives the job: it answers the test process, not only the job's driver
+    answer = requests.post(f"http://127.0.0.1:{job['serve_port']}/predict", json={"instances": [[0.0] * 64]},
+                           timeout=30)
+    assert answer.status_code == 200 and answer.json()["model_version"] == str(summary["model_version"])
+
+
+def test_shipyards_ports_on_loopback_and_rays_refuse_clients_without_the_token(cluster, mlflow_server, job):
+    sockets = listening_sockets(cluster.pids())
+    ours = {job["serve_port"]: "Serve HTTP", cluster.dashboard_port: "dashboard"}
+    for port, what in ours.items():
+        bound = {ip for _, _, ip, p in sockets if p == port}
+        assert bound and bound <= LOOPBACK, f"{what} port {port} listens on {bound}"
+    mlflow_port = int(mlflow_server.rsplit(":", 1)[1])
+    server = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == mlflow_port and c.pid}
+    mlflow_binds = {ip for _, _, ip, _ in listening_sockets(server)}
+    assert server and mlflow_binds == {"127.0.0.1"}, mlflow_binds
+
+    node_ip = cluster.node_ip()
+    exposed = sorted({(name, port) for _, name, ip, port in sockets if ip not in LOOPBACK})
+    assert exposed, "expected Ray's internal ports on all interfaces"
+    seen = {}
+    for name, port in exposed:
+        seen[(name, port)] = probe_without_token(node_ip, port)
+    # Ray serves Prometheus metrics without a token, read-only (no setting binds them to loopback): the
+    # autoscaler's, the dashboard's and each node agent's exporter, nothing else
+    metrics_ports = {int(cluster.env["AUTOSCALER_METRIC_PORT"]), int(cluster.env["DASHBOARD_METRIC_PORT"]),
+                     *cluster.metrics_export_ports}
+    for (name, port), verdict in seen.items():
+        if port in metrics_ports:
+            assert verdict == "metrics", (name, port, verdict)
+        else:
+            assert verdict == "refused", f"{name} port {port} without a token: {verdict} (all: {seen})"
+    assert sum(v == "refused" for v in seen.values()) >= 5  # GCS, 2 raylets, 2 object managers at least
+
+
+def test_attaching_with_the_wrong_token_is_refused_at_once(cluster, monkeypatch):
+    from shipyard.errors import PlatformError
+    from shipyard.pipeline import check_cluster_address, gcs_accepts_token
+
+    assert gcs_accepts_token(cluster.address, token=cluster.token) is True
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
+    with pytest.raises(PlatformError, match="refused this machine's token"):
+        check_cluster_address(cluster.address)

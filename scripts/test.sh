@@ -4,7 +4,7 @@
 # path that matches nothing); the full suite collecting nothing is a failure, as is every other non-zero exit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/python -m pytest -ra "$@"
+.venv/bin/python -m pytest -ra --durations=15 "$@"
 rc=$?
 if [ "$rc" -eq 5 ] && [ "$#" -gt 0 ]; then echo "[test] the selection '$*' matched no tests (exit 5): not a failure"; rc=0; fi
 exit "$rc"

@@ -211,7 +211,13 @@ def cluster_check_command(path: Path, allow_public: bool = False) -> int:
     """`shipyard cluster check`: one "ok" line (and its warnings) and 0, or every problem and 2."""
     from shipyard.clusterfile import check_file
 
-    result = check_file(path, allow_public=allow_public)
+    try:
+        result = check_file(path, allow_public=allow_public)
+    except Exception as err:  # a shape of file the rules did not foresee: say so, without a traceback
+        print(f"cannot check {path}: {type(err).__name__}: {err}; is a list or a value where a mapping belongs (or "
+              "the reverse)? Compare the file with cluster.yaml or platform/kuberay/raycluster.yaml, and report "
+              "it as a Shipyard bug if it is right", file=sys.stderr)
+        return 2
     checked = f"{result.kind}: {result.checked}" if result.checked else result.kind
     warnings = [f"  warning: {w}" for w in result.warnings]
     if result.ok:

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ class LocalCluster:
         self.token = secrets.token_hex(32)
         self.port, self.dashboard_port = free_port(), free_port()
         self.procs: list[subprocess.Popen] = []
+        self.logs: list[Any] = []
         self.metrics_export_ports: list[int] = []
         """Each node's Prometheus exporter (Ray serves it on every interface, without a token)."""
         self.env = self._environment(env or {})
@@ -133,6 +135,7 @@ class LocalCluster:
             else:
                 cmd += [f"--address={self.address}"]
             out = open(self.root / f"n{i}.log", "w")
+            self.logs.append(out)
             self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                                start_new_session=True))
             self._wait_for_nodes(i + 1)
@@ -182,36 +185,59 @@ class LocalCluster:
                 pass
         return found
 
-    def submit(self, entrypoint: list[str], working_dir: str | Path = ".", echo: bool = False) -> tuple[int, str]:
+    def submit(self, entrypoint: list[str], working_dir: str | Path = ".", echo: bool = False,
+               timeout_s: float = 900) -> tuple[int, str]:
         """`ray job submit --working-dir DIR -- ENTRYPOINT`, waiting for the job; returns (exit code, its log).
-        `echo` prints the job's log as it comes."""
-        cmd = [_ray_bin(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir),
-               "--", *entrypoint]
+        `echo` prints the job's log as it comes. Past `timeout_s` the job is stopped (`ray job stop`) and the
+        exit code is 124."""
+        job_id = f"shipyard-{secrets.token_hex(4)}"
+        cmd = [_ray_bin(), "job", "submit", "--address", self.dashboard_url, "--submission-id", job_id,
+               "--working-dir", str(working_dir), "--", *entrypoint]
         lines: list[str] = []
+        timed_out = threading.Event()
         with subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
-            for line in p.stdout:
-                lines.append(line)
-                if echo:
-                    print(line, end="", flush=True)
+            def stop_job() -> None:
+                timed_out.set()
+                subprocess.run([_ray_bin(), "job", "stop", "--address", self.dashboard_url, job_id], env=self.env,
+                               capture_output=True, timeout=60)
+                p.kill()
+
+            timer = threading.Timer(timeout_s, stop_job)
+            timer.start()
+            try:
+                for line in p.stdout:
+                    lines.append(line)
+                    if echo:
+                        print(line, end="", flush=True)
+            finally:
+                timer.cancel()
+        if timed_out.is_set():
+            lines.append(f"shipyard.localcluster: job {job_id} stopped after {timeout_s:.0f} s\n")
+            return 124, "".join(lines)
         return p.returncode, "".join(lines)
 
-    def stop(self) -> None:
+    def stop(self, keep_logs: bool = False) -> None:
+        """Stop every process of the cluster by pid; remove the temp dir it made unless `keep_logs`."""
         stop_tree([p.pid for p in self.procs], marker=str(self.root))
         for p in self.procs:
             p.wait(timeout=10)
-        self.procs.clear()
-        if self.own_root:
+        for f in self.logs:
+            f.close()
+        self.procs.clear(), self.logs.clear()
+        if keep_logs:
+            log.warning("the cluster's logs are kept in %s (each node's session_latest/logs)", self.root)
+        elif self.own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> "LocalCluster":
         try:
             return self.start()
         except BaseException:
-            self.stop()
+            self.stop(keep_logs=True)
             raise
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.stop(keep_logs=exc_type is not None)
 
 
 class MlflowServer:
@@ -220,6 +246,7 @@ class MlflowServer:
     def __init__(self, root: Path, port: int | None = None):
         self.root, self.port = Path(root), port or free_port()
         self.proc: subprocess.Popen | None = None
+        self.log_file: Any = None
 
     @property
     def url(self) -> str:
@@ -227,7 +254,7 @@ class MlflowServer:
 
     def start(self) -> "MlflowServer":
         self.root.mkdir(parents=True, exist_ok=True)
-        out = open(self.root / "server.log", "w")
+        out = self.log_file = open(self.root / "server.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
@@ -250,6 +277,9 @@ class MlflowServer:
             stop_tree([self.proc.pid])  # the server, its uvicorn worker, its job runner and huey consumers
             self.proc.wait(timeout=10)
             self.proc = None
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
 
     def __enter__(self) -> "MlflowServer":
         return self.start()
@@ -259,7 +289,8 @@ class MlflowServer:
 
 
 def worker_nodes(tracking_uri: str, parent_run_id: str) -> list[dict[str, str]]:
-    """Where the pipeline's final training ran: the `shipyard.worker_nodes` tag of its `train` run."""
+    """Where the pipeline's final training ran, one entry per rank (node_id, host, node_ip): the
+    `worker_placement.json` artifact of its `train` run (the tag `shipyard.worker_nodes` counts ranks per node)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -268,7 +299,13 @@ def worker_nodes(tracking_uri: str, parent_run_id: str) -> list[dict[str, str]]:
                               f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`shipyard.kind` = 'train'")
     if not runs:
         raise RuntimeError(f"no train run under pipeline run {parent_run_id} at {tracking_uri}")
-    return json.loads(runs[0].data.tags["shipyard.worker_nodes"])
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(runs[0].info.run_id, "worker_placement.json", tmp))
+                          .read_text())
+
+
+REPO = Path(__file__).resolve().parents[2]
+"""The checkout `make cluster-demo` submits as the job's working_dir (pipelines/ and the configs in it)."""
 
 
 def demo(argv: list[str] | None = None) -> int:
@@ -279,30 +316,46 @@ def demo(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="more pipeline overrides")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not (REPO / "pipelines" / "digits.py").is_file():
+        log.error("no pipelines/digits.py under %s: run the demo from a Shipyard checkout (make cluster-demo)", REPO)
+        return 2
     root = Path(tempfile.mkdtemp(prefix="sy-demo-"))
     summary_path, serve_port = root / "summary.json", free_port()
+    ok = False
     try:
         with LocalCluster(root / "ray", args.nodes, args.cpus_per_node) as cluster, \
                 MlflowServer(root / "mlflow") as ml:
+            # STRICT_SPREAD: one worker per node or none (SPREAD is only a preference)
             entry = ["python", "-m", "pipelines.digits", f"tracking.uri={ml.url}",
                      f"storage_path={root / 'results'}", f"scaling.num_workers={args.nodes}",
-                     "scaling.placement_strategy=SPREAD", f"serve.port={serve_port}", *args.overrides,
+                     "scaling.placement_strategy=STRICT_SPREAD", f"serve.port={serve_port}", *args.overrides,
                      "--keep-serving", "--summary-json", str(summary_path)]
-            log.info("ray job submit --address %s --working-dir . -- %s", cluster.dashboard_url, " ".join(entry))
-            rc, _ = cluster.submit(entry, echo=True)
+            log.info("ray job submit --address %s --working-dir %s -- %s", cluster.dashboard_url, REPO,
+                     " ".join(entry))
+            rc, _ = cluster.submit(entry, working_dir=REPO, echo=True)
             if rc != 0:
-                log.error("the job failed (exit %d); logs above and in %s", rc, root)
+                log.error("the job failed (exit %d): its log is above", rc)
                 return 1
             summary = json.loads(summary_path.read_text())
             placement = worker_nodes(ml.url, summary["parent_run_id"])
-            answer = requests.post(f"http://127.0.0.1:{serve_port}/predict", json={"instances": [[0.0] * 64]},
-                                   timeout=30).json()
-            print(json.dumps({"nodes": cluster.node_ids(), "train_workers": placement,
+            resp = requests.post(f"http://127.0.0.1:{serve_port}/predict", json={"instances": [[0.0] * 64]},
+                                 timeout=30)
+            nodes = cluster.node_ids()
+            print(json.dumps({"nodes": nodes, "train_workers": placement,
                               "model": f"{summary['model_name']} v{summary['model_version']}",
-                              "test_accuracy": summary["test_accuracy"], "endpoint_after_job": answer}, indent=1))
-            return 0 if len({w["node_id"] for w in placement}) == min(args.nodes, len(placement)) else 1
+                              "test_accuracy": summary["test_accuracy"],
+                              "endpoint_after_job": {"status": resp.status_code, "body": resp.json()}}, indent=1))
+            ok = (len(placement) == args.nodes and {w["node_id"] for w in placement} == set(nodes)
+                  and resp.ok and resp.json().get("model_version") == str(summary["model_version"]))
+            if not ok:
+                log.error("expected one training worker on each of the %d nodes and the endpoint answering with "
+                          "v%s", args.nodes, summary["model_version"])
+            return 0 if ok else 1
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if ok:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            log.warning("kept %s: the nodes' logs (ray/n*/session_latest/logs), the MLflow server's", root)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -42,8 +43,9 @@ class Stages:
         log.info("[%6.1fs] %-8s done in %.1f s", time.perf_counter() - self.t0, name, self.seconds[name])
 
 
-def init_ray(address: str | None) -> bool:
-    """Start a local Ray (token auth on, dashboard on loopback) or attach to `address`/RAY_ADDRESS.
+def init_ray(address: str | None, cfg: Config | None = None) -> bool:
+    """Start a local Ray (token auth on, dashboard on loopback) or attach to `address`/RAY_ADDRESS; with `cfg`,
+    a cluster of several hosts must have a tracking store they all reach.
 
     Returns True when this call started Ray, so the caller knows to shut it down.
     """
@@ -72,9 +74,8 @@ def init_ray(address: str | None) -> bool:
         hosts = {n["NodeManagerAddress"] for n in nodes}
         log.info("running on the Ray cluster at %s: %d nodes on %d hosts, %s; dashboard %s", address, len(nodes),
                  len(hosts), _resources(ray.cluster_resources()), _dashboard_url(context))
-        if len(hosts) > 1:
-            log.warning("the cluster spans %d hosts: tracking.uri and storage_path must be reachable from every "
-                        "one of them (an MLflow server, shared storage), not files on this machine", len(hosts))
+        if len(hosts) > 1 and cfg is not None:
+            _check_shared(cfg, len(hosts))
     else:
         # the dashboard must stay on: Train V2 needs the State API to free stopped trials (RAY_NOTES §6)
         context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
@@ -93,6 +94,7 @@ def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
     if address == "auto" or "://" in address:  # found locally by Ray itself / Ray Client
         return
     host, _, port = address.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
     if not host or not port.isdigit():
         raise ConfigError(f"Ray address '{address}' is not host:port; use e.g. --address 10.0.0.5:6379 (the head's "
                           "`ray start --head --port`) or RAY_ADDRESS=auto on a cluster node")
@@ -102,9 +104,13 @@ def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
         raise PlatformError(f"nothing answers at Ray address {address} ({err.strerror or err}): start the head with "
                             "`ray start --head --port=6379` (or `ray up cluster.yaml`), or fix --address/RAY_ADDRESS"
                             ) from None
-    if gcs_accepts_token(address, timeout_s) is False:
+    accepted = gcs_accepts_token(address, timeout_s)
+    if accepted is False:
         raise PlatformError(f"the Ray cluster at {address} refused this machine's token: copy the cluster's token "
                             "to ~/.ray/auth_token (or set RAY_AUTH_TOKEN) and run with RAY_AUTH_MODE=token")
+    if accepted is None:
+        raise PlatformError(f"{address} answers, but not as a Ray cluster's GCS: use the head's `ray start --port` "
+                            "(6379 by default), not the dashboard's (8265) or Ray Client's (10001)")
 
 
 def gcs_accepts_token(address: str, timeout_s: float = 5.0, token: str | None = None) -> bool | None:
@@ -125,6 +131,20 @@ def gcs_accepts_token(address: str, timeout_s: float = 5.0, token: str | None = 
             return True
         except grpc.RpcError as err:
             return False if err.code() == grpc.StatusCode.UNAUTHENTICATED else None
+
+
+def _check_shared(cfg: Config, hosts: int) -> None:
+    """Training workers on other hosts log to tracking.uri and write checkpoints to storage_path: a store
+    that lives on this machine fails them mid-run, so say it now."""
+    uri = urlparse(cfg.tracking_uri)
+    if uri.scheme in ("", "file", "sqlite") or uri.hostname in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"tracking.uri {cfg.tracking_uri} is on this machine, but the cluster spans {hosts} hosts "
+                          "whose training workers log to it: start an MLflow server they reach (README \"Scale "
+                          "out\") and set tracking.uri=http://<its address>:5000")
+    if "://" not in cfg.storage_path:
+        log.warning("storage_path %s is a local path on a cluster of %d hosts: it must be the same shared disk "
+                    "(NFS) on every node, else use s3://, gs:// or another URI every node reaches",
+                    cfg.storage_path, hosts)
 
 
 def _resources(res: dict[str, float]) -> str:
@@ -204,7 +224,7 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
             from shipyard.ingress import enable_fast_ingress
 
             enable_fast_ingress()  # read when Serve's processes start: only a Ray started here takes it
-        started_ray = init_ray(address)
+        started_ray = init_ray(address, cfg)
     summary: dict[str, Any] = {"model_name": cfg.model_name, "endpoint": None}
     keep = cfg.serve.keep_running if keep_serving is None else keep_serving
     served = serve_was_running = left_up = False

@@ -7,6 +7,7 @@ Train, a checkpoint (weights, optimizer, epoch) from which a restarted worker gr
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import socket
@@ -142,9 +143,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
     logger = _RankZeroMlflow(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else None
     placement = _worker_placement(world)  # every rank takes part (a collective)
-    if logger is not None:
-        logger.set_tag("shipyard.worker_nodes", json.dumps(placement))
+    if logger is not None:  # the tag stays short (ranks per node); the artifact has every rank
+        logger.set_tag("shipyard.worker_nodes", json.dumps(collections.Counter(p["node_id"] for p in placement)))
         logger.set_tag("shipyard.num_nodes", str(len({p["node_id"] for p in placement})))
+        logger.log_dict(placement, "worker_placement.json")
     per_worker_batch = max(1, cfg.train.batch_size // world)
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
@@ -288,6 +290,10 @@ class _RankZeroMlflow:
     def set_tag(self, key: str, value: str) -> None:
         if self.client is not None:
             self.client.set_tag(self.run_id, key, value[:5000])
+
+    def log_dict(self, value: Any, artifact_file: str) -> None:
+        if self.client is not None:
+            self.client.log_dict(self.run_id, value, artifact_file)
 
 
 def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_classes: int, run_name: str, *,

@@ -19,7 +19,8 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 def cluster(ray_local):  # ray_local: the session's Ray is up too (two Rays on one host, as on a shared box)
     with LocalCluster(nodes=2, cpus_per_node=2) as c:
         yield c
-    assert not [p for p in c.pids() if psutil.pid_exists(p)], "cluster processes left after stop"
+        pids = c.pids()
+    assert len(pids) > 10 and not [p for p in pids if psutil.pid_exists(p)], "cluster processes left after stop"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def job(cluster, mlflow_server, hardware_profile, tmp_path_factory):
     entry = ["python", "-m", "pipelines.digits", f"tracking.uri={mlflow_server}",
              f"storage_path={out / 'results'}", f"plan.profile={hardware_profile}",
              *(f"{k}={v}" for k, v in TINY.items()),
-             "scaling.placement_strategy=SPREAD",
+             "scaling.placement_strategy=STRICT_SPREAD",  # one worker per node, or none
              f"serve.port={serve_port}", "--keep-serving", "--summary-json", str(out / "summary.json")]
     rc, log = cluster.submit(entry, working_dir=ROOT)
     assert rc == 0, log[-5000:]
@@ -43,8 +44,11 @@ def test_pipeline_trains_on_both_nodes_registers_and_serves(cluster, mlflow_serv
     placement = worker_nodes(mlflow_server, summary["parent_run_id"])
     assert len(placement) == 2
     assert {w["node_id"] for w in placement} == set(cluster.node_ids())  # one training worker on each node
+    train_run = MlflowClient(mlflow_server, registry_uri=mlflow_server).get_run(summary["train_run_id"])
+    assert json.loads(train_run.data.tags["shipyard.worker_nodes"]) == {n: 1 for n in cluster.node_ids()}
+    assert train_run.data.tags["shipyard.num_nodes"] == "2"
     # registered in the shared server's registry, with the lineage of this run
-    version = MlflowClient(mlflow_server).get_model_version(summary["model_name"], summary["model_version"])
+    version = MlflowClient(mlflow_server, registry_uri=mlflow_server).get_model_version(summary["model_name"], summary["model_version"])
     assert version.tags["shipyard.data_hash"] == summary["data_hash"]
     assert summary["endpoint_accuracy"] == pytest.approx(summary["test_accuracy"], abs=0.005)
     # the endpoint outlives the job: it answers the test process, not only the job's driver

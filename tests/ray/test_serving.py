@@ -372,7 +372,7 @@ def test_serve_run_cli_serves_the_registry_model_through_fast_ingress(registry_u
                 answer = requests.post("http://127.0.0.1:8000/predict", json=ROW, timeout=5)
                 if answer.status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or HAProxy holding it while the app starts
                 pass
             time.sleep(1)
         assert answer is not None and answer.status_code == 200, (tmp_path / "serve_run.log").read_text()[-3000:]

@@ -1,3 +1,4 @@
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -77,4 +78,8 @@ def test_wrong_cluster_address_fails_with_what_to_fix(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipelines.digits", tracking], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, env=env)
     assert out.returncode == 2 and "Ray address 'no-port-here' is not host:port" in out.stderr
+    with socket.create_server(("127.0.0.1", 0)) as not_ray:  # answers TCP, speaks no gRPC: e.g. a dashboard port
+        port = not_ray.getsockname()[1]
+        out = run("-m", "pipelines.digits", "--address", f"127.0.0.1:{port}", tracking)
+    assert out.returncode == 2 and "answers, but not as a Ray cluster's GCS" in out.stderr
     assert not (tmp_path / "m.db").exists()

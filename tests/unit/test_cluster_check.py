@@ -4,6 +4,7 @@ Broken files are the shipped ones loaded, changed in one place and dumped to tmp
 real files. Nothing starts: no Ray, no SSH, no cloud call.
 """
 import copy
+import logging
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,7 @@ def test_schema_errors_in_an_aws_node_type(tmp_path, capsys):
     cfg["available_node_types"]["gpu_worker"]["resources"]["GPU"] = "one"
     rc, out = check_edited(tmp_path, capsys, cfg)
     assert rc == 2 and "available_node_types.gpu_worker.resources.GPU: 'one' is not of type 'integer'" in out
+    assert "expected an integer, e.g. `GPU: 2`" in out
 
 
 def test_missing_head_ip(tmp_path, capsys):
@@ -216,3 +218,118 @@ def test_rayservice_serve_config_is_validated(tmp_path, capsys):
     assert rc == 2
     assert "document 2: spec.serveConfigV2 -> applications[0].import_path: Field required" in out
     assert "document 2: spec.serveConfigV2 -> http_options.host: listens on all interfaces" in out
+
+
+def test_schema_type_error_says_what_is_expected(tmp_path, capsys):
+    cfg = shipped(LOCAL)
+    cfg["max_workers"] = "one"
+    rc, out = check_edited(tmp_path, capsys, cfg)
+    assert rc == 2 and "max_workers: 'one' is not of type 'integer'" in out
+    assert "expected an integer, e.g. `max_workers: 2`" in out
+
+
+@pytest.mark.parametrize("where", ["launcher", "kuberay"])
+def test_a_list_where_a_mapping_belongs_is_a_finding(tmp_path, capsys, where):
+    cfg = shipped(AWS if where == "launcher" else KUBERAY)
+    if where == "launcher":
+        cfg["available_node_types"] = list(cfg["available_node_types"].values())
+        expected = "available_node_types: [{"
+    else:
+        cfg["spec"]["headGroupSpec"] = [cfg["spec"]["headGroupSpec"]]
+        expected = "spec.headGroupSpec.template.spec.containers[0]: missing"
+    rc, out = check_edited(tmp_path, capsys, cfg)
+    assert rc == 2 and expected in out and "Traceback" not in out and "cannot check" not in out
+
+
+def test_an_unexpected_failure_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import shipyard.clusterfile
+
+    def broken(path, allow_public=False):
+        raise AttributeError("'list' object has no attribute 'get'")
+
+    monkeypatch.setattr(shipyard.clusterfile, "check_file", broken)
+    rc, out = check(capsys, LOCAL)
+    assert rc == 2 and out.startswith(f"cannot check {LOCAL}: AttributeError: 'list' object has no attribute 'get';")
+
+
+def test_module_docstring_example_holds(monkeypatch):
+    import doctest
+
+    import shipyard.clusterfile
+
+    monkeypatch.chdir(ROOT)
+    assert doctest.testmod(shipyard.clusterfile).failed == 0
+
+
+def test_rays_own_log_lines_become_findings(tmp_path, capsys):
+    """Ray's util logger warns through the `ray` logger's handler (the real stderr): none of it escapes."""
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logging.getLogger("ray").addHandler(handler)
+    try:
+        rc, out = check_edited(tmp_path, capsys, {"cluster_name": "x", "max_workers": 1,
+                                                  "provider": {"type": "external", "module": "x.Provider"}})
+    finally:
+        logging.getLogger("ray").removeHandler(handler)
+    assert "warning: Ray: Dropping the empty legacy field head_node" in out
+    assert not [r for r in seen if "legacy field" in r.getMessage()]
+
+
+@pytest.mark.parametrize("flag", ["--dashboard-host ''", "--dashboard-host=", '--dashboard-host ""'])
+def test_empty_dashboard_host_is_all_interfaces(tmp_path, capsys, flag):
+    cfg = shipped(LOCAL)
+    cfg["head_start_ray_commands"][1] = cfg["head_start_ray_commands"][1].replace("--dashboard-host=127.0.0.1", flag)
+    rc, out = check_edited(tmp_path, capsys, cfg)
+    assert rc == 2 and "head_start_ray_commands[1]: the dashboard listens on all interfaces (an empty host)" in out
+
+
+def test_kuberay_dashboard_on_a_network_address_needs_allow_public(tmp_path, capsys):
+    cfg = shipped(KUBERAY)
+    cfg["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] = "10.0.0.5"
+    rc, out = check_edited(tmp_path, capsys, cfg)
+    assert rc == 2
+    assert "error: spec.headGroupSpec.rayStartParams.dashboard-host: the dashboard listens on 10.0.0.5" in out
+    rc, out = check_edited(tmp_path, capsys, cfg, "--allow-public")
+    assert rc == 0 and "warning: spec.headGroupSpec.rayStartParams.dashboard-host: the dashboard listens" in out
+
+
+def test_kuberay_stock_image_without_an_install_fails(tmp_path, capsys):
+    cfg = shipped(KUBERAY)
+    groups = [cfg["spec"]["headGroupSpec"], *cfg["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        group["template"]["spec"]["containers"][0]["args"] = ["$KUBERAY_GEN_RAY_START_CMD"]
+    rc, out = check_edited(tmp_path, capsys, cfg)
+    assert rc == 2 and "2 problem(s)" in out
+    for where in ("spec.headGroupSpec", "spec.workerGroupSpecs[0]"):
+        assert f"error: {where}.template.spec.containers[0]: rayproject/ray:" in out
+    assert "nothing in command/args installs it" in out and 'pip install "$SHIPYARD_SOURCE"' in out
+    for group in groups:  # a custom image is taken to have Shipyard baked in: a warning
+        group["template"]["spec"]["containers"][0]["image"] = "registry.example.com/shipyard:1"
+    rc, out = check_edited(tmp_path, capsys, cfg)
+    assert rc == 0 and "warning: spec.workerGroupSpecs[0].template.spec.containers[0]: nothing in command/args " \
+                       "installs Shipyard, so registry.example.com/shipyard:1" in out
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("make -C /opt/other install", "nothing brings the project to the nodes for `make -C /opt/other install`: it "
+                                   "installs from /opt/other"),
+    ("pip install shipyard", "setup_commands: no command installs Shipyard on the nodes"),
+    ("make -C ~/shipyard install", None),
+    ("~/shipyard/scripts/install.sh", None),
+    ("git clone https://github.com/org/shipyard.git /opt/sy && make -C /opt/sy install", None),
+])
+def test_only_the_projects_own_install_counts(tmp_path, capsys, command, expected):
+    cfg = shipped(LOCAL)
+    cfg["setup_commands"] = [command]
+    rc, out = check_edited(tmp_path, capsys, cfg)
+    assert (rc == 2 and expected in out) if expected else rc == 0, out
+
+
+def test_aws_node_type_without_image_id_warns(tmp_path, capsys):
+    cfg = shipped(AWS)
+    del cfg["available_node_types"]["gpu_worker"]["node_config"]["ImageId"]
+    rc, out = check_edited(tmp_path, capsys, cfg)
+    assert rc == 0 and "warning: available_node_types.gpu_worker.node_config.ImageId: not set, so Ray launches " \
+                       "its default AMI (Deep Learning AMI, Ubuntu 18.04, Python 3.6)" in out
+    assert "available_node_types.head.node_config.ImageId: YOUR_UBUNTU_2204_GPU_AMI is a placeholder" in out

@@ -117,7 +117,7 @@ def main() -> None:
     from shipyard.calibration import calibrate
     from shipyard.data import load_splits, to_numpy
     from shipyard.perf.devices import load_profile
-    from shipyard.pipeline import init_ray
+    from shipyard.cluster import init_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="shipyard-bench-perf-"))
     tracking_uri = f"sqlite:///{tmp}/mlflow.db"

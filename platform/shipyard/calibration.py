@@ -1,6 +1,6 @@
 """`shipyard calibrate`: measure every Ray node and the all-reduce between Ray workers; write the profile.
 
-    profile = calibrate(".shipyard/hardware.json")      # after pipeline.init_ray(); ~35 s on 2 cores
+    profile = calibrate(".shipyard/hardware.json")      # after cluster.init_ray(); ~35 s on 2 cores
 
 Compute is measured by shipyard.perf.calibrate in a Ray task on each node, with the CPUs a Train worker gets
 (threads = scaling.cpus_per_worker). The all-reduce is timed between the two workers of a Ray Train job (gloo, as

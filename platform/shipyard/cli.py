@@ -250,7 +250,7 @@ def plan_command(args: argparse.Namespace) -> None:
 def calibrate_command(args: argparse.Namespace) -> None:
     from shipyard.calibration import calibrate
     from shipyard.config import load_config
-    from shipyard.pipeline import init_ray
+    from shipyard.cluster import init_ray
     from shipyard.planning import default_profile_path
 
     out = args.out or default_profile_path(load_config(None, {}))

@@ -8,14 +8,10 @@ from pathlib import Path
 
 import requests
 
+from shipyard.ingress import free_loopback_port as free_port  # noqa: F401 (the tests' one way to get a port)
+
 TINY = {"train.epochs": 3, "tune.num_samples": 2, "tune.grace_period": 1, "scaling.num_workers": 2}
 """Overrides for a pipeline run of a few seconds per stage on 2 cores."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _proc_children_named(ppid: int, name: str = "") -> list[int]:

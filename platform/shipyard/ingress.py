@@ -69,8 +69,8 @@ def fast_ingress_env(free_ports: bool = True) -> dict[str, str]:
         "SHIPYARD_HAPROXY_BINARY": binary,
     }
     if free_ports:
-        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_loopback_port())
-        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_loopback_port())
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_loopback_port())
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_loopback_port())
     return env
 
 
@@ -92,7 +92,7 @@ def enable_fast_ingress() -> bool:
     return os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
 
 
-def _free_loopback_port() -> int:
+def free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

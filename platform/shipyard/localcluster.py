@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,15 +29,11 @@ from typing import Any
 import psutil
 import requests
 
+from shipyard.ingress import free_loopback_port as free_port
+
 log = logging.getLogger(__name__)
 
 NODE_START_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_tree(pids: list[int], marker: str | None = None, grace_s: float = 10.0) -> list[int]:

@@ -135,7 +135,8 @@ RAY_GRPC_METHODS = ("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.Node
 def probe_without_token(ip: str, port: int) -> str:
     """What a client without the cluster's token gets from ip:port: 'refused' (HTTP 401/403 or gRPC
     UNAUTHENTICATED), 'metrics' (a Prometheus exporter's read-only text), 'open' (anything else answered), or
-    'unknown' (no HTTP/1 answer and no Ray gRPC service recognised)."""
+    'unknown: <gRPC codes>' (no HTTP/1 answer and no Ray gRPC service recognised, e.g. a worker port caught
+    while its process starts or exits)."""
     import grpc
 
     host = f"[{ip}]" if ":" in ip else ip
@@ -159,4 +160,4 @@ def probe_without_token(ip: str, port: int) -> str:
                 codes.add(err.code().name)
     if "OK" in codes:
         return "open"
-    return "refused" if "UNAUTHENTICATED" in codes else "unknown"
+    return "refused" if "UNAUTHENTICATED" in codes else f"unknown: {sorted(codes)}"

@@ -1,7 +1,7 @@
 # The two README commands:  `make digits`  and  `make test`  (each installs first; install is idempotent).
 PY := .venv/bin/python
 
-.PHONY: install digits test test-unit bench-serve bench-perf calibrate cluster-check cluster-demo clean
+.PHONY: install digits test test-unit bench-serve bench-soak bench-perf calibrate cluster-check cluster-demo clean
 
 install: .venv/.installed
 
@@ -24,6 +24,11 @@ test-unit: install
 bench-serve: install
 	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
 	$(PY) bench/serve.py
+
+# The endpoint at 80 % of its measured maximum for 60 s: errors, p99 first/last 10 s, replica memory (wrk too).
+bench-soak: install
+	command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk)
+	$(PY) bench/soak.py
 
 # Measure this machine for the performance model (.shipyard/hardware.json; the pipeline also does it once).
 calibrate: install

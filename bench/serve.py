@@ -264,8 +264,10 @@ def per_instance_ms(model, x, batch: int, repeat: int = 300) -> float:
     return sorted(times)[len(times) // 2] * 1000 / batch
 
 
-def build_models(uri: str, quick: bool) -> dict[str, dict[str, Any]]:
-    """Train, measure and register tiny and heavy; returns per model its URI, a request row and its label."""
+def build_models(uri: str, quick: bool, kinds: tuple[str, ...] = ("tiny", "heavy")
+                 ) -> dict[str, dict[str, Any]]:
+    """Train, measure and register `kinds` (tiny, heavy); returns per model its URI, a request row and its
+    label."""
     import mlflow
     import torch
 
@@ -275,7 +277,7 @@ def build_models(uri: str, quick: bool) -> dict[str, dict[str, Any]]:
     x, y, x_test, y_test = digits()
     classes, features = list(range(10)), [f"pixel_{i}" for i in range(64)]
     out = {}
-    for kind in ("tiny", "heavy"):
+    for kind in kinds:
         t0 = time.perf_counter()
         if kind == "tiny":
             model, epochs = mlp(64, 10, hidden=128), 10
@@ -326,17 +328,25 @@ def _layers(model) -> str:
 def bench_shipyard(variant: str, model: dict, uri: str, port: int, tmp: Path, seconds: float, warmup_s: float
                    ) -> dict[int, WrkResult]:
     """Deploy one Shipyard variant on the running Serve, measure it and delete it."""
-    from ray import serve
-
     name = f"bench-{variant}"
     t0 = time.perf_counter()
+    with deployed(name, variant, model, uri, port) as (url, body):
+        print(f"  {variant}: deployed in {time.perf_counter() - t0:.1f} s", flush=True)
+        return measure(variant, url, lua_script(tmp / f"{name}.lua", body), seconds, warmup_s)
+
+
+@contextlib.contextmanager
+def deployed(name: str, variant: str, model: dict, uri: str, port: int) -> Iterator[tuple[str, str]]:
+    """Shipyard `variant` serving `model` as app `name` on the running Serve, once it answers with the model's
+    label; yields (predict URL, one-row JSON body); deletes the app afterwards."""
+    from ray import serve
+
     serve.run(build_app_for(variant, model, uri), name=name, route_prefix="/")
     try:
         url = f"http://127.0.0.1:{port}/predict"
         payload = {"instances": [model["row"]]}
         wait_for_prediction(url, payload, lambda a: a["predictions"][0], model["label"], 60)
-        print(f"  {variant}: deployed in {time.perf_counter() - t0:.1f} s", flush=True)
-        return measure(variant, url, lua_script(tmp / f"{name}.lua", json.dumps(payload)), seconds, warmup_s)
+        yield url, json.dumps(payload)
     finally:
         serve.delete(name)
 
@@ -382,26 +392,35 @@ def bench_bare(model: dict, uri: str, tmp: Path, seconds: float, warmup_s: float
 
 def bench_half_max(url: str, body: str, max_rps: float, tmp: Path, seconds: float, first_latency_ms: float,
                    connections: int = 32, tries: int = 5) -> tuple[WrkResult, float]:
-    """Drive `url` at about max_rps / 2 with `connections` paced connections; returns (result, mean delay ms).
+    """Drive `url` at about max_rps / 2 with `connections` paced connections; returns (result, mean delay
+    ms)."""
+    return bench_paced(url, body, max_rps / 2, tmp, seconds, first_latency_ms, "half max", HALF_MAX_TOLERANCE,
+                       connections, tries)
+
+
+def bench_paced(url: str, body: str, target: float, tmp: Path, seconds: float, first_latency_ms: float,
+                label: str, tolerance: float, connections: int = 32, tries: int = 5
+                ) -> tuple[WrkResult, float]:
+    """Drive `url` at about `target` req/s with `connections` paced connections; returns the run closest to
+    the target and its mean delay in ms.
 
     A connection's cycle is its request's latency plus the delay; the delay is re-fitted from each run's
     achieved rate (cycle = connections / rate), kept inside the bracket of delays already seen to give too
-    much and too little, until the rate is within HALF_MAX_TOLERANCE of the target.
+    much and too little, until the rate is within `tolerance` of the target.
     """
-    target = max_rps / 2
     cycle_ms = connections * 1000 / target
     delay = max(0.0, cycle_ms - first_latency_ms)
     low, high = 0.0, cycle_ms  # delays known to give a rate above / below the target
     best: tuple[WrkResult, float] | None = None
     for _ in range(tries):
-        r = run_wrk(url, lua_script(tmp / "half.lua", body, delay), connections, seconds)
+        r = run_wrk(url, lua_script(tmp / "paced.lua", body, delay), connections, seconds)
         off = r.rps / target - 1
-        print(f"  half max: delay {delay:.2f} ms -> {r.rps:.1f} req/s (target {target:.1f}, {off:+.1%}), "
+        print(f"  {label}: delay {delay:.2f} ms -> {r.rps:.1f} req/s (target {target:.1f}, {off:+.1%}), "
               f"p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, wrk {r.wrk_cores:.2f} cores"
               + (f", {r.errors} errors" if r.errors else ""), flush=True)
         if best is None or abs(off) < abs(best[0].rps / target - 1):
             best = (r, delay)
-        if abs(off) <= HALF_MAX_TOLERANCE:
+        if abs(off) <= tolerance:
             break
         if off > 0:
             low = max(low, delay)
@@ -417,6 +436,13 @@ def bench_half_max(url: str, body: str, max_rps: float, tmp: Path, seconds: floa
 # -- main --------------------------------------------------------------------------------------------------
 
 def machine_line(seconds: float, warmup_s: float) -> str:
+    return (f"{machine()}\nload: wrk -t1 -c{{{','.join(map(str, CONCURRENCY))}}} "
+            f"-d{seconds:g}s --latency on loopback after a {warmup_s:g} s warm-up at c=8; one digits row per "
+            "POST; servers and wrk share the 2 cores")
+
+
+def machine() -> str:
+    """One line: CPU, count, load average now, and the versions that matter."""
     import mlflow
     import ray
     import torch
@@ -427,9 +453,7 @@ def machine_line(seconds: float, warmup_s: float) -> str:
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     return (f"machine: {cpu}, {os.cpu_count()} CPUs, load average {load} at start; Python "
             f"{platform.python_version()}, ray {ray.__version__}, mlflow {mlflow.__version__}, torch "
-            f"{torch.__version__}, {wrk_version}\nload: wrk -t1 -c{{{','.join(map(str, CONCURRENCY))}}} "
-            f"-d{seconds:g}s --latency on loopback after a {warmup_s:g} s warm-up at c=8; one digits row per "
-            "POST; servers and wrk share the 2 cores")
+            f"{torch.__version__}, {wrk_version}")
 
 
 def print_table(kind: str, results: dict[str, dict[int, WrkResult]]) -> None:
@@ -522,6 +546,30 @@ def main() -> None:
 def run_shipyard(models: dict, variants: list[str], uri: str, tmp: Path, seconds: float, warmup_s: float,
                  results: dict) -> tuple[tuple[WrkResult, float], dict[str, str]]:
     """(a) and (b) on one local Ray with fast ingress, started and stopped here (by pid, never `ray stop`)."""
+    with local_serve() as (port, _):
+        best = {}
+        for kind, model in models.items():
+            print(f"\n{kind}: Shipyard, {model['uri']}", flush=True)
+            for variant in variants:
+                results[kind][variant] = bench_shipyard(variant, model, uri, port, tmp, seconds, warmup_s)
+            best[kind] = max((v for v in BATCHING if v in results[kind]),
+                             key=lambda v: results[kind][v][32].rps)
+        # half max: redeploy tiny's best configuration and pace it at half its maximum
+        tiny = models["tiny"]
+        variant = best["tiny"]
+        with deployed("bench-half", variant, tiny, uri, port) as (url, body):
+            run_wrk(url, lua_script(tmp / "warm.lua", body), 8, warmup_s)
+            print(f"\nhalf max ({variant} on tiny, 32 paced connections):", flush=True)
+            half = bench_half_max(url, body, results["tiny"][variant][32].rps, tmp, seconds,
+                                  results["tiny"][variant][8].p50_ms)
+        return half, best
+
+
+@contextlib.contextmanager
+def local_serve() -> Iterator[tuple[int, int | None]]:
+    """A local Ray (num_cpus=2) with fast ingress and Serve on a free loopback port; yields (HTTP port, our
+    raylet's pid). Afterwards Serve and Ray are shut down and what our raylet started is killed by pid (never
+    `ray stop`)."""
     import ray
     from ray import serve
 
@@ -534,28 +582,7 @@ def run_shipyard(models: dict, variants: list[str], uri: str, tmp: Path, seconds
     raylet = our_raylet_pid()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        best = {}
-        for kind, model in models.items():
-            print(f"\n{kind}: Shipyard, {model['uri']}", flush=True)
-            for variant in variants:
-                results[kind][variant] = bench_shipyard(variant, model, uri, port, tmp, seconds, warmup_s)
-            best[kind] = max((v for v in BATCHING if v in results[kind]),
-                             key=lambda v: results[kind][v][32].rps)
-        # half max: redeploy tiny's best configuration and pace it at half its maximum
-        tiny = models["tiny"]
-        variant = best["tiny"]
-        serve.run(build_app_for(variant, tiny, uri), name="bench-half", route_prefix="/")
-        try:
-            url = f"http://127.0.0.1:{port}/predict"
-            payload = {"instances": [tiny["row"]]}
-            wait_for_prediction(url, payload, lambda a: a["predictions"][0], tiny["label"], 60)
-            run_wrk(url, lua_script(tmp / "warm.lua", json.dumps(payload)), 8, warmup_s)
-            print(f"\nhalf max ({variant} on tiny, 32 paced connections):", flush=True)
-            half = bench_half_max(url, json.dumps(payload), results["tiny"][variant][32].rps, tmp, seconds,
-                                  results["tiny"][variant][8].p50_ms)
-        finally:
-            serve.delete("bench-half")
-        return half, best
+        yield port, raylet
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()

@@ -193,8 +193,13 @@ def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict
         prediction = {"step_time_ms": plan.step.step_time_ms, "epoch_s": plan.epoch_s,
                       "exposed_comm_ms": plan.step.exposed_comm_ms, "warn_off_by": cfg.plan.warn_off_by,
                       "link": plan.link.name if plan.link else None}
-    with mlflow.start_run(run_name="train", nested=True, tags={"shipyard.kind": "train"}) as run:
-        tracking.log_config(cfg)
+    earlier = _earlier_train_run(parent_id)  # a resumed pipeline goes on in the train run its killed driver began
+    if earlier:
+        log.info("resuming the train run %s: Ray Train goes on from its latest checkpoint", earlier)
+    with mlflow.start_run(run_id=earlier, run_name=None if earlier else "train", nested=True,
+                          tags={"shipyard.kind": "train"}) as run:
+        if not earlier:
+            tracking.log_config(cfg)
         if plan is not None:
             mlflow.log_params({"plan.device": plan.device.name, "plan.predicted_step_time_ms":
                                round(plan.step.step_time_ms, 4), "plan.predicted_epoch_s": round(plan.epoch_s, 4)})
@@ -208,7 +213,14 @@ def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict
         mlflow.log_metric("test_accuracy", test_acc)
         log.info("test accuracy %.4f on %d held-out rows", test_acc, len(y_test))
         tags = tracking.lineage_tags(cfg, splits.data_hash, parent_id, run.info.run_id, test_acc)
-        version = tracking.log_model(model, x_test[:5], cfg, splits.classes, splits.feature_names, tags)
+        version = _version_of_run(cfg.model_name, run.info.run_id)  # registered before the driver was killed
+        if version is None:
+            version = tracking.log_model(model, x_test[:5], cfg, splits.classes, splits.feature_names, tags)
+        else:
+            log.info("%s v%s was registered by this train run before: not registering it again", cfg.model_name,
+                     version)
+            for key, value in tags.items():  # the driver may have died before the tags were all set
+                mlflow.MlflowClient().set_model_version_tag(cfg.model_name, version, key, value)
     decision, champion_acc = tracking.promote_if_better(cfg.model_name, version, test_acc, x_test, y_test)
     log.info("registered %s v%s; %s -> %s", cfg.model_name, version, decision.reason,
              "promoted to champion" if decision.promote else "champion unchanged")
@@ -217,6 +229,25 @@ def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict
             "champion_version": registry.champion_version(cfg.model_name),
             "train_run_id": run.info.run_id, "checkpoint": result.checkpoint.path,
             "final_metrics": {k: result.metrics.get(k) for k in ("train_loss", "val_loss", "val_accuracy")}}
+
+
+def _earlier_train_run(parent_id: str) -> str | None:
+    """The train run under this pipeline run, if a killed driver had begun one (only a resumed run has one)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                            "tags.`shipyard.kind` = 'train'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _version_of_run(model_name: str, run_id: str) -> str | None:
+    """The registered version this train run logged, if any."""
+    import mlflow
+
+    found = mlflow.MlflowClient().search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    return str(found[0].version) if found else None
 
 
 def _predict(cfg: Config, splits):

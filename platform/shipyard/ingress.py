@@ -64,6 +64,11 @@ def fast_ingress_env(free_ports: bool = True) -> dict[str, str]:
         # load balancers on other hosts); HAProxy is told within ~0.1 s (RAY_SERVE_HAPROXY_BROADCAST_COALESCE_S)
         # and retries a refused connection, so 3 s keeps a redeploy or a `serve shutdown` from taking 35 s.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+        # A replica that dies mid-request (killed, OOM, its node lost) closes the connection without an answer:
+        # HAProxy sends that request again to another replica (`option redispatch` is Serve's) where Ray's
+        # default retries refused connections only. Safe for /predict, which changes nothing; a body larger than
+        # HAProxy's buffer (tune.bufsize, 16 KiB) cannot be replayed and still fails. RELIABILITY.md, "replica".
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
         # HAProxy's stats page and Prometheus exporter on loopback (bin/haproxy-loopback)
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
         "SHIPYARD_HAPROXY_BINARY": binary,

@@ -68,7 +68,8 @@ def train_epochs_logged(tracking_uri: str, run_id: str) -> list[float]:
 def training_worker_pids(ray) -> list[int]:
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                       filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
 
 
 def test_a_killed_training_worker_restarts_from_its_last_checkpoint_and_ends_as_accurate(ray_local, workdir,

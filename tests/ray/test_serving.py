@@ -393,3 +393,37 @@ def test_serve_run_cli_serves_the_registry_model_through_fast_ingress(registry_u
             for pid in ray_procs:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     psutil.Process(pid).kill()
+
+
+def replica_pids(app: str) -> list[int]:
+    import ray
+    from ray.util.state import list_actors
+
+    # the address: another Ray on this machine (a parallel session) makes an address-less call ambiguous
+    return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                       filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.class_name.startswith(f"ServeReplica:{app}:")]
+
+
+def test_a_killed_replica_under_load_costs_no_request_and_is_replaced(deploy):
+    from ray import serve
+
+    url = deploy("sturdy", num_replicas=2)
+    before = replica_pids("sturdy")
+    assert len(before) == 2, before
+    with Load(url) as load:
+        time.sleep(3)
+        os.kill(before[0], 9)  # SIGKILL: no draining, requests in flight on it are cut
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            now = replica_pids("sturdy")
+            running = serve.status().applications["sturdy"].deployments["Predictor"].replica_states.get("RUNNING", 0)
+            if len(now) == 2 and before[0] not in now and running == 2:
+                break
+            time.sleep(0.5)
+        time.sleep(3)  # steady load on the replacement too
+    ok = len(load.answers) - len(load.failed())
+    print(f"replica {before[0]} killed under load: {ok}/{len(load.answers)} requests answered 200; failed: {load.failed()[:5]}")
+    assert len(load.answers) > 2000  # at 99.9 %, up to 2 failures allowed: a request cut after its headers
+    assert ok / len(load.answers) >= 0.999, load.failed()[:5]
+    assert len(now) == 2 and before[0] not in now and running == 2  # back to 2 replicas

@@ -3,22 +3,31 @@ and the `champion` alias with its history (for `shipyard promote` and `shipyard 
 
 MLflow keeps only where an alias points now, not where it pointed; the history of champions is kept
 as a JSON list in the registered model's tag `shipyard.champion_history`.
+
+A version being promoted carries the claim of its promoter (shipyard.promotion.steps): the tag
+`shipyard.promotion=pending` and `shipyard.promotion_claim=<deciding|settled> <unix seconds>`. When the promoter
+is done, `shipyard.promotion` holds the reason of its decision and the claim tag is gone.
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from shipyard.errors import ServingError
+from shipyard.promotion import DECIDING, Claim, View, next_history
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 HISTORY_TAG = "shipyard.champion_history"
+PROMOTION_TAG = "shipyard.promotion"
+CLAIM_TAG = "shipyard.promotion_claim"
+PENDING = "pending"
 
 
 @dataclass(frozen=True)
@@ -122,16 +131,65 @@ def set_champion(name: str, version: str, reason: str) -> str | None:
     client = mlflow.MlflowClient()
     client.get_model_version(name, version)  # raises with MLflow's own message when it does not exist
     before = champion_version(name)
-    history = champion_history(name)
-    if before is not None and (not history or history[-1] != before):
-        history.append(before)  # an alias moved by hand or by an older Shipyard
-    if not history or history[-1] != version:
-        history.append(version)
-    client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-50:]))
-    client.set_model_version_tag(name, version, "shipyard.promotion", reason)
+    move_champion(name, version, next_history(champion_history(name), before, version))
+    client.set_model_version_tag(name, version, PROMOTION_TAG, reason)
     log.info("%s: champion v%s -> v%s (%s)", name, before, version, reason)
     return before
+
+
+def move_champion(name: str, version: str, history: list[str] | tuple[str, ...]) -> None:
+    """The alias, then its history: the two writes of a move (neither touches the version's own tags)."""
+    import mlflow
+
+    mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, version)
+    write_history(name, history)
+
+
+def write_history(name: str, history: list[str] | tuple[str, ...]) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_registered_model_tag(name, HISTORY_TAG, json.dumps(list(history)))
+
+
+# -- promotion claims (shipyard.promotion.steps) --------------------------------------------------------
+
+def promotion_view(name: str) -> View:
+    """The versions claimed by a promoter (one request), then the alias and its history (a second one): in this
+    order a promoter that finds no claim deciding reads, after that moment, the champion it reports."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    claims = []
+    for mv in client.search_model_versions(f"name = '{name}' and tags.`{PROMOTION_TAG}` = '{PENDING}'"):
+        phase, _, at = mv.tags.get(CLAIM_TAG, "").partition(" ")
+        try:
+            heartbeat = float(at)
+        except ValueError:  # pending without a claim: tagged by hand or by an older Shipyard, never fresh
+            heartbeat = 0.0
+        claims.append(Claim(str(mv.version), phase, heartbeat))
+    model = client.get_registered_model(name)
+    champion = model.aliases.get(CHAMPION)
+    return View(None if champion is None else str(champion), tuple(json.loads(model.tags.get(HISTORY_TAG, "[]"))),
+                tuple(claims), time.time())
+
+
+def mark_claim(name: str, version: str, phase: str) -> None:
+    """The claim's phase and heartbeat, then (deciding) the pending tag that makes it found: pending always has
+    a claim tag."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(name, version, CLAIM_TAG, f"{phase} {time.time():.3f}")
+    if phase == DECIDING:
+        client.set_model_version_tag(name, version, PROMOTION_TAG, PENDING)
+
+
+def release_claim(name: str, version: str, reason: str) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(name, version, PROMOTION_TAG, reason)
+    client.delete_model_version_tag(name, version, CLAIM_TAG)
 
 
 def rollback(name: str) -> tuple[str, str]:
@@ -150,6 +208,6 @@ def rollback(name: str) -> tuple[str, str]:
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-    client.set_model_version_tag(name, previous, "shipyard.promotion", f"rolled back from v{current}")
+    client.set_model_version_tag(name, previous, PROMOTION_TAG, f"rolled back from v{current}")
     log.info("%s: champion rolled back v%s -> v%s", name, current, previous)
     return str(current), previous

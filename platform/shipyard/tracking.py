@@ -4,19 +4,21 @@ Only the driver (and rank 0 of a Train job, see train.py) talks to MLflow.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 
+from shipyard import promotion, registry
 from shipyard.config import PROJECT_ROOT, Config
 from shipyard.errors import ConfigError, TrackingError
-from shipyard.promotion import Decision, decide
-from shipyard.registry import champion_version, set_champion
+from shipyard.promotion import Decision
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,7 @@ def score_version(name: str, version: str, x: np.ndarray, y: np.ndarray) -> floa
         logits = np.asarray(model.predict(x.astype(np.float32)))
         return float((logits.argmax(1) == y).mean())
     except Exception as err:  # a schema mismatch surfaces as MlflowException or a shape error
-        log.warning("champion v%s of %s cannot be scored on this test split: %s", version, name, err)
+        log.warning("v%s of %s cannot be scored on this test split: %s", version, name, err)
         return None
 
 
@@ -163,32 +165,63 @@ def promote_if_better(name: str, version: str, candidate_accuracy: float, x_test
     """Move `champion` to `version` only if it beats the current champion on the same test rows.
 
     The champion is re-scored on the candidate's test split rather than trusting its logged figure,
-    which may come from other data or another split.
+    which may come from other data or another split. Pipelines promoting into one registry at once (on one
+    machine or many, through one MLflow server) leave the alias on the best of their versions and the champion
+    they found: `promotion.steps` is the protocol and its argument; this function performs its requests.
+    Returns the decision for `version` and the accuracy of the champion found first (None if there was none).
     """
     import mlflow
 
+    if "'" in name:
+        raise ConfigError(f"tracking.model_name {name!r}: a registered model name for promotion has no quotes")
     client = mlflow.MlflowClient()
-    current = champion_version(name)
-    champion_acc = None
-    if current is not None and current != version:
-        champion_acc = score_version(name, current, x_test, y_test)
-        if champion_acc is None:
-            decision = Decision(False, f"champion v{current} cannot be scored on this data (different features?);"
-                                       f" move the alias by hand or use another tracking.model_name")
-            client.set_model_version_tag(name, version, "shipyard.promotion", decision.reason)
-            return decision, None
-        mine, theirs = (client.get_model_version(name, v).tags for v in (version, current))
-        for key in ("shipyard.data_hash", "shipyard.split"):
-            if theirs.get(key) != mine.get(key):
-                # its training rows may sit in this test split, which flatters it: say so, decide anyway
-                log.warning("champion v%s was trained with another %s (%s, now %s): the comparison may favour it",
-                            current, key, theirs.get(key), mine.get(key))
-    decision = decide(candidate_accuracy, champion_acc)
-    if decision.promote:
-        set_champion(name, version, decision.reason)
-    else:
-        client.set_model_version_tag(name, version, "shipyard.promotion", decision.reason)
-    return decision, champion_acc
+    mine = client.get_model_version(name, version).tags
+    protocol = promotion.steps(version, candidate_accuracy)
+    answer: Any = None
+    try:
+        while True:
+            try:
+                request = protocol.send(answer)
+            except StopIteration as done:
+                return done.value
+            answer = _perform(request, name, version, mine, x_test, y_test)
+    except Exception as err:
+        with contextlib.suppress(Exception):  # the registry may be what failed: the claim then goes stale
+            registry.release_claim(name, version, f"promotion failed ({type(err).__name__}: {err})"[:500])
+        raise
+
+
+def _perform(request: promotion.Request, name: str, version: str, mine: dict[str, str], x_test: np.ndarray,
+             y_test: np.ndarray) -> Any:
+    """One request of `promotion.steps` on MLflow; returns its answer."""
+    import mlflow
+
+    match request:
+        case promotion.Read():
+            return registry.promotion_view(name)
+        case promotion.Score(version=other):
+            accuracy = score_version(name, other, x_test, y_test)
+            theirs = mlflow.MlflowClient().get_model_version(name, other).tags
+            for key in ("shipyard.data_hash", "shipyard.split"):
+                if accuracy is not None and theirs.get(key) != mine.get(key):
+                    # its training rows may sit in this test split, which flatters it: say so, decide anyway
+                    log.warning("v%s was trained with another %s (%s, now %s): the comparison may favour it",
+                                other, key, theirs.get(key), mine.get(key))
+            return accuracy
+        case promotion.Mark(phase=phase):
+            registry.mark_claim(name, version, phase)
+        case promotion.Move(version=target, before=before, history=history):
+            registry.move_champion(name, target, history)
+            log.info("%s: champion v%s -> v%s (promotion of v%s)", name, before, target, version)
+        case promotion.WriteHistory(history=history):
+            registry.write_history(name, history)
+        case promotion.Sleep(seconds=seconds):
+            time.sleep(seconds)
+        case promotion.Release(reason=reason):
+            registry.release_claim(name, version, reason)
+        case _:
+            raise AssertionError(f"unknown promotion request {request!r}")
+    return None
 
 
 def lineage_tags(cfg: Config, data_hash: str, parent_run_id: str, train_run_id: str, test_accuracy: float

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shipyard.errors import ConfigError
 
@@ -71,13 +71,34 @@ class TrainConfig(_Section):
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(2, ge=1)
-    """Data-parallel Ray Train workers for the final training run."""
+    num_workers: int | tuple[int, int] = 2
+    """Data-parallel Ray Train workers for the final training run: a number, or `[min, max]` for elastic
+    training (Ray Train's `(min_workers, max_workers)`): the run starts with as many as fit, goes on with fewer
+    when a node is lost, and grows back when there is room. The global batch (train.batch_size) stays the same."""
+    resize_check_s: float = Field(60.0, gt=0)
+    """Elastic only: how often a healthy run looks for room for more workers (elastic_resize_monitor_interval_s)."""
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     """Where Ray puts the workers (ScalingConfig.placement_strategy): PACK fills a node first (all-reduce stays
     inside it), SPREAD prefers one worker per node, STRICT_SPREAD demands it (waits for enough nodes)."""
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (v, v) if isinstance(v, int) else v
+        if low < 1 or high < low:
+            raise ValueError(f"give a number >= 1 or [min, max] with 1 <= min <= max, e.g. [1, 4]; got {v}")
+        return v
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains on: what the plan prices."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def workers_text(self) -> str:
+        return str(self.num_workers) if isinstance(self.num_workers, int) else "%d-%d (elastic)" % self.num_workers
 
 
 Distribution = Literal["uniform", "loguniform", "randint", "choice", "grid"]

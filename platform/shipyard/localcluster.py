@@ -13,6 +13,7 @@ descendants, SIGTERM then SIGKILL; `ray stop` would kill every Ray on the machin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -118,25 +119,52 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         t0 = time.perf_counter()
         for i in range(self.nodes):
-            temp_dir = self.root / f"n{i}"
-            temp_dir.mkdir(parents=True, exist_ok=True)
-            self.metrics_export_ports.append(free_port())
-            cmd = [_ray_bin(), "start", "--block", f"--num-cpus={self.cpus_per_node}", f"--temp-dir={temp_dir}",
-                   f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={self.metrics_export_ports[-1]}",
-                   f"--resources={json.dumps({f'shipyard_node_{i}': 1})}"]
-            if i == 0:
-                cmd += ["--head", f"--port={self.port}", "--dashboard-host=127.0.0.1",
-                        f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
-            else:
-                cmd += [f"--address={self.address}"]
-            out = open(self.root / f"n{i}.log", "w")
-            self.logs.append(out)
-            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+            self._start_node(i)
             self._wait_for_nodes(i + 1)
         log.info("local Ray cluster: %d nodes x %d CPUs at %s (dashboard %s) in %.1f s", self.nodes,
                  self.cpus_per_node, self.address, self.dashboard_url, time.perf_counter() - t0)
         return self
+
+    def _start_node(self, i: int) -> None:
+        temp_dir = self.root / f"n{i}"
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        metrics_port = free_port()
+        self.metrics_export_ports.append(metrics_port)
+        cmd = [_ray_bin(), "start", "--block", f"--num-cpus={self.cpus_per_node}", f"--temp-dir={temp_dir}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={metrics_port}",
+               f"--resources={json.dumps({f'shipyard_node_{i}': 1})}"]
+        if i == 0:
+            cmd += ["--head", f"--port={self.port}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
+        else:
+            cmd += [f"--address={self.address}"]
+        out = open(self.root / f"n{i}.log", "a")
+        self.logs.append(out)
+        proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        if i < len(self.procs):
+            self.procs[i] = proc
+        else:
+            self.procs.append(proc)
+
+    def kill_node(self, i: int) -> None:
+        """Lose worker node `i` at once, as a crashed machine would: SIGKILL to its `ray start`, raylet and
+        workers (by pid, and by its temp dir in their command lines)."""
+        assert i > 0, "node 0 is the head"
+        marker = f"{self.root / f'n{i}'}{os.sep}"
+        root = psutil.Process(self.procs[i].pid)
+        doomed = [root, *root.children(recursive=True)]
+        doomed += [p for p in psutil.process_iter(["cmdline"]) if any(marker in c for c in p.info["cmdline"] or ())]
+        for p in doomed:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(doomed, timeout=10)
+        self.procs[i].wait(timeout=10)
+
+    def restart_node(self, i: int) -> None:
+        """Bring worker node `i` back (a new Ray node on the same temp dir) and wait until it has joined."""
+        alive = len(self.node_ids())
+        self._start_node(i)
+        self._wait_for_nodes(alive + 1)
 
     def node_ids(self) -> list[str]:
         """Ids of the alive nodes."""

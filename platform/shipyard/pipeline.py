@@ -140,7 +140,7 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
                                      "checkpoint_disk_mb": found.checkpoint_disk_mb}
                 mlflow.log_params({f"best.{k}": v for k, v in found.best_overrides.items()})
 
-            with stages("train", f"{cfg.scaling.num_workers} Ray Train workers x {best_cfg.train.epochs} epochs"):
+            with stages("train", f"{cfg.scaling.workers_text} Ray Train workers x {best_cfg.train.epochs} epochs"):
                 summary.update(_train_and_register(best_cfg, splits, parent_id, stamp))
             mlflow.log_metrics({"test_accuracy": summary["test_accuracy"]})
 

@@ -166,7 +166,7 @@ def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_n
     if any(r.batch_per_worker * r.workers < gb for r in strong):
         notes.append(f"strong scaling gives each of N workers {gb} // N rows, as training does: the global batch "
                      f"becomes ({gb} // N) x N where N does not divide {gb}")
-    n = cfg.scaling.num_workers
+    n = cfg.scaling.max_workers  # elastic: priced at its full size
     _, link = placement(n)
     if hardware == "local" and max(node_counts) > 1 and len(prof.nodes) <= 1:
         notes.append(f"more than one node priced with {inter.name}, measured on one host: run shipyard calibrate "

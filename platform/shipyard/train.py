@@ -153,6 +153,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger.set_tag("shipyard.num_nodes", str(len({p["node_id"] for p in placement})))
         logger.log_dict(placement, "worker_placement.json")
     per_worker_batch = max(1, cfg.train.batch_size // world)
+    if rank == 0:  # once per worker group: an elastic run says here when it shrank or grew
+        log.info("training on %d worker(s), %d rows each per step, epochs %d-%d", world, per_worker_batch,
+                 start_epoch + 1, cfg.train.epochs)
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
     report_s = 0.0
@@ -401,6 +404,7 @@ def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_cl
                            "train_rows": datasets["train"].count() if hasattr(datasets["train"], "count") else 0},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers or cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
             resources_per_worker={"CPU": cpus_per_worker or cfg.scaling.cpus_per_worker},
             placement_strategy=cfg.scaling.placement_strategy),
         datasets=datasets,

@@ -1,6 +1,7 @@
 """The pipeline unchanged on a real two-node Ray cluster (two `ray start` nodes on this machine) with a real
 MLflow server, submitted with `ray job submit` as a user would; and what listens where while it runs."""
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -108,3 +109,54 @@ def test_attaching_with_the_wrong_token_is_refused_at_once(cluster, monkeypatch)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
     with pytest.raises(PlatformError, match="refused this machine's token"):
         check_cluster_address(cluster.address)
+
+
+def test_elastic_training_shrinks_when_a_node_dies_and_grows_back_when_it_returns(cluster, mlflow_server,
+                                                                                tmp_path):
+    """Last in this module: it kills the worker node (and brings it back)."""
+    import re
+    import subprocess
+    import sys
+
+    epochs = 40
+    cmd = [sys.executable, "-m", "pipelines.digits", "--address", cluster.address, f"tracking.uri={mlflow_server}",
+           f"storage_path={tmp_path / 'results'}", "tune.enabled=false", "serve.enabled=false", "plan.enabled=false",
+           f"train.epochs={epochs}", "scaling.num_workers=[1,4]", "scaling.resize_check_s=2", "train.max_failures=3",
+           "--summary-json", str(tmp_path / "summary.json")]
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+
+    def groups() -> list[int]:  # worker counts of each worker group so far
+        return [int(n) for n in re.findall(r"training on (\d+) worker\(s\)", "".join(lines))]
+
+    def wait(until, what: str, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not until():
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what}:\n{''.join(lines)[-4000:]}"
+            time.sleep(0.2)
+
+    try:
+        wait(lambda: re.search(rf"epoch 3/{epochs} ", "".join(lines)), "no epoch 3")
+        full = groups()[0]
+        assert full >= 3, groups()  # workers on both nodes
+        cluster.kill_node(1)
+        wait(lambda: len(groups()) >= 2, "no new worker group after the node died")
+        assert groups()[1] < full  # went on with what the head has
+        cluster.restart_node(1)
+        wait(lambda: len(groups()) >= 3 and groups()[-1] > groups()[1], "did not grow back")
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=10)
+    log = "".join(lines)
+    assert proc.returncode == 0, log[-4000:]
+    print(f"elastic: worker groups {groups()}")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    epochs_done = [m.value for m in MlflowClient(mlflow_server).get_metric_history(summary["train_run_id"],
+                                                                                    "epochs_done")]
+    assert sorted(set(epochs_done)) == list(range(1, epochs + 1))
+    assert summary["test_accuracy"] > 0.9

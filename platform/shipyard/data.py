@@ -5,6 +5,10 @@
 
 The split is decided by a hash of each row's content mixed with `data.seed`, not by row order or block
 layout, so the same file and seed give the same split whatever the parallelism or cluster.
+
+A bad file fails with one DataError line that names the file, the column and the line: no rows, no such label
+column or text among the features (its first block) before Ray starts; missing values, text further down and a
+single class in the data stage. Rows are never dropped silently.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -25,6 +29,7 @@ from shipyard.errors import DataError
 log = logging.getLogger(__name__)
 
 SUFFIXES = {".csv": "csv", ".parquet": "parquet"}
+NO_ROWS = "{source} has no data rows (at most a header); give a file with a header and data rows"
 
 
 @dataclass
@@ -52,13 +57,15 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
-def check_source(cfg: DataConfig) -> None:
-    """Cheap checks that need no Ray: the file exists and has a format we read. Raises DataError."""
+def check_source(cfg: DataConfig):
+    """Cheap checks that need no Ray: the file exists, has a format we read and data rows, holds the label
+    column, and its other columns are numbers (typed from its first block, as Ray Data types them). Raises
+    DataError. Returns that block's pyarrow schema (None for built-in and remote data)."""
     if cfg.path is None:
-        return
+        return None
     p = Path(cfg.path).expanduser()
     if "://" in cfg.path:  # remote storage (s3://, gs://, ...): Ray Data reports problems itself
-        return
+        return None
     if not p.exists():
         raise DataError(f"data.path: file not found: {p} (give a .csv or .parquet file, or a folder of them)")
     files = _files(p)
@@ -69,6 +76,127 @@ def check_source(cfg: DataConfig) -> None:
         raise DataError(f"data.path: {bad[0]} is neither .csv nor .parquet; convert it or rename its suffix")
     if len({f.suffix for f in files}) > 1:
         raise DataError(f"data.path: {p} mixes .csv and .parquet files; keep one format per folder")
+    fmt = SUFFIXES[files[0].suffix]
+    first = None
+    for f in files:  # the first block of the first file that has rows: a folder may hold empty parts
+        blocks = contextlib.closing(_batches(f, fmt))
+        with _clear_errors(f"data.path: cannot read {f} as {fmt}"), blocks as batches:
+            first = next((b for b in batches if b.num_rows), None)
+        if first is not None:
+            break
+    if first is None:
+        raise DataError(NO_ROWS.format(source=cfg.path))
+    examples = {name: f"{value!r} on {_position(f, fmt, row, cfg.path)}"
+                for name, (row, value) in _not_numbers(first.to_pandas()).items()}
+    _feature_columns(first.schema, cfg.label, cfg.path, examples)
+    return first.schema
+
+
+def _batches(file: Path | str, fmt: str, convert=None):
+    """A local file's pyarrow RecordBatches in order, streamed (a block at a time), as Ray Data reads them."""
+    import pyarrow as pa
+    from pyarrow import csv, parquet
+
+    if fmt == "parquet":
+        with parquet.ParquetFile(file) as pf:
+            yield from pf.iter_batches()
+        return
+    try:  # Ray Data's CSV reader: open_csv without threads, types inferred from the first block
+        reader = csv.open_csv(file, read_options=csv.ReadOptions(use_threads=False),
+                              convert_options=convert or _csv_convert())
+    except pa.ArrowInvalid as err:
+        if "Empty CSV file" in str(err):  # not even a header
+            return
+        raise
+    with reader:
+        yield from reader
+
+
+def _csv_convert(schema=None, label: str | None = None):
+    """How CSV cells become values, for Ray Data and the driver's checks alike. An empty cell in a text column
+    (a label) is missing, as in a numeric one, not the class "". Given the first block's schema, numeric
+    features are read as float64: a column of whole numbers up there may hold 0.5 further down."""
+    import pyarrow as pa
+    from pyarrow import csv
+
+    numeric = {} if schema is None else {
+        n: pa.float64() for n, t in zip(schema.names, schema.types)
+        if n != label and (pa.types.is_integer(t) or pa.types.is_floating(t))}
+    return csv.ConvertOptions(strings_can_be_null=True, column_types=numeric)
+
+
+def _position(file: Path | str, fmt: str, row: int, source: str) -> str:
+    """A data row (0-based) as a user finds it: a CSV's line (the header is line 1), a parquet row's index."""
+    where = f"line {row + 2}" if fmt == "csv" else f"row index {row}"
+    return where if Path(file).resolve() == Path(source).expanduser().resolve() else f"{where} of {file}"
+
+
+def _not_numbers(frame: pd.DataFrame) -> dict[str, tuple[int, Any]]:
+    """For each text column: its first value that is not a number, and that value's row (0-based)."""
+    found = {}
+    for name in frame.columns:
+        col = frame[name]
+        if col.dtype.kind in "biuf":
+            continue
+        bad = (col.notna() & pd.to_numeric(col, errors="coerce").isna()).to_numpy()
+        if bad.any():
+            row = int(np.argmax(bad))
+            found[name] = (row, col.iloc[row])
+    return found
+
+
+def _missing(frame: pd.DataFrame) -> np.ndarray:
+    """Per row: does any of its values miss (empty, null, NaN) or is it infinite?"""
+    miss = frame.isna().to_numpy()
+    numeric = [i for i, dt in enumerate(frame.dtypes) if dt.kind in "f"]
+    if numeric:
+        miss[:, numeric] |= np.isinf(frame.iloc[:, numeric].to_numpy())
+    return miss.any(axis=1)
+
+
+def _first_missing(files: list[Path], fmt: str, columns: list[str], source: str, convert=None) -> str | None:
+    """Where the first row with a missing or infinite value in `columns` is, e.g. "line 14"; None if none.
+    Streams the files with pyarrow on the driver: only once Ray Data has found such rows."""
+    for f in files:
+        seen = 0
+        with contextlib.closing(_batches(f, fmt, convert)) as blocks:
+            for batch in blocks:
+                miss = _missing(batch.select(columns).to_pandas())
+                if miss.any():
+                    return _position(f, fmt, seen + int(np.argmax(miss)), source)
+                seen += batch.num_rows
+    return None
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _explain_csv(err: Exception, source: str, convert) -> str | None:
+    """Why Ray Data could not read a local CSV, from pyarrow's own reason (Ray keeps only "Failed to read CSV
+    file"), read again on the driver. The usual cause: text below the first block in a column of numbers."""
+    import pyarrow as pa
+    from pyarrow import csv
+
+    m = re.search(r"Failed to read CSV file: (.+?)\. Please check", str(err))
+    if not m or not Path(m[1]).is_file():
+        return None
+    reader = csv.open_csv(m[1], read_options=csv.ReadOptions(use_threads=False), convert_options=convert)
+    try:
+        with reader:
+            for _ in reader:
+                pass
+    except pa.ArrowInvalid as arrow:
+        c = re.match(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to (\w+): invalid value (.*)",
+                     str(arrow))
+        if not c:  # a ragged row, a stray quote: pyarrow names the row
+            return f"{source}: cannot parse {m[1]}: {str(arrow)[:500]}"
+        kind = {"double": "numbers", "int64": "whole numbers", "bool": "true/false",
+                "null": "no values"}.get(c[3], c[3])
+        return (f"{source}: column '{reader.schema.names[int(c[1])]}' holds {c[4]} on "
+                f"{_position(m[1], 'csv', int(c[2]) - 2, source)}, where its first rows hold {kind}; "
+                "fix or delete that value, or drop the column")
+    return None
 
 
 def _hash_files(path: str) -> str:
@@ -82,7 +210,7 @@ def _hash_files(path: str) -> str:
     return h.hexdigest()
 
 
-def _read(cfg: DataConfig):
+def _read(cfg: DataConfig, convert=None):
     import ray.data
 
     if cfg.builtin == "digits":
@@ -99,14 +227,24 @@ def _read(cfg: DataConfig):
         suffix = Path(path).suffix if Path(path).is_file() else _files(Path(path))[0].suffix
     fmt = SUFFIXES.get(suffix, "parquet")
     read = ray.data.read_csv if fmt == "csv" else ray.data.read_parquet
+    options = {"convert_options": convert or _csv_convert()} if fmt == "csv" else {}
     with _clear_errors(f"data.path: cannot read {path} as {fmt}"):
-        ds = read(path, file_extensions=[fmt])  # stray files in a folder (_SUCCESS, README) are skipped
+        ds = read(path, file_extensions=[fmt], **options)  # skips stray files (_SUCCESS, README)
     return ds, cfg.label, _hash_files(path)
 
 
+# Ray Data logs a failed task's traceback (twice) before raising it; _clear_errors says it once, in one line
+_RAY_DATA_TRACEBACKS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+
+
 @contextlib.contextmanager
-def _clear_errors(what: str):
-    """Ray wraps errors raised in its tasks; surface our DataError's own message, or say what failed."""
+def _clear_errors(what: str, explain: Callable[[Exception], str | None] | None = None):
+    """Ray wraps errors raised in its tasks; surface our DataError's own message, `explain(err)`, or what
+    failed. Ray Data's own traceback logs are muted meanwhile, unless this module logs at DEBUG."""
+    loggers = [] if log.isEnabledFor(logging.DEBUG) else [logging.getLogger(n) for n in _RAY_DATA_TRACEBACKS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     except DataError:
@@ -115,14 +253,22 @@ def _clear_errors(what: str):
         cause = _find_cause(err, DataError)
         if cause is not None:
             raise DataError(*cause.args) from None  # the message, without the remote traceback
+        explained = explain(err) if explain is not None else None
+        if explained:
+            raise DataError(explained) from err
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         # a remote error's text is a traceback: its "SomethingError: message" line says what went wrong
         reason = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception|Invalid)\b.*:", ln)),
                       lines[0] if lines else type(err).__name__)
         raise DataError(f"{what}: {reason[:500]}") from err
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
-def _feature_columns(schema, label: str, source: str) -> list[str]:
+def _feature_columns(schema, label: str, source: str, examples: dict[str, str] | None = None) -> list[str]:
+    """The feature columns of a schema, or a DataError naming the missing label or the columns that are not
+    numbers (`examples`: a column's first non-number and where it is, e.g. "'abc' on line 7")."""
     import pyarrow as pa
 
     names = list(schema.names)
@@ -135,11 +281,14 @@ def _feature_columns(schema, label: str, source: str) -> list[str]:
             continue
         numeric = (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
                    if isinstance(typ, pa.DataType) else np.dtype(typ).kind in "biuf")
-        if not numeric:
-            bad.append(f"{name} ({typ})")
+        if isinstance(typ, pa.DataType) and pa.types.is_null(typ):
+            bad.append(f"{name} (empty: no values in its first rows)")
+        elif not numeric:
+            example = f", e.g. {examples[name]}" if examples and name in examples else ""
+            bad.append(f"{name} ({typ}{example})")
     if bad:
-        raise DataError(f"non-numeric feature columns in {source}: {', '.join(bad)}. Features must be numbers: "
-                        "encode or drop these columns, or name one as data.label")
+        raise DataError(f"non-numeric feature columns in {source}: {', '.join(bad)}. Features must be "
+                        "numbers: fix those values, encode or drop these columns, or name one as data.label")
     features = [n for n in names if n != label]
     if not features:
         raise DataError(f"{source} has no feature columns besides the label '{label}'")
@@ -157,42 +306,60 @@ def split_of(frame: pd.DataFrame, seed: int, val_fraction: float, test_fraction:
 
 def load_splits(cfg: DataConfig) -> Splits:
     """Read, validate, label-encode and split. Needs Ray to be initialised. Raises DataError."""
-    check_source(cfg)
-    ds, label, digest = _read(cfg)
+    head = check_source(cfg)  # the schema of the file's first block
     source = cfg.path or f"builtin:{cfg.builtin}"
-    with _clear_errors(f"{source}: cannot parse the file"):  # ragged rows, mixed types: found while reading
+    files = _files(Path(cfg.path).expanduser()) if head is not None else []  # local files only
+    fmt = SUFFIXES[files[0].suffix] if files else None
+    convert = _csv_convert(head, cfg.label) if fmt == "csv" else None
+    ds, label, digest = _read(cfg, convert)
+    explain = (lambda err: _explain_csv(err, source, convert)) if convert else None
+    with _clear_errors(f"{source}: cannot parse the file", explain):  # ragged rows, mixed types: found here
         schema = ds.schema()
         if schema is None:
-            raise DataError(f"{source} has no rows; give a file with a header and data rows")
+            raise DataError(NO_ROWS.format(source=source))
         features = _feature_columns(schema, label, source)
         labels = ds.unique(label)
-    if len(labels) < 2:
-        raise DataError(f"{source}: label column '{label}' has {len(labels)} distinct value(s); "
-                        "a classifier needs at least 2 (is the file empty?)")
-    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in labels):
-        raise DataError(f"{source}: label column '{label}' has missing values; drop or fill those rows")
-    classes = sorted(labels, key=lambda v: (str(type(v)), v))
+    if not labels:
+        raise DataError(NO_ROWS.format(source=source))
+    classes = sorted((v for v in labels if not _is_missing(v)), key=lambda v: (str(type(v)), v))
+    if len(classes) < 2 and len(classes) == len(labels):  # with missing labels, those are reported below
+        raise DataError(f"{source}: every row has the label {classes[0]!r} in column '{label}'; a "
+                        "classifier needs at least 2 classes: check that data.label names the class column, "
+                        "or add rows of other classes")
     index = {v: i for i, v in enumerate(classes)}
     seed, val_f, test_f = cfg.seed, cfg.val_fraction, cfg.test_fraction
+    columns = features + [label]
 
     def encode(batch: pd.DataFrame) -> dict[str, np.ndarray]:
         x = batch[features].to_numpy(dtype=np.float32)
-        finite = np.isfinite(x)
+        y = batch[label].map(index)  # NaN for a missing label
+        ok = np.column_stack([np.isfinite(x), y.notna().to_numpy()])
         # a dict of arrays: Ray Data stores the 2-D `x` as a tensor column (a DataFrame would pickle it)
-        return {"x": x, "y": batch[label].map(index).to_numpy(dtype=np.int64),
-                "split": split_of(batch[features + [label]], seed, val_f, test_f),
-                # index of a row's first missing/infinite feature, -1 if none: reported below, because an
-                # exception raised in here reaches the driver without its message
-                "bad": np.where(finite.all(axis=1), -1, np.argmin(finite, axis=1))}
+        return {"x": x, "y": y.fillna(-1).to_numpy(dtype=np.int64),
+                "split": split_of(batch[columns], seed, val_f, test_f),
+                # index in `columns` of a row's first missing/infinite value, -1 if none: reported below,
+                # because an exception raised in here reaches the driver without its message
+                "bad": np.where(ok.all(axis=1), -1, np.argmin(ok, axis=1))}
 
     with _clear_errors(f"{source}: could not prepare the data"):
         encoded = ds.map_batches(encode, batch_format="pandas").materialize()
         bad = encoded.filter(expr="bad >= 0")
         n_bad = bad.count()
         if n_bad:
-            cols = sorted({features[i] for i in bad.unique("bad")})
-            raise DataError(f"{source}: {n_bad} row(s) with missing or infinite values in feature columns "
-                            f"{cols}; fill or drop those rows before training")
+            cols = [columns[i] for i in sorted(bad.unique("bad"))]
+            try:  # where the first one is, for the user to look at: a bonus, never in the error's way
+                where = _first_missing(files, fmt, columns, source, convert) if files else None
+            except (OSError, ValueError):
+                where = None
+            first_on = f" (the first on {where})" if where else ""
+            if cols == [label]:
+                raise DataError(f"{source}: {n_bad} row(s) have no label in column '{label}'{first_on}; "
+                                "fill in their labels or drop those rows in the file (Shipyard does not drop "
+                                "rows silently)")
+            what = "feature columns" if label not in cols else "columns"
+            raise DataError(f"{source}: {n_bad} row(s) with missing or infinite values in {what} "
+                            f"{', '.join(cols)}{first_on}; fill them in or drop those rows in the file "
+                            "(Shipyard does not drop rows silently)")
     parts = {}
     for i, name in enumerate(("train", "val", "test")):
         parts[name] = encoded.filter(expr=f"split == {i}").drop_columns(["split", "bad"]).materialize()

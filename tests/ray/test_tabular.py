@@ -62,8 +62,9 @@ def test_parquet_split_is_reproducible(ray_local, tmp_path):
     (lambda df: df, "kind", r"column 'kind' not in .*; its columns are: f0"),
     (lambda df: df.assign(f0=["a"] * len(df)), "species", r"non-numeric feature columns .*: f0"),
     (lambda df: df.assign(f1=np.where(np.arange(len(df)) % 7 == 0, np.nan, df.f1)), "species",
-     r"missing or infinite values in feature columns \['f1'\]"),
-    (lambda df: df.iloc[:0], "species", r"bad.csv has no rows"),
+     r"86 row\(s\) with missing or infinite values in feature columns f1 \(the first on line 2\)"),
+    (lambda df: df.iloc[:0], "species", r"bad.csv has no data rows"),
+    (lambda df: df.assign(species="setosa"), "species", r"every row has the label 'setosa' in column 'species'"),
 ])
 def test_bad_files_get_one_clear_error(ray_local, tmp_path, mutate, label, match):
     path = tmp_path / "bad.csv"

@@ -1,10 +1,13 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 
 from shipyard.config import DataConfig
-from shipyard.data import _feature_columns, check_source, split_of
+from shipyard.data import (_csv_convert, _explain_csv, _feature_columns, _first_missing, _missing,
+                           check_source, split_of)
 from shipyard.errors import DataError
 
 
@@ -62,3 +65,69 @@ def test_non_numeric_features_are_named():
 def test_string_labels_and_numeric_features_are_fine():
     schema = pa.schema([("a", pa.float64()), ("b", pa.int32()), ("ok", pa.bool_()), ("label", pa.string())])
     assert _feature_columns(schema, "label", "f.csv") == ["a", "b", "ok"]
+
+
+def write(df: pd.DataFrame, path):
+    df.to_parquet(path) if path.suffix == ".parquet" else df.to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["header.csv", "empty.parquet"])
+def test_a_file_with_no_data_rows_fails_before_ray(tmp_path, name):
+    path = write(frame().iloc[:0], tmp_path / name)
+    with pytest.raises(DataError, match=rf"^{path} has no data rows \(at most a header\)"):
+        check_source(DataConfig(path=path))
+    (tmp_path / "blank.csv").write_text("")  # not even a header
+    with pytest.raises(DataError, match="blank.csv has no data rows"):
+        check_source(DataConfig(path=str(tmp_path / "blank.csv")))
+
+
+def test_a_label_column_not_in_the_file_fails_before_ray(tmp_path):
+    path = write(frame(50), tmp_path / "f.csv")
+    with pytest.raises(DataError, match=r"column 'species' not in .*f.csv; its columns are: a, b, label"):
+        check_source(DataConfig(path=path, label="species"))
+
+
+def test_text_among_numbers_names_the_column_the_value_and_its_line(tmp_path):
+    df = frame(50).astype({"b": object})
+    df.loc[5, "b"] = "n/a?"
+    path = write(df, tmp_path / "f.csv")
+    with pytest.raises(DataError, match=r"feature columns in .*f.csv: b \(string, e.g. 'n/a\?' on line 7\)"):
+        check_source(DataConfig(path=path))
+
+
+def test_text_below_the_first_block_is_explained_with_column_value_and_line(tmp_path):
+    """Ray Data types a CSV column from the file's first block (1 MiB) and then fails with "Failed to read CSV
+    file" only: the driver reads it again with pyarrow to say which column, value and line."""
+    df = frame(40_000).astype({"b": object})
+    df.loc[39_990, "b"] = "abc"
+    path = write(df, tmp_path / "f.csv")
+    head = check_source(DataConfig(path=path))  # the first block holds only numbers: fine so far
+    ray_error = ValueError(f"Failed to read CSV file: {path}. Please check the CSV file has correct format")
+    assert _explain_csv(ray_error, path, _csv_convert(head, "label")) == (
+        f"{path}: column 'b' holds 'abc' on line 39992, where its first rows hold numbers; fix or delete "
+        "that value, or drop the column")
+
+
+def test_whole_number_features_are_read_as_floats_and_an_empty_text_cell_as_missing(tmp_path):
+    path = write(pd.DataFrame({"n": [1, 2], "x": [0.5, 1.0], "label": ["a", None]}), tmp_path / "f.csv")
+    convert = _csv_convert(check_source(DataConfig(path=path)), "label")
+    assert convert.column_types == {"n": pa.float64(), "x": pa.float64()}  # a later 2.5 in `n` reads fine
+    assert convert.strings_can_be_null  # the label of line 3 is missing, not the class ""
+
+
+@pytest.mark.parametrize("name, where", [("f.csv", "line 5"), ("f.parquet", "row index 3")])
+def test_the_first_row_with_a_missing_value_is_found(tmp_path, name, where):
+    df = frame(50)
+    df.loc[[3, 30], "a"] = np.nan
+    df.loc[7, "b"] = np.inf
+    path = write(df, tmp_path / name)
+    fmt = name.rsplit(".", 1)[1]
+    assert _first_missing([Path(path)], fmt, ["a", "b", "label"], path) == where
+    assert _first_missing([Path(path)], fmt, ["label"], path) is None
+
+
+def test_missing_and_infinite_values_are_found_per_row():
+    df = pd.DataFrame({"a": [1.0, np.nan, 3.0, 4.0], "b": [1.0, 2.0, -np.inf, 4.0],
+                       "y": ["x", "y", "z", None]})
+    assert _missing(df).tolist() == [False, True, True, True]

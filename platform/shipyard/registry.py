@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,9 @@ from shipyard.promotion import DECIDING, Claim, View, next_history
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+EXPORTED_MODEL_FILE = "model.pt2"
+"""What mlflow.pytorch writes for serialization_format="pt2" (torch.export.save)."""
+ALLOW_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 HISTORY_TAG = "shipyard.champion_history"
 PROMOTION_TAG = "shipyard.promotion"
 CLAIM_TAG = "shipyard.promotion_claim"
@@ -98,9 +103,34 @@ def load(name: str, version: str) -> ServedModel:
         raise ServingError(f"{uri} has no 2-D tensor signature ({spec or 'no signature'}); Shipyard serves models "
                            "logged by its pipeline (shipyard.tracking.log_model), whose signature is [-1, features]")
     meta = info.metadata or {}
-    model = mlflow.pytorch.load_model(uri)
+    model = load_torch(uri)
     return ServedModel(name, version, model, int(tensor["shape"][1]), np.dtype(tensor["dtype"]),
                        meta.get("classes"), meta.get("feature_names"))
+
+
+def load_torch(uri: str):
+    """The torch model at `uri`, only if it is in torch.export form (data/model.pt2, which MLflow checks for
+    pickle records before loading); anything else is refused before a byte of it is unpickled: unpickling runs
+    whatever code the file names, and a registry can hold files anyone with write access put there."""
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    data = local / "data"
+    found = sorted(p.name for p in data.iterdir()) if data.is_dir() else []
+    if found != [EXPORTED_MODEL_FILE]:
+        raise ServingError(f"{uri} is not a torch.export model (its data/ holds {found or 'nothing'}; expected "
+                           f"only {EXPORTED_MODEL_FILE}): a pickled model runs arbitrary code when loaded, so "
+                           "Shipyard refuses it. Re-register it through the pipeline (shipyard.tracking.log_model "
+                           "saves torch.export weights and graph)")
+    if os.environ.pop(ALLOW_PICKLE_ENV, None) is not None:
+        # while it is set, MLflow skips its check of the .pt2 archive for pickle records
+        log.warning("ignoring %s: Shipyard never unpickles a model", ALLOW_PICKLE_ENV)
+    try:
+        return mlflow.pytorch.load_model(str(local))
+    except mlflow.exceptions.MlflowException as err:
+        if "pickle" not in str(err):
+            raise
+        raise ServingError(f"{uri} refused: {str(err).splitlines()[0][:300]}") from None
 
 
 # -- the champion alias and its history ---------------------------------------------------------------

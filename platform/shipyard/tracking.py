@@ -151,11 +151,16 @@ def score_version(name: str, version: str, x: np.ndarray, y: np.ndarray) -> floa
     """Accuracy of a registered version on (x, y); None if it cannot take this data (other features)."""
     import mlflow
 
+    import torch
+
+    from shipyard.registry import load_torch
+
     try:
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-        logits = np.asarray(model.predict(x.astype(np.float32)))
+        model = load_torch(f"models:/{name}/{version}")  # torch.export form only: nothing is unpickled
+        with torch.no_grad():
+            logits = model(torch.from_numpy(x.astype(np.float32))).numpy()
         return float((logits.argmax(1) == y).mean())
-    except Exception as err:  # a schema mismatch surfaces as MlflowException or a shape error
+    except Exception as err:  # other features: a shape error; a pickled model: ServingError
         log.warning("v%s of %s cannot be scored on this test split: %s", version, name, err)
         return None
 

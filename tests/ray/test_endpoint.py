@@ -90,6 +90,36 @@ def test_nan_not_json_and_huge_bodies_are_rejected_and_server_stays_up(endpoint)
     assert requests.post(f"{url}/predict", json={"instances": [[0, 0, 0, 0]]}, timeout=30).status_code == 200
 
 
+def test_a_body_streamed_without_end_is_cut_off_at_the_limit_and_memory_stays_flat(endpoint):
+    """256 MiB sent chunked (no Content-Length to refuse it by): the replica stops reading at max_body_bytes."""
+    import psutil
+    import ray
+    from ray.util.state import list_actors
+
+    url, _, _ = endpoint
+    replicas = [psutil.Process(a.pid) for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                                           filters=[("state", "=", "ALIVE")], limit=1000)
+                if a.class_name.startswith("ServeReplica:tiny:")]
+    assert replicas
+    before = sum(p.memory_info().rss for p in replicas)
+    chunk = b"[" + b"0.0," * (1 << 18)  # 1 MiB of an endless JSON array
+
+    def endless():
+        yield b'{"instances": [['
+        for _ in range(256):
+            yield chunk
+
+    try:
+        status = requests.post(f"{url}/predict", data=endless(), headers={"content-type": "application/json"},
+                               timeout=60).status_code
+    except requests.ConnectionError:
+        status = None  # the server answered 413 and closed while the client was still sending
+    assert status in (413, None)
+    grown_mib = (sum(p.memory_info().rss for p in replicas) - before) / 2**20
+    assert grown_mib < 64, f"replicas grew {grown_mib:.0f} MiB reading a body they should have cut off"
+    assert requests.post(f"{url}/predict", json={"instances": [[0, 0, 0, 0]]}, timeout=30).status_code == 200
+
+
 def test_concurrent_requests_of_different_sizes_each_get_their_own_answers(endpoint):
     """Requests are batched together (@serve.batch); every caller must still get exactly its rows back."""
     from concurrent.futures import ThreadPoolExecutor

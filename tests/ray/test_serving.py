@@ -427,3 +427,48 @@ def test_a_killed_replica_under_load_costs_no_request_and_is_replaced(deploy):
     assert len(load.answers) > 2000  # at 99.9 %, up to 2 failures allowed: a request cut after its headers
     assert ok / len(load.answers) >= 0.999, load.failed()[:5]
     assert len(now) == 2 and before[0] not in now and running == 2  # back to 2 replicas
+
+
+class Planted(torch.nn.Module):
+    """A model whose pickle runs a shell command when unpickled: what a hostile upload to a registry looks like."""
+
+    def __init__(self, marker: Path):
+        super().__init__()
+        self.marker = marker
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.linear(x)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_model_with_a_planted_pickle_is_refused_without_running_it(registry_uri, tmp_path, monkeypatch):
+    import pickle
+
+    from mlflow.models import infer_signature
+
+    from shipyard.errors import ServingError
+
+    uri, _ = registry_uri
+    marker = tmp_path / "pwned"
+    x = np.zeros((2, 4), np.float32)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run():  # a pickle-format model, as `mlflow.pytorch.log_model` still allows
+        mlflow.pytorch.log_model(Planted(marker), name="model", serialization_format="pickle",
+                                 signature=infer_signature(x, np.zeros((2, 3), np.float32)),
+                                 registered_model_name="planted",
+                                 pip_requirements=["torch"])  # inferring them would load (and run) it here
+    assert not marker.exists()
+    with pytest.raises(ServingError, match=r"not a torch.export model \(its data/ holds \['model.pth'.*refuses it"):
+        registry.load("planted", "1")
+    # the promotion gate goes through the same loader; a user's MLflow setting does not open the door
+    assert tracking.score_version("planted", "1", x, np.zeros(2, np.int64)) is None
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    with pytest.raises(ServingError, match="not a torch.export model"):
+        registry.load("planted", "1")
+    assert not marker.exists()  # nothing of it ran
+    pickle.loads(pickle.dumps(Planted(marker)))  # while unpickling it does run: the payload is real
+    assert marker.exists()

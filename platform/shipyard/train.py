@@ -133,6 +133,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(cfg.model, config["in_features"], config["num_classes"])
     start_epoch, state = 0, None
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("fallback_checkpoint"):  # a resumed run whose Train snapshot was broken
+        checkpoint = Checkpoint.from_directory(config["fallback_checkpoint"])
     if checkpoint is not None:  # a restarted worker group (FailureConfig) or a resumed run
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
@@ -396,9 +398,11 @@ def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_cl
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    storage = storage_path or str(cfg.storage_dir)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "in_features": in_features,
+                           "fallback_checkpoint": repair_run_snapshot(Path(storage) / run_name),
                            "num_classes": num_classes, "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
                            "quiet": quiet, "prediction": prediction,
                            "train_rows": datasets["train"].count() if hasattr(datasets["train"], "count") else 0},
@@ -410,12 +414,43 @@ def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_cl
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # every rank validates on all of val
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path or str(cfg.storage_dir), callbacks=callbacks,
+            name=run_name, storage_path=storage, callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             # Ray Train's own INFO lines (two per report and rank) would drown the one line per epoch
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
+
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+"""Ray Train V2's record of a run's checkpoints, read when a run of the same name starts again (a resume)."""
+
+
+def repair_run_snapshot(run_dir: Path) -> str | None:
+    """Ray Train writes its snapshot in place: a full disk leaves it empty, and a run of that name then cannot
+    start again (CheckpointManagerInitializationError). Move such a snapshot aside and return the newest
+    checkpoint whose state loads, for the workers to start from; None when there is nothing to repair (or the
+    storage is remote: not looked at)."""
+    snapshot = run_dir / SNAPSHOT_FILE
+    if not snapshot.is_file():
+        return None
+    try:
+        json.loads(snapshot.read_text())
+        return None
+    except ValueError:
+        pass
+    snapshot.rename(snapshot.with_suffix(".broken"))
+    for ckpt in sorted(run_dir.glob("checkpoint_*"), reverse=True):  # named by time: newest first
+        try:
+            epoch = torch.load(ckpt / CHECKPOINT_FILE, weights_only=True, map_location="cpu")["epoch"]
+        except Exception:  # written while the disk filled up
+            continue
+        log.warning("Ray Train's snapshot of %s was unreadable (a full disk?): set aside as %s; going on from %s "
+                    "(epoch %d)", run_dir.name, snapshot.with_suffix(".broken").name, ckpt.name, epoch + 1)
+        return str(ckpt)
+    log.warning("Ray Train's snapshot of %s was unreadable and no checkpoint loads: training starts over",
+                run_dir.name)
+    return None
 
 
 def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlflow_run_id: str | None = None,
@@ -431,6 +466,11 @@ def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlf
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
+        if "No space left on device" in str(err):  # errno ENOSPC, in any worker's traceback
+            raise TrainingError(
+                f"training run {run_name} failed: the disk holding storage_path ({cfg.storage_dir}) or a worker's "
+                "temp folder is full. The checkpoints saved so far are intact there: free space (or set "
+                "storage_path to a larger disk, with the same path on every node) and rerun with --resume") from err
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise TrainingError(f"training run {run_name} failed (train.max_failures={cfg.train.max_failures}): "
                             f"{first_line}. The full error is above; worker logs are under the Ray session's "

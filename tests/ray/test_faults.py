@@ -152,3 +152,39 @@ def test_training_outlives_a_tracking_server_outage_and_its_metrics_arrive(ray_l
     assert "MLflow tracking server back after" in run.log and "LOST" not in run.log
     state = torch.load(Path(summary["checkpoint"]) / "state.pt", weights_only=True)
     assert state["epoch"] == 9 and summary["test_accuracy"] > 0.8
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KiB tmpfs (two or three checkpoints); skipped where this user may not mount (CI without root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): the full-disk test runs where it can")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_fails_clearly_and_resume_goes_on_from_an_intact_checkpoint(ray_local, workdir, tmp_path,
+                                                                               small_disk):
+    address = ray_local.get_runtime_context().gcs_address
+    settings = {**workdir, **QUICK, "scaling.num_workers": 1, "train.epochs": 12, "train.max_failures": 1,
+                "storage_path": str(small_disk / "results")}
+    full = Pipeline(address, settings, tmp_path / "summary.json")
+    full.proc.wait(timeout=300)
+    full.reader.join(timeout=10)
+    assert full.proc.returncode == 2, full.log[-3000:]
+    assert re.search(r"ERROR shipyard: training run \S+ failed: the disk holding storage_path .* is full\. The "
+                     r"checkpoints saved so far are intact there", full.log), full.log[-3000:]
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # space freed
+
+    resumed = Pipeline(address, settings, tmp_path / "summary.json", "--resume")
+    summary = resumed.finish()
+    assert re.search(r"resuming from the checkpoint of epoch \d", resumed.log), resumed.log[-3000:]
+    client = mlflow.MlflowClient(workdir["tracking.uri"], registry_uri=workdir["tracking.uri"])
+    experiment = client.get_experiment_by_name("shipyard-digits").experiment_id
+    assert sorted(r.data.tags.get("shipyard.kind") for r in client.search_runs([experiment], "")) == [
+        "pipeline", "train"]
+    epochs = train_epochs_logged(workdir["tracking.uri"], summary["train_run_id"])
+    assert sorted(set(epochs)) == list(range(1, 13)) and epochs.count(1) == 1, epochs
+    assert summary["model_version"] == "1" and summary["test_accuracy"] > 0.9

@@ -2,16 +2,21 @@
 
 Running trials are pruned by Tune itself (`CheckpointConfig` in `tuning.search`: each keeps its best and its
 latest, and Tune snapshots the experiment before deleting, so a resume never needs a deleted one). Finished
-trials are pruned here, as the search goes and once more at its end.
+trials are pruned here, as the search goes and once more at its end. And `repair_run_snapshot`: a Ray Train run
+whose snapshot a full disk left empty goes on from its newest checkpoint that loads.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
 from shipyard.config import Config
+
+CHECKPOINT_FILE = "state.pt"
+"""In every checkpoint of a trial or a training run: weights, optimizer state and epoch (torch.save of tensors)."""
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +110,36 @@ def final_prune(cfg: Config, results, best_checkpoint: str | None) -> tuple[int,
     kept = [p for p in Path(results.experiment_path).rglob("checkpoint_*") if p.is_dir()]
     size = sum(f.stat().st_size for p in kept for f in p.rglob("*") if f.is_file())
     return len(kept), round(size / 2**20, 2)
+
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+"""Ray Train V2's record of a run's checkpoints, read when a run of the same name starts again (a resume)."""
+
+
+def repair_run_snapshot(run_dir: Path) -> str | None:
+    """Ray Train writes its snapshot in place: a full disk leaves it empty, and a run of that name then cannot
+    start again (CheckpointManagerInitializationError). Move such a snapshot aside and return the newest
+    checkpoint whose state loads, for the workers to start from; None when there is nothing to repair (or the
+    storage is remote: not looked at)."""
+    snapshot = run_dir / SNAPSHOT_FILE
+    if not snapshot.is_file():
+        return None
+    try:
+        json.loads(snapshot.read_text())
+        return None
+    except ValueError:
+        pass
+    snapshot.rename(snapshot.with_suffix(".broken"))
+    import torch
+
+    for ckpt in sorted(run_dir.glob("checkpoint_*"), reverse=True):  # named by time: newest first
+        try:
+            epoch = torch.load(ckpt / CHECKPOINT_FILE, weights_only=True, map_location="cpu")["epoch"]
+        except Exception:  # written while the disk filled up
+            continue
+        log.warning("Ray Train's snapshot of %s was unreadable (a full disk?): set aside as %s; going on from %s "
+                    "(epoch %d)", run_dir.name, snapshot.with_suffix(".broken").name, ckpt.name, epoch + 1)
+        return str(ckpt)
+    log.warning("Ray Train's snapshot of %s was unreadable and no checkpoint loads: training starts over",
+                run_dir.name)
+    return None

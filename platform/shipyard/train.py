@@ -13,7 +13,6 @@ import logging
 import socket
 import statistics
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,20 +22,17 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from shipyard.checkpoints import CHECKPOINT_FILE, repair_run_snapshot
 from shipyard.config import Config
 from shipyard.errors import TrainingError
 from shipyard.models import build_model
+from shipyard.mlflow_queue import FLUSH_S, UNDELIVERED_FILE, QueuedMlflow, deliver_leftovers
 from shipyard.perf.layers import training_step
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "state.pt"
 SHUFFLE_BUFFER_ROWS = 10_000
 IN_MEMORY_BYTES = 256 * 2**20
-UNDELIVERED_FILE = "undelivered_mlflow.json"
-"""In the last checkpoint: rank 0's MLflow calls the tracking server never took (deliver_leftovers)."""
-TRACKING_FLUSH_S = 30.0
-"""How long the last epoch waits for queued MLflow calls to reach a tracking server that is down."""
 """A worker's epoch of training batches up to this size is loaded before its first step (run_epoch)."""
 
 
@@ -148,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = make_optimizer(cfg, model)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-    logger = _RankZeroMlflow(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else None
+    logger = QueuedMlflow(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else None
     placement = _worker_placement(world)  # every rank takes part (a collective)
     if logger is not None:  # the tag stays short (ranks per node); the artifact has every rank
         logger.set_tag("shipyard.worker_nodes", json.dumps(collections.Counter(p["node_id"] for p in placement)))
@@ -189,7 +185,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     log.warning("%s", warning)
                     logger.set_tag("shipyard.plan_warning", warning)
                 if epoch == cfg.train.epochs - 1:  # the last checkpoint carries what MLflow has not received
-                    undelivered = logger.close(TRACKING_FLUSH_S)
+                    undelivered = logger.close(FLUSH_S)
                     if undelivered:
                         (Path(tmp) / UNDELIVERED_FILE).write_text(json.dumps(undelivered))
             ray.train.report(metrics, checkpoint=ckpt)  # a barrier: every rank calls it
@@ -283,112 +279,6 @@ class _Progress:
                        "a stale profile (rerun shipyard calibrate)")
 
 
-def _send(client, run_id: str, call: str, args) -> None:
-    """One queued MLflow call: ("log_batch", [[key, value, timestamp_ms, step], ...]) or a client method's
-    name and its arguments after the run id (set_tag, log_dict): plain JSON, so it can wait in a file."""
-    if call == "log_batch":
-        from mlflow.entities import Metric
-
-        client.log_batch(run_id, metrics=[Metric(*m) for m in args[0]])
-    else:
-        getattr(client, call)(run_id, *args)
-
-
-class _RankZeroMlflow:
-    """Per-epoch metrics into the MLflow run the driver created; only rank 0 holds one of these.
-
-    Training never waits on the tracking server: calls are queued and a thread delivers them in order, retrying
-    while the server is down (a restart, a network cut). `close(timeout_s)` waits for the queue to drain and
-    returns what is still undelivered; the caller keeps those beside the checkpoint so the driver can deliver
-    them later or report them as lost (RELIABILITY.md, "tracking outage")."""
-
-    RETRY_S = (1.0, 2.0, 5.0, 10.0)
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None):
-        self.client = None
-        self.pending: collections.deque[tuple[str, tuple]] = collections.deque()
-        self.cond = threading.Condition()
-        self.down_since: float | None = None
-        self.closed = self.sending = False
-        if tracking_uri and run_id:
-            import os
-
-            from mlflow import MlflowClient
-
-            # the delivery thread retries forever at its own pace: MLflow's own retries (7, exponential, up to
-            # minutes a call) would only hold each call back
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
-            self.client, self.run_id = MlflowClient(tracking_uri), run_id
-            threading.Thread(target=self._deliver, name="shipyard-mlflow", daemon=True).start()
-
-    def _put(self, call: str, *args: Any) -> None:
-        if self.client is not None:
-            with self.cond:
-                self.pending.append((call, args))
-                self.cond.notify_all()
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self._put("log_batch", [(k, float(v), now, step) for k, v in metrics.items()])
-
-    def set_tag(self, key: str, value: str) -> None:
-        self._put("set_tag", key, value[:5000])
-
-    def log_dict(self, value: Any, artifact_file: str) -> None:
-        self._put("log_dict", value, artifact_file)
-
-    def _deliver(self) -> None:
-        failures = 0
-        while True:
-            with self.cond:
-                while not self.pending and not self.closed:
-                    self.cond.wait()
-                if self.closed:
-                    self.sending = False
-                    self.cond.notify_all()
-                    return
-                call, args = self.pending[0]
-                self.sending = True
-            try:
-                _send(self.client, self.run_id, call, args)
-            except Exception as err:  # the server is down or refused: keep it queued, retry
-                if self.down_since is None:
-                    self.down_since = time.monotonic()
-                    log.warning("MLflow tracking server unreachable (%s: %s): training goes on; metrics are "
-                                "queued and delivered when it is back", type(err).__name__, str(err)[:200])
-                with self.cond:
-                    self.sending = False
-                    self.cond.notify_all()
-                    self.cond.wait(timeout=self.RETRY_S[min(failures, len(self.RETRY_S) - 1)])
-                failures += 1
-                continue
-            if self.down_since is not None:
-                log.warning("MLflow tracking server back after %.0f s: delivering %d queued calls",
-                            time.monotonic() - self.down_since, len(self.pending))
-                self.down_since = None
-            failures = 0
-            with self.cond:
-                self.pending.popleft()
-                self.sending = False
-                self.cond.notify_all()
-
-    def close(self, timeout_s: float) -> list[tuple[str, tuple]]:
-        """Wait up to `timeout_s` for every queued call to be delivered, then stop delivering; returns the calls
-        that were not delivered (none is both delivered and returned: a call in flight is waited for)."""
-        if self.client is None:
-            return []
-        deadline = time.monotonic() + timeout_s
-        with self.cond:
-            while self.pending and time.monotonic() < deadline:
-                self.cond.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-            self.closed = True
-            self.cond.notify_all()
-            while self.sending:  # at most one HTTP timeout (MLFLOW_HTTP_REQUEST_TIMEOUT)
-                self.cond.wait(timeout=1.0)
-            return list(self.pending)
-
-
 def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_classes: int, run_name: str, *,
                  storage_path: str | None = None, num_workers: int | None = None, cpus_per_worker: float | None = None,
                  tracking_uri: str | None = None, mlflow_run_id: str | None = None, callbacks: list | None = None,
@@ -422,37 +312,6 @@ def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_cl
     )
 
 
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
-"""Ray Train V2's record of a run's checkpoints, read when a run of the same name starts again (a resume)."""
-
-
-def repair_run_snapshot(run_dir: Path) -> str | None:
-    """Ray Train writes its snapshot in place: a full disk leaves it empty, and a run of that name then cannot
-    start again (CheckpointManagerInitializationError). Move such a snapshot aside and return the newest
-    checkpoint whose state loads, for the workers to start from; None when there is nothing to repair (or the
-    storage is remote: not looked at)."""
-    snapshot = run_dir / SNAPSHOT_FILE
-    if not snapshot.is_file():
-        return None
-    try:
-        json.loads(snapshot.read_text())
-        return None
-    except ValueError:
-        pass
-    snapshot.rename(snapshot.with_suffix(".broken"))
-    for ckpt in sorted(run_dir.glob("checkpoint_*"), reverse=True):  # named by time: newest first
-        try:
-            epoch = torch.load(ckpt / CHECKPOINT_FILE, weights_only=True, map_location="cpu")["epoch"]
-        except Exception:  # written while the disk filled up
-            continue
-        log.warning("Ray Train's snapshot of %s was unreadable (a full disk?): set aside as %s; going on from %s "
-                    "(epoch %d)", run_dir.name, snapshot.with_suffix(".broken").name, ckpt.name, epoch + 1)
-        return str(ckpt)
-    log.warning("Ray Train's snapshot of %s was unreadable and no checkpoint loads: training starts over",
-                run_dir.name)
-    return None
-
-
 def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlflow_run_id: str | None = None,
         prediction: dict[str, Any] | None = None) -> TrainResult:
     """Data-parallel training with Ray Train's TorchTrainer; returns the last checkpoint and metrics.
@@ -480,30 +339,6 @@ def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlf
                             f"see {result.path}")
     deliver_leftovers(result.checkpoint, tracking_uri, mlflow_run_id)
     return TrainResult(result.checkpoint, dict(result.metrics))
-
-
-def deliver_leftovers(checkpoint, tracking_uri: str | None, run_id: str | None) -> int:
-    """Send the MLflow calls rank 0 could not deliver during training (the tracking server was down until its
-    last epoch); if the server still refuses them, say they are lost and where they are kept. Returns how many
-    calls were delivered."""
-    path = Path(checkpoint.path) / UNDELIVERED_FILE
-    if not (tracking_uri and run_id and path.is_file()):  # checkpoints on remote storage: not looked at
-        return 0
-    from mlflow import MlflowClient
-
-    calls = json.loads(path.read_text())
-    client = MlflowClient(tracking_uri)  # the driver's: MLflow's own retries, minutes long
-    try:
-        for call, args in calls:
-            _send(client, run_id, call, args)
-    except Exception as err:
-        log.error("LOST: %d MLflow calls from training (metrics of the epochs while the tracking server at %s was "
-                  "down) could not be delivered (%s: %s); they are kept in %s", len(calls), tracking_uri,
-                  type(err).__name__, str(err)[:200], path)
-        return 0
-    log.warning("delivered %d MLflow calls that training queued while the tracking server was down", len(calls))
-    path.unlink()
-    return len(calls)
 
 
 def load_trained(cfg: Config, checkpoint, in_features: int, num_classes: int) -> nn.Module:

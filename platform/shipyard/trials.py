@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
+from shipyard.checkpoints import CHECKPOINT_FILE
 from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError
 from shipyard.models import build_model
 from shipyard.schedules import EPOCHS
-from shipyard.train import CHECKPOINT_FILE, fits_in_memory, iter_batches, make_optimizer, run_epoch
+from shipyard.train import fits_in_memory, iter_batches, make_optimizer, run_epoch
 
 TRIAL_DRIVER_CPU = 0.01
 """A multi-worker trial is a small driver plus its Train workers, whose bundles are separate (RAY_NOTES §6):

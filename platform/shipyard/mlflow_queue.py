@@ -1,0 +1,156 @@
+"""Rank 0's MLflow calls during training, queued so that training never waits on the tracking server.
+
+    logger = QueuedMlflow(tracking_uri, run_id)   # in rank 0 of a Ray Train worker group
+    logger.log(metrics, epoch); logger.set_tag(k, v); logger.log_dict(obj, "file.json")
+    left = logger.close(FLUSH_S)                  # the last epoch: what never arrived goes into its checkpoint
+    deliver_leftovers(checkpoint, tracking_uri, run_id)   # the driver, after training
+
+A thread delivers the calls in order, retrying while the server is down (a restart, a network cut); a call
+is plain JSON, so what is still queued at the end can wait in a file (RELIABILITY.md, "tracking outage").
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+UNDELIVERED_FILE = "undelivered_mlflow.json"
+"""In the last checkpoint: rank 0's MLflow calls the tracking server never took (deliver_leftovers)."""
+FLUSH_S = 30.0
+"""How long the last epoch waits for queued MLflow calls to reach a tracking server that is down."""
+
+
+def _send(client, run_id: str, call: str, args) -> None:
+    """One queued MLflow call: ("log_batch", [[key, value, timestamp_ms, step], ...]) or a client method's
+    name and its arguments after the run id (set_tag, log_dict): plain JSON, so it can wait in a file."""
+    if call == "log_batch":
+        from mlflow.entities import Metric
+
+        client.log_batch(run_id, metrics=[Metric(*m) for m in args[0]])
+    else:
+        getattr(client, call)(run_id, *args)
+
+
+class QueuedMlflow:
+    """Per-epoch metrics into the MLflow run the driver created; only rank 0 holds one of these.
+
+    Training never waits on the tracking server: calls are queued and a thread delivers them in order, retrying
+    while the server is down (a restart, a network cut). `close(timeout_s)` waits for the queue to drain and
+    returns what is still undelivered; the caller keeps those beside the checkpoint so the driver can deliver
+    them later or report them as lost (RELIABILITY.md, "tracking outage")."""
+
+    RETRY_S = (1.0, 2.0, 5.0, 10.0)
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None):
+        self.client = None
+        self.pending: collections.deque[tuple[str, tuple]] = collections.deque()
+        self.cond = threading.Condition()
+        self.down_since: float | None = None
+        self.closed = self.sending = False
+        if tracking_uri and run_id:
+            import os
+
+            from mlflow import MlflowClient
+
+            # the delivery thread retries forever at its own pace: MLflow's own retries (7, exponential, up to
+            # minutes a call) would only hold each call back
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+            self.client, self.run_id = MlflowClient(tracking_uri), run_id
+            threading.Thread(target=self._deliver, name="shipyard-mlflow", daemon=True).start()
+
+    def _put(self, call: str, *args: Any) -> None:
+        if self.client is not None:
+            with self.cond:
+                self.pending.append((call, args))
+                self.cond.notify_all()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._put("log_batch", [(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._put("set_tag", key, value[:5000])
+
+    def log_dict(self, value: Any, artifact_file: str) -> None:
+        self._put("log_dict", value, artifact_file)
+
+    def _deliver(self) -> None:
+        failures = 0
+        while True:
+            with self.cond:
+                while not self.pending and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    self.sending = False
+                    self.cond.notify_all()
+                    return
+                call, args = self.pending[0]
+                self.sending = True
+            try:
+                _send(self.client, self.run_id, call, args)
+            except Exception as err:  # the server is down or refused: keep it queued, retry
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    log.warning("MLflow tracking server unreachable (%s: %s): training goes on; metrics are "
+                                "queued and delivered when it is back", type(err).__name__, str(err)[:200])
+                with self.cond:
+                    self.sending = False
+                    self.cond.notify_all()
+                    self.cond.wait(timeout=self.RETRY_S[min(failures, len(self.RETRY_S) - 1)])
+                failures += 1
+                continue
+            if self.down_since is not None:
+                log.warning("MLflow tracking server back after %.0f s: delivering %d queued calls",
+                            time.monotonic() - self.down_since, len(self.pending))
+                self.down_since = None
+            failures = 0
+            with self.cond:
+                self.pending.popleft()
+                self.sending = False
+                self.cond.notify_all()
+
+    def close(self, timeout_s: float) -> list[tuple[str, tuple]]:
+        """Wait up to `timeout_s` for every queued call to be delivered, then stop delivering; returns the calls
+        that were not delivered (none is both delivered and returned: a call in flight is waited for)."""
+        if self.client is None:
+            return []
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while self.pending and time.monotonic() < deadline:
+                self.cond.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            self.closed = True
+            self.cond.notify_all()
+            while self.sending:  # at most one HTTP timeout (MLFLOW_HTTP_REQUEST_TIMEOUT)
+                self.cond.wait(timeout=1.0)
+            return list(self.pending)
+
+
+def deliver_leftovers(checkpoint, tracking_uri: str | None, run_id: str | None) -> int:
+    """Send the MLflow calls rank 0 could not deliver during training (the tracking server was down until its
+    last epoch); if the server still refuses them, say they are lost and where they are kept. Returns how many
+    calls were delivered."""
+    path = Path(checkpoint.path) / UNDELIVERED_FILE
+    if not (tracking_uri and run_id and path.is_file()):  # checkpoints on remote storage: not looked at
+        return 0
+    from mlflow import MlflowClient
+
+    calls = json.loads(path.read_text())
+    client = MlflowClient(tracking_uri)  # the driver's: MLflow's own retries, minutes long
+    try:
+        for call, args in calls:
+            _send(client, run_id, call, args)
+    except Exception as err:
+        log.error("LOST: %d MLflow calls from training (metrics of the epochs while the tracking server at %s was "
+                  "down) could not be delivered (%s: %s); they are kept in %s", len(calls), tracking_uri,
+                  type(err).__name__, str(err)[:200], path)
+        return 0
+    log.warning("delivered %d MLflow calls that training queued while the tracking server was down", len(calls))
+    path.unlink()
+    return len(calls)

@@ -24,9 +24,11 @@ Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -47,6 +49,7 @@ CONNECTIONS = 32
 WARMUP_S = 2.0
 CALIBRATE_TOLERANCE = 0.05  # paced rate within 5 % of the target before the soak starts
 MAX_RSS_GROWTH = 0.10
+SHARED_CORES = 0.2  # cores used by processes not ours (nor wrk) above which a window is flagged as shared
 APP = "bench-soak"
 
 
@@ -72,6 +75,45 @@ def rss_bytes(pids: list[int]) -> int:
     except psutil.NoSuchProcess as err:
         raise RuntimeError(f"replica process {err.pid} is gone (replaced by Serve?): its memory cannot be "
                            "followed; see the Serve logs under the Ray session folder") from err
+
+
+class CpuMeter:
+    """Cores used over an interval: by the replica(s), and by every process on the machine that is neither
+    this one nor a descendant (Ray, Serve, HAProxy, wrk): the second is the sign of a shared, busy machine.
+
+    Our processes are sampled at both ends; one that exits in between, e.g. wrk, is counted through this
+    process's RUSAGE_CHILDREN once reaped (a grandchild that exits early would count as not ours).
+    """
+
+    def __init__(self, replicas: list[int]):
+        self.replicas = replicas
+        self.start()
+
+    @staticmethod
+    def _sample() -> tuple[float, dict[int, float], float]:
+        import psutil
+
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + t.irq + t.softirq  # not idle, iowait or the hypervisor's steal
+        ours = {}
+        for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                c = proc.cpu_times()
+                ours[proc.pid] = c.user + c.system
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return busy, ours, reaped.ru_utime + reaped.ru_stime
+
+    def start(self) -> None:
+        self.t0, (self.busy0, self.ours0, self.reaped0) = time.perf_counter(), self._sample()
+
+    def stop(self) -> tuple[float, float]:
+        """(replica cores, cores not ours) since start()."""
+        busy, ours, reaped = self._sample()
+        wall = time.perf_counter() - self.t0
+        delta = {pid: cpu - self.ours0.get(pid, 0.0) for pid, cpu in ours.items()}
+        replica = sum(delta.get(pid, 0.0) for pid in self.replicas)
+        other = (busy - self.busy0) - sum(delta.values()) - (reaped - self.reaped0)
+        return replica / wall, max(other, 0.0) / wall
 
 
 def p99_line(label: str, r: WrkResult) -> str:
@@ -147,6 +189,13 @@ def report(result: dict, t_start: float) -> list[str]:
           f"wrk used at most {max(r.wrk_cores for r in windows):.2f} cores; load average at the end {load}; "
           f"total wall {time.perf_counter() - t_start:.0f} s")
 
+    other = [o for _, o in result["cores"]]
+    busy = [f"{i * WINDOW_S}-{(i + 1) * WINDOW_S} s ({o:.2f})" for i, o in enumerate(other)
+            if o > SHARED_CORES]
+    if busy:
+        print(f"warning: other processes took more than {SHARED_CORES} of the 2 cores in window(s) "
+              f"{', '.join(busy)}: the machine was shared, so latency and rate there are not the endpoint's "
+              "alone")
     if abs(achieved / result["target"] - 1) > 2 * CALIBRATE_TOLERANCE:
         # wrk is closed-loop: a slower endpoint (or a busier machine) lowers the rate it is offered
         print(f"warning: the soak ran {achieved / result['target'] - 1:+.1%} off its target rate (within "
@@ -171,6 +220,8 @@ def report(result: dict, t_start: float) -> list[str]:
         "rss_mib_end": round(rss[-1] / 2**20, 1),
         "p99_ms_by_10s": [round(r.p99_ms, 2) for r in windows],
         "rps_by_10s": [round(r.rps, 1) for r in windows],
+        "replica_cores_by_10s": [round(c, 2) for c, _ in result["cores"]],
+        "other_cores_by_10s": [round(o, 2) for o in other],
     }))
     return failures
 
@@ -202,17 +253,22 @@ def soak(model: dict, uri: str, tmp: Path, args: argparse.Namespace) -> dict:
               flush=True)
         rss = [rss_bytes(pids)]
         windows: list[WrkResult] = []
+        cores: list[tuple[float, float]] = []  # (replica, everything not ours) per window
         t0 = time.perf_counter()
+        meter = CpuMeter(pids)
         for i in range(args.seconds // WINDOW_S):
+            meter.start()
             r = run_wrk(url, paced, CONNECTIONS, WINDOW_S)
+            cores.append(meter.stop())
             windows.append(r)
             rss.append(rss_bytes(pids))
             print(p99_line(f"  {i * WINDOW_S:3d}-{(i + 1) * WINDOW_S:3d} s", r)
-                  + f"  replica RSS {rss[-1] / 2**20:.1f} MiB", flush=True)
+                  + f"  replica RSS {rss[-1] / 2**20:.1f} MiB, {cores[-1][0]:.2f} cores; not ours "
+                  f"{cores[-1][1]:.2f} cores", flush=True)
         wall_s = time.perf_counter() - t0
         pids_end = replica_pids(raylet, APP)
-    return {"windows": windows, "rss": rss, "pids": pids, "pids_end": pids_end, "replaced": pids_end != pids,
-            "target": target, "max": top, "wall_s": wall_s}
+    return {"windows": windows, "rss": rss, "cores": cores, "pids": pids, "pids_end": pids_end,
+            "replaced": pids_end != pids, "target": target, "max": top, "wall_s": wall_s}
 
 
 if __name__ == "__main__":

@@ -149,8 +149,6 @@ def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any], fea
 
 def score_version(name: str, version: str, x: np.ndarray, y: np.ndarray) -> float | None:
     """Accuracy of a registered version on (x, y); None if it cannot take this data (other features)."""
-    import mlflow
-
     import torch
 
     from shipyard.registry import load_torch

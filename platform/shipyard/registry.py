@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 EXPORTED_MODEL_FILE = "model.pt2"
 """What mlflow.pytorch writes for serialization_format="pt2" (torch.export.save)."""
-ALLOW_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 HISTORY_TAG = "shipyard.champion_history"
 PROMOTION_TAG = "shipyard.promotion"
 CLAIM_TAG = "shipyard.promotion_claim"
@@ -109,28 +107,37 @@ def load(name: str, version: str) -> ServedModel:
 
 
 def load_torch(uri: str):
-    """The torch model at `uri`, only if it is in torch.export form (data/model.pt2, which MLflow checks for
-    pickle records before loading); anything else is refused before a byte of it is unpickled: unpickling runs
-    whatever code the file names, and a registry can hold files anyone with write access put there."""
+    """The torch model at `uri`, only if it is in torch.export form; anything else is refused before a byte
+    of it is unpickled: unpickling runs whatever code the file names, and a registry holds what anyone with write
+    access put there. Not `mlflow.pytorch.load_model`: it follows the MLmodel file (which data folder, a `code`
+    folder put on sys.path, a pickle module it imports) and, unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false
+    (its default is true), skips its own check of the .pt2 archive. Here: the MLmodel must name data/ and no
+    code, data/ must hold model.pt2 alone, MLflow's check runs always, then torch.export.load."""
     import mlflow
+    import torch
+    import yaml
+    from mlflow.pytorch import _validate_pt2_archive_is_pickle_free
 
     local = Path(mlflow.artifacts.download_artifacts(uri))
+    try:
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["pytorch"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise ServingError(f"{uri} has no readable MLmodel with a pytorch flavor ({type(err).__name__}: {err}); "
+                           "Shipyard serves models logged by its pipeline (shipyard.tracking.log_model)") from None
     data = local / "data"
     found = sorted(p.name for p in data.iterdir()) if data.is_dir() else []
-    if found != [EXPORTED_MODEL_FILE]:
-        raise ServingError(f"{uri} is not a torch.export model (its data/ holds {found or 'nothing'}; expected "
-                           f"only {EXPORTED_MODEL_FILE}): a pickled model runs arbitrary code when loaded, so "
-                           "Shipyard refuses it. Re-register it through the pipeline (shipyard.tracking.log_model "
+    if flavor.get("model_data") != "data" or flavor.get("code") or found != [EXPORTED_MODEL_FILE]:
+        raise ServingError(f"{uri} is not a torch.export model (MLmodel: model_data={flavor.get('model_data')!r}, "
+                           f"code={flavor.get('code')!r}; data/ holds {found or 'nothing'}; expected data/ with "
+                           f"only {EXPORTED_MODEL_FILE} and no code): a pickled model runs arbitrary code when loaded, "
+                           "so Shipyard refuses it. Re-register it through the pipeline (shipyard.tracking.log_model "
                            "saves torch.export weights and graph)")
-    if os.environ.pop(ALLOW_PICKLE_ENV, None) is not None:
-        # while it is set, MLflow skips its check of the .pt2 archive for pickle records
-        log.warning("ignoring %s: Shipyard never unpickles a model", ALLOW_PICKLE_ENV)
+    path = data / EXPORTED_MODEL_FILE
     try:
-        return mlflow.pytorch.load_model(str(local))
+        _validate_pt2_archive_is_pickle_free(str(path))  # every record JSON, text or weights_only-loadable
     except mlflow.exceptions.MlflowException as err:
-        if "pickle" not in str(err):
-            raise
         raise ServingError(f"{uri} refused: {str(err).splitlines()[0][:300]}") from None
+    return torch.export.load(str(path)).module()
 
 
 # -- the champion alias and its history ---------------------------------------------------------------

@@ -444,7 +444,30 @@ class Planted(torch.nn.Module):
         return os.system, (f"touch {self.marker}",)
 
 
-def test_a_model_with_a_planted_pickle_is_refused_without_running_it(registry_uri, tmp_path, monkeypatch):
+def _hostile_copies(uri: str, marker: Path, tmp_path: Path) -> dict[str, Path]:
+    """Copies of svc v1's artifacts made hostile: a pickled record planted in the .pt2 archive, and an MLmodel
+    pointing the loader at a pickled model in another folder (data/model.pt2 left in place as a decoy)."""
+    import pickle
+    import shutil
+    import zipfile
+
+    good = Path(mlflow.artifacts.download_artifacts("models:/svc/1", tracking_uri=uri))
+    payload = pickle.dumps(Planted(marker))
+    planted = tmp_path / "planted-pt2"
+    shutil.copytree(good, planted)
+    with zipfile.ZipFile(planted / "data" / "model.pt2", "a") as archive:
+        prefix = archive.namelist()[0].split("/")[0]
+        archive.writestr(f"{prefix}/data/constants/evil.pt", payload)
+    redirect = tmp_path / "redirect"
+    shutil.copytree(good, redirect)
+    (redirect / "other").mkdir()
+    (redirect / "other" / "model.pth").write_bytes(payload)
+    mlmodel = (redirect / "MLmodel").read_text()
+    (redirect / "MLmodel").write_text(mlmodel.replace("model_data: data", "model_data: other"))
+    return {"planted-pt2": planted, "redirect": redirect}
+
+
+def test_a_model_with_a_planted_pickle_is_refused_without_running_it(registry_uri, tmp_path):
     import pickle
 
     from mlflow.models import infer_signature
@@ -461,14 +484,19 @@ def test_a_model_with_a_planted_pickle_is_refused_without_running_it(registry_ur
                                  signature=infer_signature(x, np.zeros((2, 3), np.float32)),
                                  registered_model_name="planted",
                                  pip_requirements=["torch"])  # inferring them would load (and run) it here
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    for name, folder in _hostile_copies(uri, marker, tmp_path).items():
+        client.create_registered_model(name)
+        client.create_model_version(name, source=str(folder))
     assert not marker.exists()
-    with pytest.raises(ServingError, match=r"not a torch.export model \(its data/ holds \['model.pth'.*refuses it"):
-        registry.load("planted", "1")
-    # the promotion gate goes through the same loader; a user's MLflow setting does not open the door
-    assert tracking.score_version("planted", "1", x, np.zeros(2, np.int64)) is None
-    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
-    with pytest.raises(ServingError, match="not a torch.export model"):
-        registry.load("planted", "1")
-    assert not marker.exists()  # nothing of it ran
-    pickle.loads(pickle.dumps(Planted(marker)))  # while unpickling it does run: the payload is real
+    for name, match in [("planted", r"not a torch.export model .*data/ holds \['model.pth'.*refuses it"),
+                        ("planted-pt2", r"refused: .*evil.pt.* is not a pickle-free payload"),
+                        ("redirect", r"not a torch.export model \(MLmodel: model_data='other'")]:
+        with pytest.raises(ServingError, match=match):
+            registry.load(name, "1")
+        # the promotion gate goes through the same loader
+        assert tracking.score_version(name, "1", x, np.zeros(2, np.int64)) is None
+    assert not marker.exists()  # nothing of them ran
+    assert registry.load("svc", "1").num_features == 4  # while a model the pipeline logged loads
+    pickle.loads(pickle.dumps(Planted(marker)))  # and unpickling the payload does run it: it is real
     assert marker.exists()

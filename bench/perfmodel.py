@@ -68,7 +68,7 @@ def predict_case(cfg, splits, profile) -> dict:
     from shipyard.perf.estimate import estimate_step
     from shipyard.perf.layers import count_step_work
 
-    workers = cfg.scaling.num_workers
+    workers = cfg.scaling.max_workers
     per_worker = max(1, cfg.train.batch_size // workers)
     work = count_step_work(lambda: build_model(cfg.model, splits.in_features, splits.num_classes), per_worker,
                            splits.in_features, splits.num_classes)

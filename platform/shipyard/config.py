@@ -83,13 +83,17 @@ class ScalingConfig(_Section):
     """Where Ray puts the workers (ScalingConfig.placement_strategy): PACK fills a node first (all-reduce stays
     inside it), SPREAD prefers one worker per node, STRICT_SPREAD demands it (waits for enough nodes)."""
 
-    @field_validator("num_workers")
+    @field_validator("num_workers", mode="before")
     @classmethod
-    def _workers_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
-        low, high = (v, v) if isinstance(v, int) else v
-        if low < 1 or high < low:
-            raise ValueError(f"give a number >= 1 or [min, max] with 1 <= min <= max, e.g. [1, 4]; got {v}")
-        return v
+    def _workers_range(cls, v: Any) -> int | tuple[int, int]:
+        """One message for every wrong shape (pydantic's own would list each branch of the union)."""
+        pair = isinstance(v, (list, tuple)) and len(v) == 2
+        items = list(v) if pair else [v]
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in items) or min(items) < 1 or (
+                pair and v[1] < v[0]):
+            raise ValueError("give a number of workers >= 1, or [min, max] with 1 <= min <= max for elastic "
+                             "training, e.g. 4 or [1, 4]")
+        return tuple(v) if pair else v
 
     @property
     def max_workers(self) -> int:

@@ -129,7 +129,10 @@ class LocalCluster:
         temp_dir = self.root / f"n{i}"
         temp_dir.mkdir(parents=True, exist_ok=True)
         metrics_port = free_port()
-        self.metrics_export_ports.append(metrics_port)
+        if i < len(self.metrics_export_ports):  # a restarted node
+            self.metrics_export_ports[i] = metrics_port
+        else:
+            self.metrics_export_ports.append(metrics_port)
         cmd = [_ray_bin(), "start", "--block", f"--num-cpus={self.cpus_per_node}", f"--temp-dir={temp_dir}",
                f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={metrics_port}",
                f"--resources={json.dumps({f'shipyard_node_{i}': 1})}"]
@@ -149,7 +152,8 @@ class LocalCluster:
     def kill_node(self, i: int) -> None:
         """Lose worker node `i` at once, as a crashed machine would: SIGKILL to its `ray start`, raylet and
         workers (by pid, and by its temp dir in their command lines)."""
-        assert i > 0, "node 0 is the head"
+        if not 0 < i < len(self.procs):
+            raise ValueError(f"node {i}: give a worker node, 1..{len(self.procs) - 1} (node 0 is the head)")
         marker = f"{self.root / f'n{i}'}{os.sep}"
         root = psutil.Process(self.procs[i].pid)
         doomed = [root, *root.children(recursive=True)]
@@ -162,9 +166,13 @@ class LocalCluster:
 
     def restart_node(self, i: int) -> None:
         """Bring worker node `i` back (a new Ray node on the same temp dir) and wait until it has joined."""
-        alive = len(self.node_ids())
+        before = set(self.node_ids())  # may still list the killed node: the GCS marks it dead only later
         self._start_node(i)
-        self._wait_for_nodes(alive + 1)
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        while not set(self.node_ids()) - before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {i} did not join again in {NODE_START_TIMEOUT_S:.0f} s; logs in {self.root}")
+            time.sleep(0.5)
 
     def node_ids(self) -> list[str]:
         """Ids of the alive nodes."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ UNDELIVERED_FILE = "undelivered_mlflow.json"
 """In the last checkpoint: rank 0's MLflow calls the tracking server never took (deliver_leftovers)."""
 FLUSH_S = 30.0
 """How long the last epoch waits for queued MLflow calls to reach a tracking server that is down."""
+IN_FLIGHT_S = 15.0
+"""Past FLUSH_S, how long closing waits for a call already sent (MLFLOW_HTTP_REQUEST_TIMEOUT is 10 s here)."""
 
 
 def _send(client, run_id: str, call: str, args) -> None:
@@ -45,7 +48,8 @@ class QueuedMlflow:
     returns what is still undelivered; the caller keeps those beside the checkpoint so the driver can deliver
     them later or report them as lost (RELIABILITY.md, "tracking outage")."""
 
-    RETRY_S = (1.0, 2.0, 5.0, 10.0)
+    RETRY_WAITS_S = (1.0, 2.0, 5.0, 10.0)
+    """Waits between tries while the server is down: the first, the second, ..., then the last one on."""
 
     def __init__(self, tracking_uri: str | None, run_id: str | None):
         self.client = None
@@ -54,8 +58,6 @@ class QueuedMlflow:
         self.down_since: float | None = None
         self.closed = self.sending = False
         if tracking_uri and run_id:
-            import os
-
             from mlflow import MlflowClient
 
             # the delivery thread retries forever at its own pace: MLflow's own retries (7, exponential, up to
@@ -95,15 +97,22 @@ class QueuedMlflow:
                 self.sending = True
             try:
                 _send(self.client, self.run_id, call, args)
-            except Exception as err:  # the server is down or refused: keep it queued, retry
-                if self.down_since is None:
+            except Exception as err:
+                if _refused(err):  # retrying cannot help, and it would hold back every call behind it
+                    log.error("MLflow refused %s for run %s (%s); dropped", call, self.run_id, str(err)[:300])
+                    with self.cond:
+                        self.pending.popleft()
+                        self.sending = False
+                        self.cond.notify_all()
+                    continue
+                if self.down_since is None:  # down, or failing (5xx): keep it queued, retry
                     self.down_since = time.monotonic()
                     log.warning("MLflow tracking server unreachable (%s: %s): training goes on; metrics are "
                                 "queued and delivered when it is back", type(err).__name__, str(err)[:200])
                 with self.cond:
                     self.sending = False
                     self.cond.notify_all()
-                    self.cond.wait(timeout=self.RETRY_S[min(failures, len(self.RETRY_S) - 1)])
+                    self.cond.wait(timeout=self.RETRY_WAITS_S[min(failures, len(self.RETRY_WAITS_S) - 1)])
                 failures += 1
                 continue
             if self.down_since is not None:
@@ -118,7 +127,8 @@ class QueuedMlflow:
 
     def close(self, timeout_s: float) -> list[tuple[str, tuple]]:
         """Wait up to `timeout_s` for every queued call to be delivered, then stop delivering; returns the calls
-        that were not delivered (none is both delivered and returned: a call in flight is waited for)."""
+        that were not delivered. A call in flight is waited for up to IN_FLIGHT_S more (one HTTP timeout); one
+        still hanging then (a stalled artifact upload) is returned too, and may yet arrive twice."""
         if self.client is None:
             return []
         deadline = time.monotonic() + timeout_s
@@ -127,30 +137,53 @@ class QueuedMlflow:
                 self.cond.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             self.closed = True
             self.cond.notify_all()
-            while self.sending:  # at most one HTTP timeout (MLFLOW_HTTP_REQUEST_TIMEOUT)
+            deadline = time.monotonic() + IN_FLIGHT_S
+            while self.sending and time.monotonic() < deadline:
                 self.cond.wait(timeout=1.0)
             return list(self.pending)
 
 
+def _refused(err: Exception) -> bool:
+    """The tracking server answered and said no (HTTP 4xx: a deleted run, a bad value): not worth retrying."""
+    from mlflow.exceptions import MlflowException
+
+    status = err.get_http_status_code() if isinstance(err, MlflowException) else None
+    return status is not None and 400 <= status < 500 and status != 429
+
+
 def deliver_leftovers(checkpoint, tracking_uri: str | None, run_id: str | None) -> int:
     """Send the MLflow calls rank 0 could not deliver during training (the tracking server was down until its
-    last epoch); if the server still refuses them, say they are lost and where they are kept. Returns how many
-    calls were delivered."""
-    path = Path(checkpoint.path) / UNDELIVERED_FILE
-    if not (tracking_uri and run_id and path.is_file()):  # checkpoints on remote storage: not looked at
+    last epoch), one by one; those the server still does not take are reported as lost, with where they are
+    kept. Returns how many calls were delivered."""
+    if not (tracking_uri and run_id):
         return 0
     from mlflow import MlflowClient
 
-    calls = json.loads(path.read_text())
+    with checkpoint.as_directory() as d:  # a local path, or a download of remote storage
+        path = Path(d) / UNDELIVERED_FILE
+        if not path.is_file():
+            return 0
+        try:
+            calls = json.loads(path.read_text())
+        except ValueError as err:  # written while the disk filled up
+            log.error("LOST: rank 0's undelivered MLflow calls in %s cannot be read (%s)", checkpoint.path, err)
+            return 0
     client = MlflowClient(tracking_uri)  # the driver's: MLflow's own retries, minutes long
-    try:
-        for call, args in calls:
+    failed, last_error = [], None
+    for call, args in calls:
+        try:
             _send(client, run_id, call, args)
-    except Exception as err:
-        log.error("LOST: %d MLflow calls from training (metrics of the epochs while the tracking server at %s was "
-                  "down) could not be delivered (%s: %s); they are kept in %s", len(calls), tracking_uri,
-                  type(err).__name__, str(err)[:200], path)
-        return 0
-    log.warning("delivered %d MLflow calls that training queued while the tracking server was down", len(calls))
-    path.unlink()
-    return len(calls)
+        except Exception as err:
+            failed.append((call, args))
+            last_error = f"{type(err).__name__}: {str(err)[:200]}"
+    if failed:
+        log.error("LOST: %d of %d MLflow calls from training (metrics logged while the tracking server at %s was "
+                  "down) could not be delivered (%s); they are in %s of checkpoint %s", len(failed), len(calls),
+                  tracking_uri, last_error, UNDELIVERED_FILE, checkpoint.path)
+    if len(failed) < len(calls):
+        log.warning("delivered %d MLflow calls that training queued while the tracking server was down",
+                    len(calls) - len(failed))
+    kept = Path(checkpoint.path) / UNDELIVERED_FILE
+    if kept.is_file():  # local storage: keep only what is still undelivered (a resumed run must not resend)
+        kept.write_text(json.dumps(failed)) if failed else kept.unlink()
+    return len(calls) - len(failed)

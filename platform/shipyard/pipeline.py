@@ -200,7 +200,7 @@ def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict
                           tags={"shipyard.kind": "train"}) as run:
         if not earlier:
             tracking.log_config(cfg)
-        if plan is not None:
+        if plan is not None and not earlier:  # params are written once: a resumed run's plan may differ a little
             mlflow.log_params({"plan.device": plan.device.name, "plan.predicted_step_time_ms":
                                round(plan.step.step_time_ms, 4), "plan.predicted_epoch_s": round(plan.epoch_s, 4)})
         result = fit(cfg, splits, f"{cfg.name}-train-{stamp}", cfg.tracking_uri, run.info.run_id, prediction)

@@ -236,5 +236,7 @@ def lineage_tags(cfg: Config, data_hash: str, parent_run_id: str, train_run_id: 
         "shipyard.parent_run_id": parent_run_id,
         "shipyard.train_run_id": train_run_id,
         "shipyard.test_accuracy": f"{test_accuracy:.6f}",
-        "shipyard.split": f"seed={cfg.data.seed} val={cfg.data.val_fraction} test={cfg.data.test_fraction}",
+        # v2: CSV integer feature columns are read as floats since issue 7, which changed their rows' hashes,
+        # so a champion split by v1 gets the promotion gate's "trained with another split" warning
+        "shipyard.split": f"v2 seed={cfg.data.seed} val={cfg.data.val_fraction} test={cfg.data.test_fraction}",
     }

@@ -114,6 +114,8 @@ def test_a_killed_training_worker_restarts_from_its_last_checkpoint_and_ends_as_
     workers = training_worker_pids(ray_local)
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGKILL)  # mid-epoch 4: the epoch-3 checkpoint is the latest
+    hit.wait_for(r"training on 2 worker\(s\), \d+ rows each per step, epochs [2-9]")  # the new worker group
+    restarted = training_worker_pids(ray_local)
     summary = hit.finish()
 
     done_before = max(int(n) for n in re.findall(rf"epoch (\d+)/{EPOCHS} ", hit.log.split("resuming from")[0]))
@@ -121,7 +123,7 @@ def test_a_killed_training_worker_restarts_from_its_last_checkpoint_and_ends_as_
     print(f"worker killed after epoch {done_before}; resumed after epoch {resumed_after}; test accuracy "
           f"{summary['test_accuracy']:.4f} (undisturbed {calm['test_accuracy']:.4f})")
     assert done_before - resumed_after <= 1, f"lost {done_before - resumed_after} epochs"
-    assert set(training_worker_pids(ray_local)).isdisjoint(workers)  # a new worker group did the rest
+    assert len(restarted) == 2 and set(restarted).isdisjoint(workers)  # a new worker group did the rest
     assert summary["test_accuracy"] == pytest.approx(calm["test_accuracy"], abs=0.01)
     epochs = train_epochs_logged(workdir["tracking.uri"], summary["train_run_id"])
     assert sorted(set(epochs)) == list(range(1, EPOCHS + 1)) and epochs.count(1) == 1, epochs

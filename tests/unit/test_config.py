@@ -142,3 +142,12 @@ def test_grid_is_refused_with_optuna_and_pbt():
     for extra in ({"tune.search": "optuna"}, {"tune.scheduler": "pbt"}):
         with pytest.raises(ConfigError, match="tune.space.train.lr: grid is not supported"):
             check_space(load_config(None, {"tune.space": {"train.lr": {"grid": [0.1, 0.2]}}, **extra}))
+
+
+def test_num_workers_is_a_count_or_an_elastic_range_with_one_clear_error():
+    elastic = load_config(None, ["scaling.num_workers=[1,4]"]).scaling
+    assert elastic.num_workers == (1, 4) and elastic.max_workers == 4 and elastic.workers_text == "1-4 (elastic)"
+    assert load_config(None, ["scaling.num_workers=3"]).scaling.max_workers == 3
+    for bad in ("[4,1]", "[2]", "0", "true"):
+        with pytest.raises(ConfigError, match=r"scaling.num_workers: .*\[min, max\] with 1 <= min <= max"):
+            load_config(None, [f"scaling.num_workers={bad}"])

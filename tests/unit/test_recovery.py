@@ -1,0 +1,84 @@
+"""Recovery pieces without Ray: rank 0's MLflow queue (a real sqlite store, and a server that is not there) and
+the repair of a Ray Train snapshot a full disk left empty."""
+import json
+
+import mlflow
+import torch
+from ray.train import Checkpoint
+
+from shipyard.checkpoints import CHECKPOINT_FILE, SNAPSHOT_FILE, repair_run_snapshot
+from shipyard.ingress import free_loopback_port
+from shipyard.mlflow_queue import UNDELIVERED_FILE, QueuedMlflow, deliver_leftovers
+
+
+def _run(uri: str) -> str:
+    client = mlflow.MlflowClient(uri)
+    return client.create_run(client.create_experiment("queue")).info.run_id
+
+
+def _keep_mlflow_env(monkeypatch):
+    """QueuedMlflow sets MLflow's retry and timeout variables for its process (a Ray Train worker's): restore
+    them after the test."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "7" if name.endswith("RETRIES") else "120")
+
+
+def test_queued_calls_arrive_in_order_and_a_refused_one_does_not_block_the_rest(tmp_path, monkeypatch):
+    _keep_mlflow_env(monkeypatch)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = _run(uri)
+    queue = QueuedMlflow(uri, run_id)
+    queue.log({"val_accuracy": 0.5}, step=0)
+    queue.set_tag("bad key!!", "x")  # MLflow answers INVALID_PARAMETER_VALUE: dropped, not retried forever
+    queue.log({"val_accuracy": 0.75}, step=1)
+    queue.log_dict({"rank": 0}, "placement.json")
+    assert queue.close(timeout_s=30) == []
+    client = mlflow.MlflowClient(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_accuracy")] == [(0, 0.5), (1, 0.75)]
+    assert [f.path for f in client.list_artifacts(run_id)] == ["placement.json"]
+
+
+def test_calls_a_missing_server_never_took_are_returned_kept_and_delivered_later(tmp_path, monkeypatch):
+    _keep_mlflow_env(monkeypatch)
+    down = f"http://127.0.0.1:{free_loopback_port()}"  # nothing listens there
+    queue = QueuedMlflow(down, "0" * 32)
+    queue.log({"val_accuracy": 0.5}, step=0)
+    queue.log({"val_accuracy": 0.75}, step=1)
+    undelivered = queue.close(timeout_s=2)
+    assert [call for call, _ in undelivered] == ["log_batch", "log_batch"]
+
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    (ckpt / UNDELIVERED_FILE).write_text(json.dumps(undelivered))  # as the last epoch writes them
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = _run(uri)
+    assert deliver_leftovers(Checkpoint.from_directory(str(ckpt)), uri, run_id) == 2
+    history = mlflow.MlflowClient(uri).get_metric_history(run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(0, 0.5), (1, 0.75)]
+    assert not (ckpt / UNDELIVERED_FILE).exists()  # delivered: a resumed run does not send them again
+
+
+def _checkpoint(run_dir, name, epoch, truncate=False):
+    d = run_dir / name
+    d.mkdir(parents=True)
+    torch.save({"model": {}, "optimizer": {}, "epoch": epoch}, d / CHECKPOINT_FILE)
+    if truncate:  # written while the disk filled up
+        data = (d / CHECKPOINT_FILE).read_bytes()
+        (d / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])
+
+
+def test_an_empty_snapshot_is_set_aside_and_the_newest_loadable_checkpoint_chosen(tmp_path):
+    run = tmp_path / "digits-train-1"
+    _checkpoint(run, "checkpoint_2026-11-27_18-15-08.334080", epoch=3)
+    _checkpoint(run, "checkpoint_2026-11-27_18-15-09.000001", epoch=4, truncate=True)
+    (run / SNAPSHOT_FILE).write_text("")
+    assert repair_run_snapshot(run) == str(run / "checkpoint_2026-11-27_18-15-08.334080")
+    assert not (run / SNAPSHOT_FILE).exists() and (run / "checkpoint_manager_snapshot.broken").is_file()
+
+
+def test_a_readable_snapshot_or_none_is_left_to_ray(tmp_path):
+    run = tmp_path / "digits-train-2"
+    assert repair_run_snapshot(run) is None  # a new run
+    _checkpoint(run, "checkpoint_a", epoch=0)
+    (run / SNAPSHOT_FILE).write_text(json.dumps({"checkpoints": []}))
+    assert repair_run_snapshot(run) is None and (run / SNAPSHOT_FILE).is_file()

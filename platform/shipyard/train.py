@@ -157,7 +157,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
     report_s = 0.0
-    progress = _Progress(config.get("prediction"), cfg.train.epochs - start_epoch, world) if rank == 0 else None
+    # the plan priced the full worker group: an elastic run that shrank has no prediction to compare with
+    prediction = config.get("prediction") if world == cfg.scaling.max_workers else None
+    progress = _Progress(prediction, cfg.train.epochs - start_epoch, world) if rank == 0 else None
     in_memory = fits_in_memory(config.get("train_rows", 0) // world, config["in_features"])
     for epoch in range(start_epoch, cfg.train.epochs):
         train_batches = iter_batches(train_shard, per_worker_batch, cfg.train.seed + epoch, device)

@@ -82,3 +82,29 @@ def test_a_readable_snapshot_or_none_is_left_to_ray(tmp_path):
     _checkpoint(run, "checkpoint_a", epoch=0)
     (run / SNAPSHOT_FILE).write_text(json.dumps({"checkpoints": []}))
     assert repair_run_snapshot(run) is None and (run / SNAPSHOT_FILE).is_file()
+
+
+def test_a_resumed_train_run_finds_the_version_it_registered_before(tmp_path, monkeypatch):
+    """What `--resume` relies on not to register a model twice: the version is found by its train run."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # tracking.setup sets them for this process
+        monkeypatch.setenv(name, f"sqlite:///{tmp_path}/m.db")
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)  # undone after the test
+    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+    import numpy as np
+
+    from shipyard import tracking
+    from shipyard.config import load_config
+    from shipyard.models import mlp
+    from shipyard.pipeline import _version_of_run
+
+    cfg = load_config(None, {"tracking.uri": f"sqlite:///{tmp_path}/m.db", "name": "resumed"})
+    tracking.setup(cfg)
+    with mlflow.start_run() as other:  # another run's version of the same model
+        tracking.log_model(mlp(4, 3, hidden=8).eval(), np.zeros((2, 4), np.float32), cfg, ["a", "b", "c"],
+                           ["w", "x", "y", "z"], {})
+    with mlflow.start_run() as train:
+        assert _version_of_run("resumed", train.info.run_id) is None  # nothing registered yet: register
+        version = tracking.log_model(mlp(4, 3, hidden=8).eval(), np.zeros((2, 4), np.float32), cfg,
+                                     ["a", "b", "c"], ["w", "x", "y", "z"], {})
+    assert version == "2" and _version_of_run("resumed", train.info.run_id) == "2"
+    assert _version_of_run("resumed", other.info.run_id) == "1"

@@ -2,8 +2,9 @@
 
 Running trials are pruned by Tune itself (`CheckpointConfig` in `tuning.search`: each keeps its best and its
 latest, and Tune snapshots the experiment before deleting, so a resume never needs a deleted one). Finished
-trials are pruned here, as the search goes and once more at its end. And `repair_run_snapshot`: a Ray Train run
-whose snapshot a full disk left empty goes on from its newest checkpoint that loads.
+trials are pruned here, as the search goes and once more at its end. And where a Ray Train run goes on from
+(`resume_point`): the newest checkpoint in storage that loads, whatever Ray Train's lagging snapshot names, and
+`repair_run_snapshot` for a snapshot a full disk left empty.
 """
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from shipyard.config import Config
 
 CHECKPOINT_FILE = "state.pt"
-"""In every checkpoint of a trial or a training run: weights, optimizer state and epoch (torch.save of tensors)."""
+"""In every checkpoint of a trial or a training run: weights, optimizer state, epoch and, in training, the torch RNG
+state (torch.save of tensors)."""
 
 log = logging.getLogger(__name__)
 
@@ -116,30 +119,81 @@ SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 """Ray Train V2's record of a run's checkpoints, read when a run of the same name starts again (a resume)."""
 
 
-def repair_run_snapshot(run_dir: Path) -> str | None:
+def checkpoint_epoch(path: str | Path) -> int | None:
+    """The 0-based epoch a checkpoint folder holds, or None when its state does not load (half-written when its
+    process died or the disk filled, or deleted). mmap: the weights are not read, only the archive's index."""
+    import torch
+
+    try:
+        return int(torch.load(Path(path) / CHECKPOINT_FILE, weights_only=True, map_location="cpu", mmap=True)["epoch"])
+    except Exception:
+        return None
+
+
+def newest_intact_checkpoint(run_dir: str | Path) -> tuple[str, int] | None:
+    """(folder, epoch) of the checkpoint with the highest epoch whose state loads in a Ray Train run folder; of
+    two with the same epoch, the later one (folders are named by the time they were saved)."""
+    best: tuple[str, int] | None = None
+    for folder in sorted(Path(run_dir).glob("checkpoint_*")):
+        epoch = checkpoint_epoch(folder) if folder.is_dir() else None
+        if epoch is not None and (best is None or epoch >= best[1]):
+            best = (str(folder), epoch)
+    return best
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a (re)started worker group goes on from, and why (the line the log prints)."""
+
+    path: str | None
+    """A checkpoint folder in storage, or None: the one Ray Train recorded (remote storage is not scanned)."""
+    epoch: int | None
+    """The 0-based epoch it holds; None where it is only known once loaded."""
+    why: str
+
+
+def resume_point(run_dir: str | None, recorded: str | None) -> ResumePoint | None:
+    """The newest intact checkpoint in a run's storage, else the one Ray Train recorded; None: start afresh.
+
+    Ray Train's record (its snapshot, or the checkpoint a failed worker group last reported) lags what the
+    workers wrote: each worker uploads its checkpoint before the controller registers it, and the controller
+    writes its snapshot after registering. A driver killed in between leaves finished epochs in storage that the
+    snapshot does not name; going on from the snapshot would train them again. `run_dir`: the run's folder when
+    storage is a local or shared file system (None for a remote URI); `recorded`: the path of Ray's checkpoint.
+    """
+    newest = newest_intact_checkpoint(run_dir) if run_dir and Path(run_dir).is_dir() else None
+    if newest is None:
+        if recorded is None:
+            return None
+        return ResumePoint(None, None, "the checkpoint Ray Train recorded" +
+                           ("" if run_dir else " (remote storage is not scanned for newer ones)"))
+    path, epoch = newest
+    recorded_epoch = checkpoint_epoch(recorded) if recorded else None
+    if recorded is None:
+        why = "the newest intact checkpoint in storage; Ray Train had recorded none (no snapshot, or an unreadable one)"
+    elif recorded_epoch is None:
+        why = f"the newest intact checkpoint in storage; the one Ray Train recorded ({Path(recorded).name}) does not load"
+    elif epoch > recorded_epoch:
+        why = (f"the newest intact checkpoint in storage; Ray Train's record names epoch {recorded_epoch + 1}, "
+               f"{epoch - recorded_epoch} finished epoch(s) behind (written before the driver or a worker died)")
+    else:
+        return ResumePoint(recorded, recorded_epoch, "the newest intact checkpoint in storage, the one Ray Train recorded")
+    return ResumePoint(path, epoch, why)
+
+
+def repair_run_snapshot(run_dir: Path) -> None:
     """Ray Train writes its snapshot in place: a full disk leaves it empty, and a run of that name then cannot
-    start again (CheckpointManagerInitializationError). Move such a snapshot aside and return the newest
-    checkpoint whose state loads, for the workers to start from; None when there is nothing to repair (or the
-    storage is remote: not looked at)."""
+    start again (CheckpointManagerInitializationError). Move such a snapshot aside: Ray Train then starts the run
+    with no record, and the workers go on from the newest intact checkpoint (`resume_point`). Nothing to do for a
+    new run, a readable snapshot, or remote storage (not looked at)."""
     snapshot = run_dir / SNAPSHOT_FILE
     if not snapshot.is_file():
-        return None
+        return
     try:
         json.loads(snapshot.read_text())
-        return None
+        return
     except ValueError:
         pass
     snapshot.rename(snapshot.with_suffix(".broken"))
-    import torch
-
-    for ckpt in sorted(run_dir.glob("checkpoint_*"), reverse=True):  # named by time: newest first
-        try:
-            epoch = torch.load(ckpt / CHECKPOINT_FILE, weights_only=True, map_location="cpu")["epoch"]
-        except Exception:  # written while the disk filled up
-            continue
-        log.warning("Ray Train's snapshot of %s was unreadable (a full disk?): set aside as %s; going on from %s "
-                    "(epoch %d)", run_dir.name, snapshot.with_suffix(".broken").name, ckpt.name, epoch + 1)
-        return str(ckpt)
-    log.warning("Ray Train's snapshot of %s was unreadable and no checkpoint loads: training starts over",
-                run_dir.name)
-    return None
+    log.warning("Ray Train's snapshot of %s was unreadable (a full disk?): set aside as %s; the workers go on from "
+                "the newest checkpoint that loads", run_dir.name, snapshot.with_suffix(".broken").name)

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from shipyard.checkpoints import CHECKPOINT_FILE, repair_run_snapshot
+from shipyard.checkpoints import CHECKPOINT_FILE, ResumePoint, repair_run_snapshot, resume_point
 from shipyard.config import Config
 from shipyard.errors import TrainingError
 from shipyard.models import build_model
@@ -128,16 +128,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, config["in_features"], config["num_classes"])
     start_epoch, state = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("fallback_checkpoint"):  # a resumed run whose Train snapshot was broken
-        checkpoint = Checkpoint.from_directory(config["fallback_checkpoint"])
-    if checkpoint is not None:  # a restarted worker group (FailureConfig) or a resumed run
+    point = _resume_point(config.get("run_dir"), ray.train.get_checkpoint(), rank, world)
+    if point is not None:  # a restarted worker group (FailureConfig, elastic resize) or a resumed run
+        checkpoint = ray.train.get_checkpoint() if point.path is None else Checkpoint.from_directory(point.path)
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
         model.load_state_dict(state["model"])
+        if "rng" in state:  # the dropout masks an undisturbed run would have drawn next
+            torch.set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
         if rank == 0:
-            log.warning("resuming from the checkpoint of epoch %d", state["epoch"])
+            log.warning("resuming after epoch %d/%d from %s: %s", start_epoch, cfg.train.epochs,
+                        Path(point.path or checkpoint.path).name, point.why)
     model = ray.train.torch.prepare_model(model)  # DDP; moves the model to this worker's GPU when use_gpu
     device = ray.train.torch.get_device()
     # after prepare_model: load_state_dict moves optimizer state to where the parameters are now
@@ -172,8 +174,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ckpt = None
             if rank == 0:
                 inner = model.module if hasattr(model, "module") else model
-                torch.save({"model": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                           Path(tmp) / CHECKPOINT_FILE)
+                torch.save({"model": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "rng": torch.get_rng_state()}, Path(tmp) / CHECKPOINT_FILE)
                 ckpt = Checkpoint.from_directory(tmp)
                 timing = progress.after_epoch(metrics)  # adds predicted_step_time_ms
                 logger.log(metrics, epoch)
@@ -192,6 +194,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         (Path(tmp) / UNDELIVERED_FILE).write_text(json.dumps(undelivered))
             ray.train.report(metrics, checkpoint=ckpt)  # a barrier: every rank calls it
         report_s = time.perf_counter() - report_start
+
+
+def _resume_point(run_dir: str | None, recorded, rank: int, world: int) -> ResumePoint | None:
+    """Rank 0 picks the checkpoint the group goes on from (checkpoints.resume_point) and every rank takes its
+    pick: all must start at the same epoch, and only rank 0 is sure to see the whole of storage."""
+    point = resume_point(run_dir, recorded.path if recorded is not None else None) if rank == 0 else None
+    if world > 1:  # Ray Train set up the process group before this function started
+        shared = [point]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        point = shared[0]
+    return point
 
 
 def _worker_placement(world: int) -> list[dict[str, str]]:
@@ -281,6 +294,16 @@ class _Progress:
                        "a stale profile (rerun shipyard calibrate)")
 
 
+def _local_run_dir(storage: str, run_name: str) -> str | None:
+    """The run's folder where storage is a file system path (local, or NFS shared by the nodes), with a snapshot
+    a full disk left empty set aside; None for a remote URI (s3://, gs://), which is not scanned."""
+    if "://" in storage and not storage.startswith("file://"):
+        return None
+    run_dir = Path(storage.removeprefix("file://")) / run_name
+    repair_run_snapshot(run_dir)
+    return str(run_dir)
+
+
 def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_classes: int, run_name: str, *,
                  storage_path: str | None = None, num_workers: int | None = None, cpus_per_worker: float | None = None,
                  tracking_uri: str | None = None, mlflow_run_id: str | None = None, callbacks: list | None = None,
@@ -294,7 +317,7 @@ def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_cl
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "in_features": in_features,
-                           "fallback_checkpoint": repair_run_snapshot(Path(storage) / run_name),
+                           "run_dir": _local_run_dir(storage, run_name),
                            "num_classes": num_classes, "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
                            "quiet": quiet, "prediction": prediction,
                            "train_rows": datasets["train"].count() if hasattr(datasets["train"], "count") else 0},

@@ -6,7 +6,7 @@ import mlflow
 import torch
 from ray.train import Checkpoint
 
-from shipyard.checkpoints import CHECKPOINT_FILE, SNAPSHOT_FILE, repair_run_snapshot
+from shipyard.checkpoints import CHECKPOINT_FILE, SNAPSHOT_FILE, repair_run_snapshot, resume_point
 from shipyard.ingress import free_loopback_port
 from shipyard.mlflow_queue import UNDELIVERED_FILE, QueuedMlflow, deliver_leftovers
 
@@ -65,6 +65,7 @@ def _checkpoint(run_dir, name, epoch, truncate=False):
     if truncate:  # written while the disk filled up
         data = (d / CHECKPOINT_FILE).read_bytes()
         (d / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])
+    return d
 
 
 def test_an_empty_snapshot_is_set_aside_and_the_newest_loadable_checkpoint_chosen(tmp_path):
@@ -72,16 +73,48 @@ def test_an_empty_snapshot_is_set_aside_and_the_newest_loadable_checkpoint_chose
     _checkpoint(run, "checkpoint_2026-11-27_18-15-08.334080", epoch=3)
     _checkpoint(run, "checkpoint_2026-11-27_18-15-09.000001", epoch=4, truncate=True)
     (run / SNAPSHOT_FILE).write_text("")
-    assert repair_run_snapshot(run) == str(run / "checkpoint_2026-11-27_18-15-08.334080")
+    repair_run_snapshot(run)
     assert not (run / SNAPSHOT_FILE).exists() and (run / "checkpoint_manager_snapshot.broken").is_file()
+    # Ray Train then starts with no record: the workers go on from the newest checkpoint that loads
+    point = resume_point(str(run), recorded=None)
+    assert point.path == str(run / "checkpoint_2026-11-27_18-15-08.334080") and point.epoch == 3
+    assert "Ray Train had recorded none" in point.why
 
 
 def test_a_readable_snapshot_or_none_is_left_to_ray(tmp_path):
     run = tmp_path / "digits-train-2"
-    assert repair_run_snapshot(run) is None  # a new run
+    repair_run_snapshot(run)  # a new run: nothing there
+    assert not run.exists()
     _checkpoint(run, "checkpoint_a", epoch=0)
     (run / SNAPSHOT_FILE).write_text(json.dumps({"checkpoints": []}))
-    assert repair_run_snapshot(run) is None and (run / SNAPSHOT_FILE).is_file()
+    repair_run_snapshot(run)
+    assert (run / SNAPSHOT_FILE).is_file()
+
+
+def test_a_lagging_record_loses_to_the_newest_intact_checkpoint_in_storage(tmp_path):
+    """A driver killed after the workers saved epochs 5 and 6 but before Ray Train recorded them: resume goes
+    on after epoch 6, not 4; a half-written newer one (epoch 7) is skipped; names sort by save time."""
+    run = tmp_path / "digits-train-3"
+    recorded = _checkpoint(run, "checkpoint_2026-11-27_18-15-04.000000", epoch=3)
+    _checkpoint(run, "checkpoint_2026-11-27_18-15-05.000000", epoch=4)
+    newest = _checkpoint(run, "checkpoint_2026-11-27_18-15-06.000000", epoch=5)
+    _checkpoint(run, "checkpoint_2026-11-27_18-15-07.000000", epoch=6, truncate=True)
+    point = resume_point(str(run), str(recorded))
+    assert (point.path, point.epoch) == (str(newest), 5)
+    assert "Ray Train's record names epoch 4, 2 finished epoch(s) behind" in point.why
+
+
+def test_the_recorded_checkpoint_is_kept_when_it_is_the_newest_or_storage_is_remote(tmp_path):
+    run = tmp_path / "digits-train-4"
+    _checkpoint(run, "checkpoint_2026-11-27_18-15-04.000000", epoch=3)
+    recorded = _checkpoint(run, "checkpoint_2026-11-27_18-15-05.000000", epoch=4)
+    point = resume_point(str(run), str(recorded))
+    assert (point.path, point.epoch) == (str(recorded), 4) and "the one Ray Train recorded" in point.why
+    remote = resume_point(None, "bucket/digits-train-4/checkpoint_x")  # s3:// storage: Ray's record alone
+    assert remote.path is None and "not scanned" in remote.why
+    assert resume_point(str(run / "missing"), None) is None  # a new run starts afresh
+    deleted = resume_point(str(run), str(run / "checkpoint_gone"))
+    assert deleted.path == str(recorded) and "does not load" in deleted.why
 
 
 def test_a_resumed_train_run_finds_the_version_it_registered_before(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
@@ -95,6 +96,7 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
     summary: dict[str, Any] = {"model_name": cfg.model_name, "endpoint": None}
     keep = cfg.serve.keep_running if keep_serving is None else keep_serving
     served = serve_was_running = left_up = False
+    stopped_by = None
     try:
         tracking.setup(cfg)
         with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"{cfg.name}-{stamp}",
@@ -162,7 +164,7 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
         if report is not None:
             report(summary)
         if served and keep and started_ray:
-            _wait_for_ctrl_c(summary["endpoint"])
+            stopped_by = _wait_for_stop(summary["endpoint"])
         elif served and keep:
             left_up = True
             log.info("endpoint stays up at %s on the cluster (serve.keep_running); `serve delete %s` or "
@@ -175,6 +177,8 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
             serve.delete(cfg.name) if serve_was_running else serve.shutdown()
         if started_ray:
             ray.shutdown()
+        if stopped_by:
+            log.info("%s: stopped the endpoint at %s and the Ray it ran on", stopped_by, summary["endpoint"])
     return summary
 
 
@@ -326,10 +330,26 @@ def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, 
             "endpoint_example": {"request_rows": 3, "response": example}}
 
 
-def _wait_for_ctrl_c(url: str) -> None:
-    log.info("endpoint stays up at %s (serve.keep_running); press Ctrl-C to stop it", url)
+def _wait_for_stop(url: str) -> str:
+    """Keep the endpoint up until Ctrl-C or SIGTERM (what a service manager sends); returns which came.
+
+    Ray's core worker installs a C++ handler for SIGTERM that prints a raw signal dump and kills the process
+    before the endpoint and Ray are shut down; for the wait, SIGTERM is handled like Ctrl-C instead."""
+    def on_sigterm(signum, frame):
+        raise _Sigterm
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    log.info("endpoint stays up at %s (serve.keep_running); press Ctrl-C (or send SIGTERM) to stop it", url)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        log.info("stopping the endpoint")
+        return "Ctrl-C"
+    except _Sigterm:
+        return "SIGTERM"
+    finally:  # a second SIGTERM while shutting down ends the process at once
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class _Sigterm(Exception):
+    """SIGTERM during the wait of a kept endpoint."""

@@ -113,18 +113,25 @@ def test_attaching_with_the_wrong_token_is_refused_at_once(cluster, monkeypatch)
 
 def test_elastic_training_shrinks_when_a_node_dies_and_grows_back_when_it_returns(cluster, mlflow_server,
                                                                                 tmp_path):
-    """Last in this module: it kills the worker node (and brings it back)."""
+    """Last in this module: it kills the worker node (and brings it back). The run trains the gated MLP
+    (tests/fault_hooks.py), held at the first step of epoch 4 until the group has shrunk and grown back, so every
+    resize lands during epoch 4 of 8 however fast the machine trains."""
     import re
     import subprocess
     import sys
 
-    epochs = 40
+    from tests.fault_hooks import Gate
+
+    epochs = 8
+    gate = Gate(tmp_path / "gate")
+    gate.hold(4)
     # the endpoint the job left up holds CPUs; without it each node fits one worker of 2 CPUs: 2 -> 1 -> 2
     subprocess.run([str(Path(sys.executable).with_name("serve")), "shutdown", "-a", cluster.dashboard_url, "-y"],
                    env=cluster.env, capture_output=True, timeout=120)
     cmd = [sys.executable, "-m", "pipelines.digits", "--address", cluster.address, f"tracking.uri={mlflow_server}",
            f"storage_path={tmp_path / 'results'}", "tune.enabled=false", "serve.enabled=false", "plan.enabled=false",
            f"train.epochs={epochs}", "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=2",
+           "model.name=tests.fault_hooks:gated_mlp", f"model.options={gate.options}",
            "scaling.resize_check_s=2", "train.max_failures=3", "--summary-json", str(tmp_path / "summary.json")]
     lines: list[str] = []
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -135,20 +142,21 @@ def test_elastic_training_shrinks_when_a_node_dies_and_grows_back_when_it_return
     def groups() -> list[int]:  # worker counts of each worker group so far
         return [int(n) for n in re.findall(r"training on (\d+) worker\(s\)", "".join(lines))]
 
-    def wait(until, what: str, timeout_s: float = 180) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not until():
-            assert proc.poll() is None and time.monotonic() < deadline, f"{what}:\n{''.join(lines)[-4000:]}"
-            time.sleep(0.2)
+    def at_epoch_4(world: int, seen: set[int]) -> dict:  # a group of `world` workers held at epoch 4
+        return gate.wait(4, lambda: proc.poll() is None, world=world, exclude_pids=seen, timeout_s=180,
+                         what=lambda: "".join(lines))
 
     try:
-        wait(lambda: re.search(rf"epoch 3/{epochs} ", "".join(lines)), "no epoch 3")
+        first = at_epoch_4(2, set())
         assert groups() == [2], groups()  # one worker on each node
         cluster.kill_node(1)
-        wait(lambda: len(groups()) >= 2, "no new worker group after the node died")
-        assert groups()[1] == 1  # went on with the head's worker
+        shrunk = at_epoch_4(1, {first["pid"]})  # went on with the head's worker, from epoch 3's checkpoint
+        assert groups()[-1] == 1, groups()
         cluster.restart_node(1)
-        wait(lambda: len(groups()) >= 3 and groups()[-1] == 2, "did not grow back")
+        grown = at_epoch_4(2, {first["pid"], shrunk["pid"]})
+        assert groups()[-1] == 2, groups()
+        landed = sorted({a["epoch"] for a in gate.arrivals()})
+        gate.release(4)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
@@ -156,7 +164,9 @@ def test_elastic_training_shrinks_when_a_node_dies_and_grows_back_when_it_return
         reader.join(timeout=10)
     log = "".join(lines)
     assert proc.returncode == 0, log[-4000:]
-    print(f"elastic: worker groups {groups()}")
+    print(f"elastic: worker groups {groups()}; node killed during epoch 4/{epochs}, shrank and grew back during "
+          f"epoch 4/{epochs} (epochs begun by then: {landed})")
+    assert landed == [1, 2, 3, 4] and grown["world"] == 2 and groups()[0] == groups()[-1] == 2 and 1 in groups()
     summary = json.loads((tmp_path / "summary.json").read_text())
     epochs_done = [m.value for m in MlflowClient(mlflow_server).get_metric_history(summary["train_run_id"],
                                                                                     "epochs_done")]

@@ -121,6 +121,16 @@ class Load:
     def failed(self):
         return [a for a in self.answers if a[1] != 200]
 
+    def wait_answers(self, more: int, timeout_s: float = 120) -> int:
+        """Until `more` further answers came (a fault lands under load however fast the machine answers);
+        returns how many there are."""
+        target = len(self.answers) + more
+        deadline = time.monotonic() + timeout_s
+        while len(self.answers) < target:
+            assert time.monotonic() < deadline, f"{len(self.answers)}/{target} answers in {timeout_s} s"
+            time.sleep(0.05)
+        return len(self.answers)
+
 
 def wait_for_version(url, version, timeout_s=30.0):
     deadline = time.monotonic() + timeout_s
@@ -136,10 +146,10 @@ def test_moving_the_alias_under_load_switches_versions_with_no_failed_request(re
     uri, _ = registry_uri
     url = deploy("swap", refresh_s=0.5, num_replicas=2)
     with Load(url) as load:
-        time.sleep(3)
+        load.wait_answers(200)
         registry.set_champion("svc", "2", "test: promote under load")
         wait_for_version(url, "2")
-        time.sleep(3)
+        load.wait_answers(200)
     registry.set_champion("svc", "1", "test: restore")
     versions = [v for _, _, v in load.answers]
     assert load.failed() == [], load.failed()[:5]
@@ -325,20 +335,20 @@ def test_serve_deploy_reconfigures_in_place_or_rolls_without_a_failed_request(ra
         wait_until_routed(url)
         first = replica()
         with Load(url) as in_place:
-            time.sleep(2)
+            in_place.wait_answers(100)
             app["deployments"][0]["user_config"]["model"] = "models:/svc/2"
             deploy(2)
             wait_for_version(url, "2", timeout_s=60)
-            time.sleep(2)
+            in_place.wait_answers(100)
         assert replica() == first  # reconfigured, not replaced
         with Load(url) as rolled:
-            time.sleep(2)
+            rolled.wait_answers(100)
             app["args"]["max_instances"] = 512
             deploy(3)
             deadline = time.monotonic() + 90
             while replica() == first and time.monotonic() < deadline:
                 time.sleep(0.5)
-            time.sleep(2)
+            rolled.wait_answers(100)
         assert replica() != first
         for load in (in_place, rolled):
             assert load.failed() == [], load.failed()[:5]
@@ -412,7 +422,7 @@ def test_a_killed_replica_under_load_costs_no_request_and_is_replaced(deploy):
     before = replica_pids("sturdy")
     assert len(before) == 2, before
     with Load(url) as load:
-        time.sleep(3)
+        killed_at = load.wait_answers(1000)
         os.kill(before[0], 9)  # SIGKILL: no draining, requests in flight on it are cut
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -421,9 +431,11 @@ def test_a_killed_replica_under_load_costs_no_request_and_is_replaced(deploy):
             if len(now) == 2 and before[0] not in now and running == 2:
                 break
             time.sleep(0.5)
-        time.sleep(3)  # steady load on the replacement too
+        replaced_at = len(load.answers)
+        load.wait_answers(1000)  # steady load on the replacement too
     ok = len(load.answers) - len(load.failed())
-    print(f"replica {before[0]} killed under load: {ok}/{len(load.answers)} requests answered 200; failed: {load.failed()[:5]}")
+    print(f"replica {before[0]} killed under load after answer {killed_at}, replaced by answer {replaced_at}: "
+          f"{ok}/{len(load.answers)} requests answered 200; failed: {load.failed()[:5]}")
     assert len(load.answers) > 2000  # at 99.9 %, up to 2 failures allowed: a request cut after its headers
     assert ok / len(load.answers) >= 0.999, load.failed()[:5]
     assert len(now) == 2 and before[0] not in now and running == 2  # back to 2 replicas

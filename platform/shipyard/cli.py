@@ -44,10 +44,19 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def format_trials(counts: dict[str, int], experiment_path: str | None = None) -> str:
+    """`4: 3 completed, 1 errored (...)`: the trials by outcome, errored ones said plainly with where to look."""
+    text = f"{sum(counts.values())}: " + ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
+    if counts.get("errored"):
+        text += f" (error.txt in each errored trial's folder under {experiment_path or 'the search folder'})"
+    return text
+
+
 def format_summary(s: dict[str, Any]) -> str:
     rows = [
         ("best config", json.dumps(s["best_config"]) if s.get("best_config") else "(no search)"),
-        ("trials", json.dumps(s.get("trials", {}))),
+        ("trials", format_trials(s["trials"], s.get("search", {}).get("experiment_path"))
+         if s.get("trials") else "(no search)"),
         ("checkpoints", f"{s['search']['checkpoints_kept']} kept, {s['search']['checkpoint_disk_mb']} MiB; best: "
                         f"{s['search']['best_checkpoint']}" if s.get("search") else "(no search)"),
         ("test accuracy", f"{s['test_accuracy']:.4f}"),

@@ -7,18 +7,22 @@ The search space uses the config's own dotted keys (`train.lr`), so a trial's co
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections import Counter
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from shipyard.checkpoints import checkpoint_keeper, final_prune
-from shipyard.config import Config, apply_overrides
+from shipyard.config import Config, ModelConfig, apply_overrides
 from shipyard.errors import ConfigError, TrainingError
+from shipyard.models import build_model
 from shipyard.plots import TrialHistory, write_search_plots
 from shipyard.schedules import EPOCHS, Schedule, explain_schedule, rung_counts
 from shipyard.trials import TRIAL_DRIVER_CPU, trials_at_once, tune_trial, tune_trial_ddp
@@ -66,6 +70,117 @@ def check_space(cfg: Config) -> None:
         (dist, args), = spec.items()
         for value in (args if dist in ("choice", "grid") else args[:1]):
             apply_overrides(cfg, {key: value}, source=f"tune.space.{key}")
+    if cfg.tune.scheduler == "pbt":
+        try:
+            _param_shapes(cfg.model, *PROBE_DATA)
+        except Exception:  # noqa: BLE001 - a model that needs the data's own shape: search() checks with it
+            return
+        pbt_keys(cfg, *PROBE_DATA)
+
+
+PROBE_DATA = (64, 10)
+"""(in_features, num_classes) the preflight builds models with, before the data is read: a square feature count,
+so image models build too. Whether a key changes parameter shapes does not depend on them; search() checks
+again with the data's own."""
+
+
+def _space_values(spec: dict[str, list[Any]]) -> list[Any]:
+    """The values of a space entry that bound what a trial can get: every choice, or a range's two ends (Tune's
+    randint excludes its high)."""
+    (dist, args), = spec.items()
+    if dist in ("choice", "grid"):
+        return list(args)
+    return [args[0], args[1] - 1] if dist == "randint" else list(args)
+
+
+def _param_shapes(model: ModelConfig, in_features: int, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the model's state_dict, built on the meta device (no memory, no init)."""
+    try:
+        with torch.device("meta"):
+            built = build_model(model, in_features, num_classes)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - a factory computing on real tensors while it builds: build it for real
+        built = build_model(model, in_features, num_classes)
+    return {name: tuple(t.shape) for name, t in built.state_dict().items()}
+
+
+def shape_keys(cfg: Config, in_features: int, num_classes: int) -> dict[str, str]:
+    """Keys of tune.space whose values give models of different parameter shapes, each with the first difference
+    (`model.hidden=64 vs 256: 0.weight (64, 64) vs (256, 64)`). Only `model.*` keys can: the model is built from
+    the model section alone. Each key is varied alone over its choices (or a range's ends) on the config's other
+    values. A value the model does not build with is a ConfigError naming the key."""
+    out: dict[str, str] = {}
+    for key, spec in cfg.tune.space.items():
+        if not key.startswith("model."):
+            continue
+        seen: list[tuple[Any, dict[str, tuple[int, ...]]]] = []
+        for value in _space_values(spec):
+            model = apply_overrides(cfg, {key: value}, source=f"tune.space.{key}").model
+            try:
+                seen.append((value, _param_shapes(model, in_features, num_classes)))
+            except Exception as err:
+                raise ConfigError(f"tune.space.{key}: model.name={model.name} does not build with {key}={value!r} "
+                                  f"({type(err).__name__}: {err}); fix the value or the model") from err
+        (first, shapes), *rest = seen
+        for value, other in rest:
+            if other != shapes:
+                name = next(n for n in [*shapes, *other] if shapes.get(n) != other.get(n))
+                out[key] = (f"{key}={first!r} vs {value!r}: {name} {shapes.get(name, 'absent')} vs "
+                            f"{other.get(name, 'absent')}")
+                break
+    return out
+
+
+def pbt_keys(cfg: Config, in_features: int, num_classes: int) -> tuple[list[str], dict[str, str]]:
+    """Which tune.space keys PBT may mutate in a running trial, and which it must keep as each trial sampled them
+    (key -> why): a key that changes the model's parameter shapes, since a trial cannot load weights of another
+    shape. An exploit copies the cloned trial's whole config with its checkpoint, so the kept keys still travel
+    with the weights they fit. ConfigError when no key is left to mutate."""
+    fixed = shape_keys(cfg, in_features, num_classes)
+    mutated = [k for k in cfg.tune.space if k not in fixed]
+    if not mutated:
+        raise ConfigError(
+            f"tune.scheduler=pbt: every key of tune.space changes the model's parameter shapes "
+            f"({'; '.join(fixed.values())}), and a trial cannot continue from weights of another shape, so PBT has "
+            f"nothing to mutate. Add a key it can mutate (e.g. train.lr: {{loguniform: [0.0005, 0.01]}}) or use "
+            f"tune.scheduler=asha")
+    return mutated, fixed
+
+
+def clip_to_space(config: dict[str, Any], space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
+    """A PBT-perturbed trial config with each range key put back inside the range the user gave: PBT multiplies by
+    0.8 or 1.2 without bounds, and a value such as model.dropout 1.08 would fail the trial's config."""
+    out = dict(config)
+    for key, spec in space.items():
+        (dist, args), = spec.items()
+        if key in out and dist in ("uniform", "loguniform", "randint"):
+            low, high = _space_values(spec)
+            out[key] = type(out[key])(min(max(out[key], low), high))
+    return out
+
+
+def check_errored_trials(total: int, errors: list[str], trial_logs: str) -> str | None:
+    """The verdict on a finished search's errored trials (`errors`: one line each). More than half errored: a
+    TrainingError, since the best of the few left says little about the space. Some errored: the warning to log.
+    None errored: None."""
+    if not errors:
+        return None
+    what = (f"{len(errors)} of {total} trials errored; the first: {errors[0]}. Trial logs: {trial_logs} (error.txt "
+            "in each errored trial's folder)")
+    if 2 * len(errors) > total:
+        raise TrainingError(f"the search failed: {what}. Fix the cause and run again")
+    return f"{what}; the best of the other {total - len(errors)} is used"
+
+
+def _error_line(err: BaseException) -> str:
+    """A trial's error in one line: the exception raised in the trial (not Ray's wrapper) and its message's first
+    line, or first two when the first announces a list (`Error(s) in loading state_dict for Sequential:`)."""
+    cause = getattr(err, "cause", None)
+    err = cause if isinstance(cause, BaseException) else err
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    return f"{type(err).__name__}: {text}"
 
 
 def _progress_callback(cfg: Config, total: int, schedule: Schedule):
@@ -106,8 +221,10 @@ class SearchSummary:
     experiment_path: str
 
 
-def _scheduler(cfg: Config, space: dict[str, Any]):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining
+def _scheduler(cfg: Config, space: dict[str, Any], mutated: list[str]):
+    """Tune's scheduler for tune.scheduler; with PBT, `mutated` are the space keys it may change in a trial."""
+    from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining,
+                                     TrialScheduler)
 
     t = cfg.tune
     if t.scheduler == "asha":
@@ -116,8 +233,24 @@ def _scheduler(cfg: Config, space: dict[str, Any]):
     if t.scheduler == "hyperband":
         return HyperBandScheduler(time_attr=EPOCHS, max_t=cfg.train.epochs, reduction_factor=t.reduction_factor)
     if t.scheduler == "pbt":
-        return PopulationBasedTraining(time_attr=EPOCHS, perturbation_interval=t.perturbation_interval,
-                                       hyperparam_mutations=space)
+        # a choice goes to PBT as its list, so a perturbation shifts to a neighbouring value; as a Tune domain
+        # PBT would multiply it by 0.8 or 1.2 (128 -> 102), a value the user never listed
+        mutations = {k: t.space[k]["choice"] if "choice" in t.space[k] else space[k] for k in mutated}
+        max_t = cfg.train.epochs
+
+        class PBT(PopulationBasedTraining):
+            """Tune's PBT, except at a trial's last epoch (a perturbation time when train.epochs is a multiple of
+            tune.perturbation_interval): there it neither clones nor is saved as a source. A trial that cloned a
+            last epoch's checkpoint would have no epoch left to run and would end without a report, its status and
+            metric those from before the exploit; cloning at its own last epoch would only copy another's result."""
+
+            def on_trial_result(self, tune_controller, trial, result):
+                if result.get(EPOCHS, 0) >= max_t:
+                    return TrialScheduler.CONTINUE
+                return super().on_trial_result(tune_controller, trial, result)
+
+        return PBT(time_attr=EPOCHS, perturbation_interval=t.perturbation_interval, hyperparam_mutations=mutations,
+                   custom_explore_fn=functools.partial(clip_to_space, space=t.space))
     return FIFOScheduler()
 
 
@@ -191,6 +324,14 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
 
     space = build_space(cfg.tune.space)
     schedule = explain_schedule(cfg)
+    pbt = cfg.tune.scheduler == "pbt"
+    mutated: list[str] = []
+    if pbt:
+        mutated, fixed = pbt_keys(cfg, splits.in_features, splits.num_classes)
+        log.info("PBT mutates %s%s", ", ".join(mutated),
+                 f"; keeps {', '.join(fixed)} as each trial sampled it, since it changes the model's parameter "
+                 f"shapes ({'; '.join(fixed.values())}): an exploit copies it from the cloned trial with the "
+                 "checkpoint" if fixed else "")
     at_once = trials_at_once(cfg, [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]])
     if at_once < min(cfg.tune.max_concurrent_trials, cfg.tune.num_samples):
         log.warning("only %d trial(s) of %g CPUs fit on this cluster at once (tune.max_concurrent_trials=%d)",
@@ -215,7 +356,7 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode,
-                                        num_samples=cfg.tune.num_samples, scheduler=_scheduler(cfg, space),
+                                        num_samples=cfg.tune.num_samples, scheduler=_scheduler(cfg, space, mutated),
                                         search_alg=_search_alg(cfg, at_once),
                                         reuse_actors=not multi),  # trial start-up (process + torch import)
             run_config=tune.RunConfig(
@@ -223,23 +364,30 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
                 # a function trial's last report is not marked done: without this stop rule HyperBand pauses a
                 # trial that reached max_t, and if it is its bracket's last, the search hangs (seen on Ray 2.60)
                 stop={EPOCHS: cfg.train.epochs},
-                # per trial: its best and its latest (PBT restores older ones too: RAY_NOTES §5); across finished
-                # trials the keeper keeps the best tune.keep_checkpoints
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if cfg.tune.scheduler == "pbt" else 1,
+                # per trial: its best and its latest; across finished trials the keeper keeps the best
+                # tune.keep_checkpoints. Not with PBT: an exploit clones the checkpoint its source saved at its last
+                # perturbation, and the cloning trial loads it when it restarts, after its source may have saved
+                # more (Tune's num_to_keep keeps only the best few and the latest) or ended (the keeper prunes ended
+                # trials): the clone then fails with FileNotFoundError. So with PBT every checkpoint stays until the search ends
+                # and final_prune keeps the best tune.keep_checkpoints: disk grows by a checkpoint per trial-epoch.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else 1,
                                                         checkpoint_score_attribute=cfg.tune.metric,
                                                         checkpoint_score_order=cfg.tune.mode),
-                callbacks=[_progress_callback(cfg, cfg.tune.num_samples, schedule), checkpoint_keeper(cfg),
-                           _trial_logger(tracking_uri, cfg.tracking.experiment, parent_run_id, schedule,
-                                         cfg.tune.scheduler == "pbt")]),
+                callbacks=[_progress_callback(cfg, cfg.tune.num_samples, schedule),
+                           *([] if pbt else [checkpoint_keeper(cfg)]),
+                           _trial_logger(tracking_uri, cfg.tracking.experiment, parent_run_id, schedule, pbt)]),
         )
     started = time.time()
     results = tuner.fit()
     fit_s = round(time.time() - started, 2)
     ok = [r for r in results if r.error is None and r.metrics and cfg.tune.metric in r.metrics]
+    errored = check_errored_trials(len(results), [_error_line(r.error) for r in results if r.error is not None],
+                                   results.experiment_path)
     if not ok:
-        errors = [str(r.error) for r in results if r.error is not None][:1]
-        raise TrainingError(f"every trial of the search failed; first error: {errors[0] if errors else 'unknown'}."
-                            f" Trial logs: {results.experiment_path}")
+        raise TrainingError(f"no trial of the search reported {cfg.tune.metric}. Trial logs: "
+                            f"{results.experiment_path}")
+    if errored:
+        log.warning("%s", errored)
     best = results.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
     histories = _histories(cfg, results, schedule, started)
     best_checkpoint = best.checkpoint.path if best.checkpoint else best.metrics.get("checkpoint_path")

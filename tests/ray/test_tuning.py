@@ -1,5 +1,6 @@
 """Ray Tune over the training loop: every scheduler and search algorithm, num_samples, concurrency, and the
 MLflow tree (one search run, one child run per trial, each with its outcome)."""
+import json
 from pathlib import Path
 
 import mlflow
@@ -8,11 +9,13 @@ import pytest
 from shipyard import tracking
 from shipyard.config import load_config
 from shipyard.data import load_splits
+from shipyard.errors import TrainingError
 from shipyard.tuning import search
 
 pytestmark = pytest.mark.ray
 
 SPACE = {"train.lr": {"loguniform": [1e-4, 1e-2]}}
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +60,11 @@ def test_asha_stops_weak_trials_at_rungs(digits, workdir):
 
 
 @pytest.mark.parametrize("overrides", [
-    {"tune.scheduler": "pbt", "tune.perturbation_interval": 1},
+    # pbt: test_pbt_on_the_digits_space_clones_trials_of_the_same_width runs it on the digits config's own space
     # hyperband: test_hyperband_stops_trials_of_the_later_brackets makes these checks on its 5-trial search
     {"tune.scheduler": "asha", "tune.search": "optuna", "tune.grace_period": 1},
     {"tune.scheduler": "fifo", "tune.space": {"train.lr": {"grid": [1e-3, 3e-3]}}},
-], ids=["pbt", "optuna-tpe", "grid"])
+], ids=["optuna-tpe", "grid"])
 def test_every_scheduler_and_search_algorithm_runs(digits, workdir, overrides):
     cfg = load_config(None, {**workdir, "train.epochs": 3, "tune.num_samples": 2, "tune.space": SPACE,
                              **overrides})
@@ -71,6 +74,52 @@ def test_every_scheduler_and_search_algorithm_runs(digits, workdir, overrides):
     assert all(r.data.tags.get("shipyard.trial_status") for r in runs)
     assert all("val_accuracy" in r.data.metrics and "train.lr" in r.data.params for r in runs)
     assert summary.best_metric > 0.3
+
+
+def test_pbt_on_the_digits_space_clones_trials_of_the_same_width(digits, workdir):
+    # Tune's PBT is asynchronous: at each perturbation (every epoch here) a trial is ranked by the latest scores of
+    # the trials alive beside it (finished ones are left out); the lowest clones the top one, if that one saved at
+    # its own last perturbation. Trial start-up varies by seconds on a busy machine, so no setting makes an exploit
+    # certain; these make one all but so. All 4 trials run at once (4 x 0.5 CPU): with 2 at a time, a trial whose
+    # start lagged its peer's by the seconds its epochs take met no one. tune.seed 7 samples (train.lr,
+    # model.hidden) = (0.0033, 256), (0.0051, 256), (0.00098, 64), (0.0069, 64): the third learns 3-7x slower and is
+    # the lowest at most of its perturbations (with seed 0, two equally slow learners took turns at the bottom and
+    # cloned once in a run). 10 epochs: 4-5 exploits in each of 3 runs, in each a trial that changed width.
+    cfg = load_config(ROOT / "pipelines/configs/digits.yaml", {
+        **workdir, "tune.scheduler": "pbt", "tune.perturbation_interval": 1, "tune.num_samples": 4,
+        "tune.max_concurrent_trials": 4, "tune.cpus_per_trial": 0.5, "tune.seed": 7, "train.epochs": 10})
+    assert set(cfg.tune.space) == {"train.lr", "model.hidden"}
+    summary, runs = run_search(cfg, digits, "pbt")
+    assert summary.trials == 4 and len(runs) == 4
+    assert summary.trial_status == {"completed": 4}, summary.trial_status
+    assert {r.data.tags["shipyard.trial_status"] for r in runs} == {"completed"}
+    # Tune's record of each exploit: pbt_policy_<target trial id>.txt, one JSON line per exploit that led to it:
+    # [target tag, source tag, target iteration, source iteration, source config, target's new config]
+    policies = {p.stem.removeprefix("pbt_policy_"): [json.loads(line) for line in p.read_text().splitlines()]
+                for p in Path(summary.experiment_path).glob("pbt_policy_*.txt")}
+    assert policies, "no trial continued from another's checkpoint"
+    final = {h.trial_id: h.config for h in summary.histories}
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    for target, steps in policies.items():
+        *_, source_config, new_config = steps[-1]
+        assert new_config["model.hidden"] == source_config["model.hidden"]  # the width travels with the weights
+        assert final[target]["model.hidden"] == source_config["model.hidden"]
+        # the trial's MLflow run logs the config it continued with (pbt.* metrics, at each restart)
+        run = next(r for r in runs if r.data.tags["trial_name"].endswith(target))
+        assert client.get_metric_history(run.info.run_id, "pbt.model.hidden")[-1].value == source_config["model.hidden"]
+    assert summary.best_metric > 0.8
+
+
+def test_a_search_whose_trials_mostly_errored_fails_naming_the_first_error_and_the_logs(digits, workdir):
+    # a transformer's width must be a multiple of its 4 heads: the two trials of width 30 error as they build it
+    cfg = load_config(None, {**workdir, "train.epochs": 1, "tune.num_samples": 1, "tune.scheduler": "fifo",
+                             "model.name": "transformer", "tune.space": {"model.hidden": {"grid": [32, 30, 30]}}})
+    with pytest.raises(TrainingError) as err:
+        run_search(cfg, digits, "errored")
+    message = str(err.value)
+    assert message.startswith("the search failed: 2 of 3 trials errored; the first: ConfigError: "
+                              "model.name=transformer: model.hidden (30) must be a multiple of model.options.heads (4)")
+    assert f"Trial logs: {Path(cfg.storage_dir) / 'errored'}" in message
 
 
 def test_hyperband_stops_trials_of_the_later_brackets(digits, workdir):

@@ -343,7 +343,7 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU if multi else cfg.tune.cpus_per_trial})
     path = Path(cfg.storage_dir) / run_name
     # Tune snapshots the experiment every >= 10 s by default; a trial that ends after the last snapshot of a
-    # killed driver is restored and run again from its last snapshotted checkpoint (RAY_NOTES §7): snapshot often
+    # killed driver is restored and run again from its last snapshotted checkpoint: snapshot often
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if resume and tune.Tuner.can_restore(str(path)):
         log.info("resuming the search saved at %s: finished trials are kept, the others restart from their "

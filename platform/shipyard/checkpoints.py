@@ -1,7 +1,8 @@
 """Checkpoint retention across a whole search: the best K by the search metric stay, the rest go.
 
 Running trials are pruned by Tune itself (`CheckpointConfig` in `tuning.search`: each keeps its best and its
-latest, and Tune snapshots the experiment before deleting, so a resume never needs a deleted one). Finished
+latest, and Tune snapshots the experiment before deleting, so a resume never needs a deleted one); a PBT search
+prunes nothing until it ends, since an exploit may clone any trial's checkpoint. Finished
 trials are pruned here, as the search goes and once more at its end. And where a Ray Train run goes on from
 (`resume_point`): the newest checkpoint in storage that loads, whatever Ray Train's lagging snapshot names, and
 `repair_run_snapshot` for a snapshot a full disk left empty.

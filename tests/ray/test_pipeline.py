@@ -43,9 +43,10 @@ def test_digits_promotes_only_better_models_and_serves_the_champion(ray_local, w
     assert good["endpoint_accuracy"] == pytest.approx(good["test_accuracy"], abs=0.005)
     assert set(good["stage_seconds"]) == {"ray", "data", "plan", "tune", "train", "serve"}
 
-    # the per-epoch checkpoint holds weights, optimizer state and the epoch (loadable without pickles)
+    # the per-epoch checkpoint holds weights, optimizer state, the epoch and the RNG state a resume restores
+    # (loadable without pickles)
     state = torch.load(Path(good["checkpoint"]) / "state.pt", weights_only=True)
-    assert set(state) == {"model", "optimizer", "epoch"} and state["epoch"] == 2
+    assert set(state) == {"model", "optimizer", "epoch", "rng"} and state["epoch"] == 2
 
     client = mlflow.MlflowClient(workdir["tracking.uri"])
     parent = client.get_run(good["parent_run_id"])

@@ -89,6 +89,12 @@ def plain(registry_uri):
     serve.delete("plain", _blocking=False)
 
 
+# How long any request of these tests may wait for its answer: the load's and the probes' alike. On a 2-core CI
+# machine a replica that is starting or loading a new model while 4 clients post held a /metadata probe past
+# 10 s; that is slow, not failed, and the load's own answers (30 s) are what the tests judge.
+REQUEST_TIMEOUT_S = 30
+
+
 class Load:
     """Clients posting back to back until stopped; records every status and answering version in order."""
 
@@ -102,7 +108,7 @@ class Load:
         with requests.Session() as s:
             while not self._stop.is_set():
                 try:
-                    r = s.post(f"{self.url}/predict", json=ROW, headers=self.headers, timeout=30)
+                    r = s.post(f"{self.url}/predict", json=ROW, headers=self.headers, timeout=REQUEST_TIMEOUT_S)
                     version = r.json().get("model_version") if r.status_code == 200 else None
                     self.answers.append((time.monotonic(), r.status_code, version))
                 except requests.RequestException as err:
@@ -135,11 +141,12 @@ class Load:
 def wait_for_version(url, version, timeout_s=30.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        r = requests.get(f"{url}/metadata", timeout=10)  # 404 while a `serve deploy` is still starting the app
+        # 404 while a `serve deploy` is still starting the app
+        r = requests.get(f"{url}/metadata", timeout=REQUEST_TIMEOUT_S)
         if r.status_code == 200 and r.json()["model_version"] == version:
             return
         time.sleep(0.2)
-    raise AssertionError(f"{url} still serves {requests.get(f'{url}/metadata', timeout=10).json()}")
+    raise AssertionError(f"{url} still serves {requests.get(f'{url}/metadata', timeout=REQUEST_TIMEOUT_S).json()}")
 
 
 def test_moving_the_alias_under_load_switches_versions_with_no_failed_request(registry_uri, deploy):
@@ -177,7 +184,7 @@ def test_promote_and_rollback_commands_move_the_alias_and_the_endpoint_follows(r
 
 def test_canary_answers_its_share_and_every_answer_names_its_version(deploy):
     url = deploy("canary", canary_model="models:/svc/2", canary_share=0.3, refresh_s=0)
-    meta = requests.get(f"{url}/metadata", timeout=10).json()
+    meta = requests.get(f"{url}/metadata", timeout=REQUEST_TIMEOUT_S).json()
     assert meta["model_version"] == "1" and meta["canary"] == {"model_version": "2", "share": 0.3}
     with requests.Session() as s:
         versions = Counter(s.post(f"{url}/predict", json=ROW, timeout=30).json()["model_version"]
@@ -325,7 +332,7 @@ def test_serve_deploy_reconfigures_in_place_or_rolls_without_a_failed_request(ra
                        check=True, env={**os.environ, "RAY_AUTH_MODE": "token"}, timeout=120)
 
     def replica() -> str:
-        r = requests.get(f"{url}/metadata", timeout=10)
+        r = requests.get(f"{url}/metadata", timeout=REQUEST_TIMEOUT_S)
         assert r.status_code == 200, r.text
         return r.json()["replica"]
 

@@ -4,7 +4,7 @@
     python bench/gpu_check.py --device cpu      # dry run of the same script on this machine's CPU
 
 For each model (MLP, CNN, transformer encoder; the built-ins at their default size on 64 features, 10
-classes) and batch size, the training step Shipyard runs (shipyard.perf.layers.training_step: AdamW, fp32,
+classes) and batch size, the training step Shipyard runs (shipyard.step.training_step: AdamW, fp32,
 PyTorch's default multi-tensor AdamW on CUDA) is timed on random data already on the device: the median of
 50 steps after 10 warm-up steps, each synchronised. The prediction prices the same step counted on the meta
 device with the catalog entry of the GPU's data sheet (shipyard.perf.devices) and, second, with the per-op
@@ -32,7 +32,9 @@ import torch  # noqa: E402
 from shipyard.models import cnn, mlp, transformer  # noqa: E402
 from shipyard.perf.devices import DEVICES, Device  # noqa: E402
 from shipyard.perf.estimate import estimate_step  # noqa: E402
-from shipyard.perf.layers import count_step_work, training_step  # noqa: E402
+from shipyard.perf.layers import count_step_work  # noqa: E402
+from shipyard.step import training_step  # noqa: E402
+from torch.nn.functional import cross_entropy  # noqa: E402
 
 MODELS = {"mlp": lambda: mlp(64, 10), "cnn": lambda: cnn(64, 10), "transformer": lambda: transformer(64, 10)}
 IN_FEATURES = 64
@@ -51,12 +53,12 @@ def measure_step_ms(build, batch: int, device: str, in_features: int = IN_FEATUR
     x = torch.randn(batch, in_features, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
     for _ in range(warmup):
-        training_step(model, opt, x, y)  # loss.item() synchronises, as in Shipyard's loop
+        training_step(model, opt, {"x": x, "y": y}, cross_entropy)  # loss.item() synchronises, as in Shipyard's loop
     times = []
     for _ in range(steps):
         _sync(device)
         start = time.perf_counter()
-        training_step(model, opt, x, y)
+        training_step(model, opt, {"x": x, "y": y}, cross_entropy)
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3

@@ -54,7 +54,7 @@ def main() -> None:
     logging.getLogger("shipyard.tuning").setLevel(logging.INFO)
     import ray
 
-    from shipyard.data import load_splits
+    from shipyard.tasks import make_task
 
     tmp = Path(tempfile.mkdtemp(prefix="shipyard-bench-hpo-"))
     base = {"model.name": "cnn", "train.epochs": args.epochs, "tune.num_samples": args.trials,
@@ -65,7 +65,8 @@ def main() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        splits = load_splits(load_config(None, base).data)
+        cfg = load_config(None, base)
+        splits = make_task(cfg.task).load(cfg.data)
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.trials} trials x "
               f"<= {args.epochs} epochs of the CNN on digits, 2 at a time, space {json.dumps(SPACE)}")
         asha = run(load_config(None, {**base, "tune.scheduler": "asha"}), splits, "asha")

@@ -43,7 +43,7 @@ def measure_case(cfg, splits, name: str, tracking_uri: str) -> dict:
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name("perfmodel") or client.get_experiment(client.create_experiment("perfmodel"))
     run_id = client.create_run(exp.experiment_id, run_name=name).info.run_id
-    trainer = make_trainer(cfg, {"train": splits.train, "val": splits.val}, splits.in_features, splits.num_classes,
+    trainer = make_trainer(cfg, {"train": splits.train, "val": splits.val}, splits.info.to_dict(),
                            f"perfmodel-{name}-{time.time_ns()}", tracking_uri=tracking_uri, mlflow_run_id=run_id,
                            quiet=True)
     trainer.fit()
@@ -64,30 +64,32 @@ def measure_case(cfg, splits, name: str, tracking_uri: str) -> dict:
 
 
 def predict_case(cfg, splits, profile) -> dict:
-    from shipyard.models import build_model
     from shipyard.perf.estimate import estimate_step
     from shipyard.perf.layers import count_step_work
+    from shipyard.tasks import make_task
 
     workers = cfg.scaling.max_workers
     per_worker = max(1, cfg.train.batch_size // workers)
-    work = count_step_work(lambda: build_model(cfg.model, splits.in_features, splits.num_classes), per_worker,
-                           splits.in_features, splits.num_classes)
+    task = make_task(cfg.task, splits.info)
+    work = count_step_work(lambda: task.build_model(cfg.model), per_worker, make_batch=task.example_batch,
+                           loss_fn=task.loss)
     est = estimate_step(work, profile.device, workers, profile.interconnect)
     return {"predicted_step_time_ms": est.step_time_ms, "predicted_comm_ms": est.exposed_comm_ms}
 
 
-def plain_loop_samples_per_s(cfg, train_xy, in_features: int, num_classes: int, epochs: int) -> float:
+def plain_loop_samples_per_s(cfg, train_xy, info, epochs: int) -> float:
     """The same training step over in-memory tensors, 1 thread, no Ray: the ceiling for the Ray Train path."""
     import torch
 
-    from shipyard.models import build_model
-    from shipyard.perf.layers import training_step
+    from shipyard.step import training_step
+    from shipyard.tasks import make_task
     from shipyard.train import make_optimizer
 
     torch.set_num_threads(1)
     torch.manual_seed(cfg.train.seed)
     x, y = (torch.from_numpy(a) for a in train_xy)
-    model = build_model(cfg.model, in_features, num_classes)
+    task = make_task(cfg.task, info)
+    model = task.build_model(cfg.model)
     opt = make_optimizer(cfg, model)
     b = cfg.train.batch_size
     rates = []
@@ -96,7 +98,7 @@ def plain_loop_samples_per_s(cfg, train_xy, in_features: int, num_classes: int, 
         perm = torch.randperm(len(y))
         for i in range(0, len(y), b):
             idx = perm[i:i + b]
-            training_step(model, opt, x[idx], y[idx])
+            training_step(model, opt, {"x": x[idx], "y": y[idx]}, task.loss)
         rates.append(len(y) / (time.perf_counter() - start))
     return statistics.median(rates[1:])
 
@@ -115,7 +117,8 @@ def main() -> None:
     import ray
 
     from shipyard.calibration import calibrate
-    from shipyard.data import load_splits, to_numpy
+    from shipyard.data import to_numpy
+    from shipyard.tasks import make_task
     from shipyard.perf.devices import load_profile
     from shipyard.cluster import init_ray
 
@@ -128,7 +131,7 @@ def main() -> None:
     cases = []
     try:
         profile = load_profile(args.profile) if args.profile else calibrate(tmp / "hardware.json")
-        splits = load_splits(load_config(None, base).data)
+        splits = make_task(load_config(None, base).task).load(load_config(None, base).data)
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; digits "
               f"({splits.rows['train']} training rows), {args.epochs} epochs per case; profile: "
               f"{profile.device.op_overhead_us} us/op, gloo {profile.interconnect.latency_us} us + bytes / "
@@ -155,7 +158,7 @@ def main() -> None:
         train_xy = to_numpy(splits.train)
     finally:
         ray.shutdown()
-    plain = plain_loop_samples_per_s(overhead_cfg, train_xy, splits.in_features, splits.num_classes, args.epochs)
+    plain = plain_loop_samples_per_s(overhead_cfg, train_xy, splits.info, args.epochs)
     ratio = ray_case["ray_samples_per_s"] / plain
     errs = [abs(c["rel_err"]) for c in cases]
     print(f"training overhead: CNN, global batch {overhead_cfg.train.batch_size}, 1 worker: Ray Train path "

@@ -78,7 +78,8 @@ def _peer_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from shipyard.perf.layers import training_step
+    from shipyard.step import training_step
+    from torch.nn.functional import cross_entropy
     from shipyard.train import _log_to_driver
 
     _log_to_driver()  # quiets Ray Train's per-report INFO lines, as in a training run
@@ -104,11 +105,11 @@ def _peer_loop(config: dict) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x, y = torch.randn(batch, PROBE_FEATURES), torch.randint(0, 10, (batch,))
         for _ in range(5):
-            training_step(model, opt, x, y)
+            training_step(model, opt, {"x": x, "y": y}, cross_entropy)
         times = []
         for _ in range(100):
             start = time.perf_counter()
-            training_step(model, opt, x, y)
+            training_step(model, opt, {"x": x, "y": y}, cross_entropy)
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shipyard.config import Config
+from shipyard.tasks import objective
 
 CHECKPOINT_FILE = "state.pt"
 """In every checkpoint of a trial or a training run: weights, optimizer state, epoch and, in training, the torch RNG
@@ -56,7 +57,7 @@ def checkpoint_keeper(cfg: Config):
     """
     from ray.tune import Callback
 
-    metric, mode = cfg.tune.metric, cfg.tune.mode
+    metric, mode = objective(cfg)
 
     class CheckpointKeeper(Callback):
         def __init__(self):
@@ -95,21 +96,21 @@ def final_prune(cfg: Config, results, best_checkpoint: str | None) -> tuple[int,
     """Apply the best-K rule to every checkpoint on disk once the search is over (a resumed search's older ones
     and multi-worker trials' Train checkpoints too), never the best trial's; returns (kept, MiB they use)."""
     scores: dict[str, float] = {}
-    unscored = float("-inf") if cfg.tune.mode == "max" else float("inf")
+    unscored = float("-inf") if objective(cfg)[1] == "max" else float("inf")
     for r in results:  # each checkpoint folder, scored by the report it was saved with
         df = r.metrics_dataframe
-        if df is None or cfg.tune.metric not in df:
+        if df is None or objective(cfg)[0] not in df:
             continue
         by_path: dict[str, float] = {}
         if "checkpoint_dir_name" in df:  # a one-process trial: <trial>/checkpoint_*
-            by_path.update({str(Path(r.path) / n): v for n, v in zip(df["checkpoint_dir_name"], df[cfg.tune.metric])
+            by_path.update({str(Path(r.path) / n): v for n, v in zip(df["checkpoint_dir_name"], df[objective(cfg)[0]])
                             if isinstance(n, str)})
         if "checkpoint_path" in df:  # a Train-job trial: the path rank 0 reported
-            by_path.update({p: v for p, v in zip(df["checkpoint_path"], df[cfg.tune.metric]) if isinstance(p, str)})
+            by_path.update({p: v for p, v in zip(df["checkpoint_path"], df[objective(cfg)[0]]) if isinstance(p, str)})
         for d in Path(r.path).rglob("checkpoint_*"):
             if d.is_dir():
                 scores[str(d)] = float(by_path.get(str(d), unscored))
-    _delete(checkpoints_to_delete(scores, cfg.tune.keep_checkpoints, cfg.tune.mode,
+    _delete(checkpoints_to_delete(scores, cfg.tune.keep_checkpoints, objective(cfg)[1],
                                   {best_checkpoint} if best_checkpoint else set()))
     kept = [p for p in Path(results.experiment_path).rglob("checkpoint_*") if p.is_dir()]
     size = sum(f.stat().st_size for p in kept for f in p.rglob("*") if f.is_file())

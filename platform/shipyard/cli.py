@@ -52,6 +52,14 @@ def format_trials(counts: dict[str, int], experiment_path: str | None = None) ->
     return text
 
 
+def _test_figures(s: dict[str, Any]) -> str:
+    """`0.9711`, or for a task with several metrics `53.1204 (mae 42.0100, r2 0.4700)`."""
+    name = s.get("test_metric_name", "accuracy")
+    others = {k: v for k, v in (s.get("test_metrics") or {}).items() if k not in ("loss", name)}
+    text = f"{s.get('test_metric', s.get('test_accuracy')):.4f}"
+    return text + (f" ({', '.join(f'{k} {v:.4f}' for k, v in others.items())})" if others else "")
+
+
 def format_summary(s: dict[str, Any]) -> str:
     rows = [
         ("best config", json.dumps(s["best_config"]) if s.get("best_config") else "(no search)"),
@@ -59,11 +67,12 @@ def format_summary(s: dict[str, Any]) -> str:
          if s.get("trials") else "(no search)"),
         ("checkpoints", f"{s['search']['checkpoints_kept']} kept, {s['search']['checkpoint_disk_mb']} MiB; best: "
                         f"{s['search']['best_checkpoint']}" if s.get("search") else "(no search)"),
-        ("test accuracy", f"{s['test_accuracy']:.4f}"),
+        (f"test {s.get('test_metric_name', 'accuracy')}", _test_figures(s)),
         ("model", f"{s['model_name']} v{s['model_version']}"),
         ("promoted", f"{'yes' if s['promoted'] else 'no'} ({s['promotion_reason']})"),
         ("champion", f"v{s['champion_version']}"),
-        ("endpoint", f"{s['endpoint']} (accuracy {s['endpoint_accuracy']:.4f}, v{s['served_version']})"
+        ("endpoint", f"{s['endpoint']} ({s.get('test_metric_name', 'accuracy')} "
+                     f"{s.get('endpoint_metric', s.get('endpoint_accuracy')):.4f}, v{s['served_version']})"
          if s.get("endpoint") else "not served"),
         ("MLflow parent run", s["parent_run_id"]),
         ("time per stage", ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items())

@@ -32,9 +32,13 @@ class DataConfig(_Section):
     builtin: Literal["digits"] | None = None
     """A data set that ships with the platform (no download). Exactly one of `builtin` and `path`."""
     path: str | None = None
-    """A parquet or CSV classification file (or a folder of them) read with Ray Data."""
+    """A parquet or CSV file (or a folder of them) read with Ray Data; for task.name=image_classification, a
+    folder of class subfolders of images."""
     label: str = "label"
-    """Name of the label column in `path`; every other column is a numeric feature."""
+    """Name of the label (or regression target) column in `path`; every other column is a feature."""
+    max_categories: int = Field(50, ge=2)
+    """A text feature column with at most this many distinct values in the train split is one-hot encoded (its
+    categories learned there); more is free text or an identifier, and stops the run naming the column."""
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     seed: int = 0
@@ -59,6 +63,15 @@ class ModelConfig(_Section):
     """Extra keyword arguments passed to a user factory."""
 
 
+class TaskConfig(_Section):
+    name: str = "classification"
+    """What is trained: `classification` or `regression` on a table (data.path or a built-in set), or a user
+    task `package.module:Class` (a subclass of shipyard.tasks.Task). The task reads the data, owns the loss,
+    the metrics and the primary metric's direction, and turns model outputs into the endpoint's answers."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments passed to a user task's constructor."""
+
+
 class TrainConfig(_Section):
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -68,6 +81,13 @@ class TrainConfig(_Section):
     seed: int = 0
     max_failures: int = Field(2, ge=0)
     """Worker-group restarts from the last checkpoint before the run fails (Ray Train FailureConfig)."""
+    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    """bf16-mixed: forward and loss under torch.autocast(bfloat16) (CPU and GPU); weights and optimizer in fp32."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step: each worker's share of train.batch_size is split in this many, their
+    gradients summed (DDP synchronises only on the last one). Same result as one batch, less activation memory."""
+    grad_clip_norm: float | None = Field(None, gt=0)
+    """Clip the gradients' global L2 norm to this before each optimizer step (torch.nn.utils.clip_grad_norm_)."""
 
 
 class ScalingConfig(_Section):
@@ -119,7 +139,10 @@ class TuneConfig(_Section):
     train.epochs."""
     search: Literal["random", "optuna"] = "random"
     """random: sample tune.space (grid entries are crossed); optuna: Optuna's TPE proposes each next trial."""
-    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    metric: str | None = None
+    """What the search optimises: `val_<metric>` of the task (val_accuracy, val_rmse, ...) or val_loss; default
+    the task's primary metric (classification: val_accuracy, max; regression: val_rmse, min). Its direction
+    comes from the task."""
     grace_period: int = Field(3, ge=1)
     """ASHA: epochs every trial gets before it can be stopped."""
     reduction_factor: float = Field(3, gt=1)
@@ -137,10 +160,6 @@ class TuneConfig(_Section):
     """Seed of the search algorithm: the same seed samples the same trial configs."""
     space: dict[str, dict[Distribution, list[Any]]] = Field(default_factory=dict)
     """Search space: `{"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.hidden": {"choice": [64, 128]}}`."""
-
-    @property
-    def mode(self) -> str:
-        return "max" if self.metric == "val_accuracy" else "min"
 
 
 class TrackingConfig(_Section):
@@ -243,6 +262,7 @@ class Config(_Section):
     name: str = "digits"
     """Pipeline name: names the MLflow parent run, the Ray runs and (by default) the registered model."""
     data: DataConfig = Field(default_factory=lambda: DataConfig(builtin="digits"))
+    task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
@@ -342,7 +362,7 @@ def valid_keys() -> list[str]:
 def _check_key(key: str, where: str = "") -> None:
     keys = valid_keys()
     top = key.split(".")[0]
-    if key in keys or (f"{top}.options" in keys and key.startswith("model.options.")):
+    if key in keys or (f"{top}.options" in keys and key.startswith(f"{top}.options.")):
         return
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""

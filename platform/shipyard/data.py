@@ -1,6 +1,6 @@
-"""Data stage: a built-in set or a parquet/CSV file read with Ray Data, split reproducibly.
+"""Tables for the tabular tasks: a built-in set or a parquet/CSV file read with Ray Data, split reproducibly.
 
-    splits = load_splits(cfg.data)      # after ray.init(); splits.train/val/test are materialized
+    splits = load_table(cfg.data)       # after ray.init(); splits.train/val/test are materialized
     for batch in splits.train.iter_torch_batches(batch_size=64): batch["x"], batch["y"]
 
 The split is decided by a hash of each row's content mixed with `data.seed`, not by row order or block
@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,31 +24,12 @@ import pandas as pd
 
 from shipyard.config import DataConfig
 from shipyard.errors import DataError
+from shipyard.tasks.base import DataInfo, Splits
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = {".csv": "csv", ".parquet": "parquet"}
 NO_ROWS = "{source} has no data rows (at most a header); give a file with a header and data rows"
-
-
-@dataclass
-class Splits:
-    train: Any  # ray.data.Dataset, materialized, columns x: float32[n_features], y: int64
-    val: Any
-    test: Any
-    feature_names: list[str]
-    classes: list[Any]
-    """Original label values; the model predicts their index."""
-    data_hash: str
-    rows: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def in_features(self) -> int:
-        return len(self.feature_names)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
 
 def _files(path: Path) -> list[Path]:
@@ -132,14 +112,15 @@ def _position(file: Path | str, fmt: str, row: int, source: str) -> str:
 
 
 def _not_numbers(frame: pd.DataFrame) -> dict[str, tuple[int, Any]]:
-    """For each text column: its first value that is not a number, and that value's row (0-based)."""
+    """For each text column that mostly holds numbers: its first value that is not a number, and that value's
+    row (0-based). A text column of mostly words is a categorical feature, not a mistake."""
     found = {}
     for name in frame.columns:
         col = frame[name]
         if col.dtype.kind in "biuf":
             continue
         bad = (col.notna() & pd.to_numeric(col, errors="coerce").isna()).to_numpy()
-        if bad.any():
+        if bad.any() and bad.sum() < 0.5 * col.notna().sum():
             row = int(np.argmax(bad))
             found[name] = (row, col.iloc[row])
     return found
@@ -267,8 +248,9 @@ def _clear_errors(what: str, explain: Callable[[Exception], str | None] | None =
 
 
 def _feature_columns(schema, label: str, source: str, examples: dict[str, str] | None = None) -> list[str]:
-    """The feature columns of a schema, or a DataError naming the missing label or the columns that are not
-    numbers (`examples`: a column's first non-number and where it is, e.g. "'abc' on line 7")."""
+    """The feature columns of a schema, or a DataError naming the missing label, an empty column, or a text
+    column that holds numbers with stray text among them (`examples`: such a column's first non-number and
+    where it is, e.g. "'abc' on line 7"). Other text columns are categorical (one-hot encoded by the task)."""
     import pyarrow as pa
 
     names = list(schema.names)
@@ -279,20 +261,25 @@ def _feature_columns(schema, label: str, source: str, examples: dict[str, str] |
     for name, typ in zip(schema.names, schema.types):
         if name == label:
             continue
-        numeric = (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
-                   if isinstance(typ, pa.DataType) else np.dtype(typ).kind in "biuf")
         if isinstance(typ, pa.DataType) and pa.types.is_null(typ):
             bad.append(f"{name} (empty: no values in its first rows)")
-        elif not numeric:
-            example = f", e.g. {examples[name]}" if examples and name in examples else ""
-            bad.append(f"{name} ({typ}{example})")
+        elif examples and name in examples:
+            bad.append(f"{name} ({typ}, e.g. {examples[name]})")
     if bad:
-        raise DataError(f"non-numeric feature columns in {source}: {', '.join(bad)}. Features must be "
-                        "numbers: fix those values, encode or drop these columns, or name one as data.label")
+        raise DataError(f"non-numeric values in numeric feature columns of {source}: {', '.join(bad)}. Fix those "
+                        "values, drop these columns, or name one as data.label")
     features = [n for n in names if n != label]
     if not features:
         raise DataError(f"{source} has no feature columns besides the label '{label}'")
     return features
+
+
+def is_numeric_type(typ) -> bool:
+    import pyarrow as pa
+
+    if isinstance(typ, pa.DataType):
+        return pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
+    return np.dtype(typ).kind in "biuf"
 
 
 def split_of(frame: pd.DataFrame, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
@@ -304,8 +291,15 @@ def split_of(frame: pd.DataFrame, seed: int, val_fraction: float, test_fraction:
     return np.where(u < test_fraction, 2, np.where(u < test_fraction + val_fraction, 1, 0))
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Read, validate, label-encode and split. Needs Ray to be initialised. Raises DataError."""
+def load_table(cfg: DataConfig, task: str = "classification", regression: bool = False) -> Splits:
+    """Read, validate, split and encode a table for a tabular task. Needs Ray to be initialised. Raises DataError.
+
+    `x` holds the file's feature columns in order: numbers as they are, a text column as the index of its
+    value among the categories seen in the train split (-1: a value the train split does not have). `y` is the
+    class index (classification) or the number (regression). The preprocessing the model bakes in is fitted
+    on the train split only: per-column mean and standard deviation of the numbers, the categories of each text
+    column (at most data.max_categories), and for regression the target's mean and deviation.
+    """
     head = check_source(cfg)  # the schema of the file's first block
     source = cfg.path or f"builtin:{cfg.builtin}"
     files = _files(Path(cfg.path).expanduser()) if head is not None else []  # local files only
@@ -318,31 +312,63 @@ def load_splits(cfg: DataConfig) -> Splits:
         if schema is None:
             raise DataError(NO_ROWS.format(source=source))
         features = _feature_columns(schema, label, source)
-        labels = ds.unique(label)
-    if not labels:
+        types = dict(zip(schema.names, schema.types))
+        text = [f for f in features if not is_numeric_type(types[f])]
+        labels = None if regression else ds.unique(label)
+    if regression and not is_numeric_type(types[label]):
+        raise DataError(f"{source}: task.name=regression needs a numeric target, but column '{label}' holds "
+                        f"{types[label]}; point data.label at a column of numbers, or use task.name=classification")
+    if labels is not None and not labels:
         raise DataError(NO_ROWS.format(source=source))
-    classes = sorted((v for v in labels if not _is_missing(v)), key=lambda v: (str(type(v)), v))
-    if len(classes) < 2 and len(classes) == len(labels):  # with missing labels, those are reported below
-        raise DataError(f"{source}: every row has the label {classes[0]!r} in column '{label}'; a "
-                        "classifier needs at least 2 classes: check that data.label names the class column, "
-                        "or add rows of other classes")
-    index = {v: i for i, v in enumerate(classes)}
+    classes = None
+    if labels is not None:
+        classes = sorted((v for v in labels if not _is_missing(v)), key=lambda v: (str(type(v)), v))
+        if len(classes) < 2 and len(classes) == len(labels):  # with missing labels, those are reported below
+            raise DataError(f"{source}: every row has the label {classes[0]!r} in column '{label}'; a "
+                            "classifier needs at least 2 classes: check that data.label names the class column, "
+                            "or add rows of other classes")
     seed, val_f, test_f = cfg.seed, cfg.val_fraction, cfg.test_fraction
     columns = features + [label]
 
+    def tag(batch: pd.DataFrame) -> pd.DataFrame:
+        return batch[columns].assign(_split=split_of(batch[columns], seed, val_f, test_f))
+
+    with _clear_errors(f"{source}: could not split the data"):
+        tagged = ds.map_batches(tag, batch_format="pandas").materialize()
+        train_raw = tagged.filter(expr="_split == 0")
+        n_train = train_raw.count()
+        categories = {c: _categories(train_raw, c, n_train, cfg.max_categories, source) for c in text}
+        numeric = [f for f in features if f not in categories] + ([label] if regression else [])
+        stats = _mean_std(train_raw, numeric) if n_train else {}
+    index = {v: i for i, v in enumerate(classes)} if classes is not None else None
+    lookup = {c: {v: i for i, v in enumerate(cats)} for c, cats in categories.items()}
+
     def encode(batch: pd.DataFrame) -> dict[str, np.ndarray]:
-        x = batch[features].to_numpy(dtype=np.float32)
-        y = batch[label].map(index)  # NaN for a missing label
-        ok = np.column_stack([np.isfinite(x), y.notna().to_numpy()])
+        x = np.empty((len(batch), len(features)), dtype=np.float32)
+        ok = np.empty((len(batch), len(columns)), dtype=bool)
+        for j, f in enumerate(features):
+            col = batch[f]
+            if f in lookup:
+                ok[:, j] = col.notna().to_numpy()
+                x[:, j] = col.map(lookup[f]).fillna(-1).to_numpy(dtype=np.float32)
+            else:
+                x[:, j] = col.to_numpy(dtype=np.float32)
+                ok[:, j] = np.isfinite(x[:, j])
+        if index is not None:
+            y = batch[label].map(index)  # NaN for a missing label
+            ok[:, -1] = y.notna().to_numpy()
+            y = y.fillna(-1).to_numpy(dtype=np.int64)
+        else:
+            y = batch[label].to_numpy(dtype=np.float32)
+            ok[:, -1] = np.isfinite(y)
         # a dict of arrays: Ray Data stores the 2-D `x` as a tensor column (a DataFrame would pickle it)
-        return {"x": x, "y": y.fillna(-1).to_numpy(dtype=np.int64),
-                "split": split_of(batch[columns], seed, val_f, test_f),
+        return {"x": x, "y": y, "split": batch["_split"].to_numpy(),
                 # index in `columns` of a row's first missing/infinite value, -1 if none: reported below,
                 # because an exception raised in here reaches the driver without its message
                 "bad": np.where(ok.all(axis=1), -1, np.argmin(ok, axis=1))}
 
     with _clear_errors(f"{source}: could not prepare the data"):
-        encoded = ds.map_batches(encode, batch_format="pandas").materialize()
+        encoded = tagged.map_batches(encode, batch_format="pandas").materialize()
         bad = encoded.filter(expr="bad >= 0")
         n_bad = bad.count()
         if n_bad:
@@ -366,9 +392,51 @@ def load_splits(cfg: DataConfig) -> Splits:
     rows = {name: part.count() for name, part in parts.items()}
     if min(rows.values()) == 0:
         raise DataError(f"{source}: too few rows ({sum(rows.values())}) for a train/val/test split {rows}")
-    log.info("data %s: %d features, %d classes, rows %s, sha256 %s", source, len(features), len(classes),
-             rows, digest[:12])
-    return Splits(parts["train"], parts["val"], parts["test"], features, classes, digest, rows)
+    numeric_features = [f for f in features if f not in categories]
+    preprocessing = {
+        "numeric": {f: stats[f] for f in numeric_features},
+        "categorical": {f: [_jsonable(v) for v in cats] for f, cats in categories.items()},
+    }
+    if regression:
+        preprocessing["target"] = stats[label]
+    info = DataInfo(task=task, input_shape=[len(features)], output_width=1 if regression else len(classes),
+                    target=label, feature_names=features,
+                    classes=None if regression else [_jsonable(c) for c in classes], data_hash=digest, rows=rows,
+                    preprocessing=preprocessing)
+    log.info("data %s: %d features (%d categorical), %s, rows %s, sha256 %s", source, len(features),
+             len(categories), f"target '{label}'" if regression else f"{len(classes)} classes", rows, digest[:12])
+    return Splits(parts["train"], parts["val"], parts["test"], info)
+
+
+def _jsonable(v: Any) -> Any:
+    """A numpy scalar as the Python value JSON, MLflow and the endpoint's answers carry."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _categories(train, column: str, rows: int, max_categories: int, source: str) -> list[Any]:
+    """The distinct values of a text column in the train split, or a DataError when it is not categorical."""
+    values = sorted(str(v) for v in train.unique(column) if not _is_missing(v))
+    if len(values) > max_categories or (rows >= 20 and len(values) > rows / 2):
+        kind = "free text or an identifier" if len(values) > rows / 2 else "too many categories to one-hot encode"
+        raise DataError(f"{source}: text column '{column}' has {len(values)} distinct values in {rows} training "
+                        f"rows: {kind} (data.max_categories={max_categories}). Drop the column, encode it "
+                        "yourself, or raise data.max_categories")
+    return values
+
+
+def _mean_std(train, columns: list[str]) -> dict[str, dict[str, float]]:
+    """Per column, the train split's mean and standard deviation (population), in one Ray Data pass. A constant
+    column gets std 1: standardizing it must not divide by zero."""
+    from ray.data.aggregate import Mean, Std
+
+    if not columns:
+        return {}
+    found = train.aggregate(*[Mean(c) for c in columns], *[Std(c, ddof=0) for c in columns])
+    out = {}
+    for c in columns:
+        mean, std = found[f"mean({c})"], found[f"std({c})"]
+        out[c] = {"mean": float(mean), "std": float(std) if std and np.isfinite(std) and std > 1e-12 else 1.0}
+    return out
 
 
 def _find_cause(err: BaseException, kind: type) -> BaseException | None:
@@ -386,4 +454,4 @@ def _find_cause(err: BaseException, kind: type) -> BaseException | None:
 def to_numpy(ds) -> tuple[np.ndarray, np.ndarray]:
     """A (small) split as arrays on the driver: for evaluation and the endpoint check."""
     batch = ds.take_batch(batch_size=ds.count(), batch_format="numpy")
-    return np.stack(batch["x"]).astype(np.float32), batch["y"].astype(np.int64)
+    return np.stack(batch["x"]).astype(np.float32), np.asarray(batch["y"])

@@ -2,8 +2,10 @@
 
     serve run serving.app:build_app model=models:/digits@champion
 
-`POST /predict {"instances": [[...], ...]}` -> `{"predictions": [...], "model_version": "3"}`;
-`GET /healthz`; `GET /metadata` (model, version, schema from the MLflow signature); OpenAPI at `/docs`.
+`POST /predict {"instances": [...]}` -> `{"predictions": [...], "model_version": "3"}`: instances as the
+model's task takes them (a table: rows of values in column order, or `{"column": value}` objects; text columns
+by category), answers as it gives them (class names, numbers). `GET /healthz`; `GET /metadata` (model,
+version, task, the inputs it takes with their categories); OpenAPI at `/docs`.
 
 - Requests are batched with `@serve.batch` (`max_batch_size` 1 turns it off).
 - Each replica re-reads the aliases it serves every `refresh_s` and swaps a moved alias in place: a
@@ -27,12 +29,13 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from shipyard.config import EndpointConfig, InPlaceConfig, load_config
 from shipyard.errors import ServingError
 from shipyard.registry import ModelRef, ServedModel, load
+from shipyard.tasks import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,9 @@ OPEN_PATHS = ("/healthz", "/-/healthz", "/docs", "/openapi.json", "/docs/oauth2-
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # strict: "1.5" and true are not numbers (ints are accepted as floats)
-    instances: list[list[StrictFloat]] = Field(..., min_length=1, description="rows of numeric features")
+    # what an instance is depends on the model's task (shipyard.tasks): the task validates each one
+    instances: list[Any] = Field(..., min_length=1, description="instances as the model's task takes them: rows "
+                                 "of values in column order, or objects by column name, for a table")
 
 
 class PredictResponse(BaseModel):
@@ -182,10 +186,10 @@ class Predictor:
             return loaded.get((ref.name, version)) or load(ref.name, version)
 
         champion, challenger = get(refs[0]), get(refs[1])
-        if challenger is not None and challenger.num_features != champion.num_features:
-            raise ServingError(f"canary {challenger.name} v{challenger.version} takes {challenger.num_features} "
-                               f"features, {champion.name} v{champion.version} takes {champion.num_features}: "
-                               "a canary must answer the same requests")
+        if challenger is not None and challenger.schema()["inputs"] != champion.schema()["inputs"]:
+            raise ServingError(f"canary {challenger.name} v{challenger.version} takes other inputs than "
+                               f"{champion.name} v{champion.version} ({challenger.schema()['inputs']} vs "
+                               f"{champion.schema()['inputs']}): a canary must answer the same requests")
         return champion, challenger
 
     def _swap(self, models: tuple[ServedModel, ServedModel | None], share: float) -> None:
@@ -226,7 +230,7 @@ class Predictor:
         out: list[list[Any]] = [[] for _ in items]
         for model in {id(m): m for m, _ in items}.values():  # one forward pass per model in the batch
             mine = [i for i, (m, _) in enumerate(items) if m is model]
-            labels = model.classify(np.concatenate([items[i][1] for i in mine]))
+            labels = model.predict(np.concatenate([items[i][1] for i in mine]))
             start = 0
             for i in mine:
                 n = len(items[i][1])
@@ -249,25 +253,11 @@ class Predictor:
         rows = body.instances
         if len(rows) > self.max_instances:
             raise HTTPException(413, f"{len(rows)} instances in one request; the limit is {self.max_instances}")
-        bad = next((i for i, row in enumerate(rows) if len(row) != model.num_features), None)
-        if bad is not None:
-            raise HTTPException(422, f"instances[{bad}] has {len(rows[bad])} features; model {model.name} "
-                                     f"v{model.version} expects {model.num_features}")
-        x = np.asarray(rows, dtype=np.float64)
-        if model.dtype.kind == "f":
-            with np.errstate(over="ignore"):
-                x = x.astype(model.dtype)  # 1e39 is finite JSON but Infinity in float32: checked below
-        if not np.isfinite(x).all():
-            row = int(np.argwhere(~np.isfinite(x))[0][0])
-            raise HTTPException(422, f"instances[{row}] holds NaN or Infinity; send finite numbers")
-        if model.dtype.kind in "iu":
-            info = np.iinfo(model.dtype)
-            bad_rows = np.argwhere((x != np.round(x)) | (x < info.min) | (x > info.max))
-            if len(bad_rows):
-                raise HTTPException(422, f"instances[{int(bad_rows[0][0])}] holds a fraction or a number out of "
-                                         f"range; model {model.name} v{model.version} takes {model.dtype} features")
-            x = x.astype(model.dtype)
-        labels = await self._predict_batch((model, x)) if self._batching else model.classify(x)
+        try:
+            x = model.task.parse_instances(rows)
+        except RequestError as err:
+            raise HTTPException(422, f"{err} (model {model.name} v{model.version})") from None
+        labels = await self._predict_batch((model, x)) if self._batching else model.predict(x)
         return Response(json.dumps({"predictions": labels, "model_version": model.version}),
                         media_type="application/json")
 
@@ -280,7 +270,7 @@ class Predictor:
     async def metadata(self) -> dict[str, Any]:
         champion, challenger, share = self._slots
         return {"model_name": champion.name, "model_version": champion.version, "schema": champion.schema(),
-                "classes": champion.classes,
+                "classes": champion.classes, "task": champion.task.name,
                 "canary": {"model_version": challenger.version, "share": share} if challenger else None,
                 "refresh_s": self._refresh_s, "replica": serve.get_replica_context().replica_id.unique_id}
 

@@ -15,12 +15,12 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
-import numpy as np
-
-from shipyard import data, registry, tracking, tuning
+from shipyard import registry, tracking, tuning
 from shipyard.cluster import init_ray
 from shipyard.config import Config, EndpointConfig, apply_overrides
+from shipyard.data import to_numpy
 from shipyard.errors import ConfigError, ServingError
+from shipyard.tasks import Task, make_task, objective
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ class Stages:
 
 def preflight(cfg: Config, resume: str | None = None) -> None:
     """The checks that need no Ray: they fail in seconds, before any cluster is started."""
-    data.check_source(cfg.data)
+    task = make_task(cfg.task)
+    task.check_source(cfg.data)
+    objective(cfg)  # tune.metric is one the task reports
     if cfg.tune.enabled:
         tuning.check_space(cfg)
         if resume and cfg.tune.scheduler == "hyperband":
@@ -108,10 +110,14 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
                      parent_id)
             tracking.log_config(cfg)
 
-            with stages("data", f"reading {cfg.data.path or cfg.data.builtin} with Ray Data"):
-                splits = data.load_splits(cfg.data)
+            with stages("data", f"reading {cfg.data.path or cfg.data.builtin} with Ray Data ({cfg.task.name})"):
+                task = make_task(cfg.task)
+                splits = task.load(cfg.data)
+                task.bind(splits.info)
                 mlflow.log_params({"data.hash": splits.data_hash, "data.rows_train": splits.rows["train"],
                                    "data.rows_val": splits.rows["val"], "data.rows_test": splits.rows["test"]})
+                # what the model bakes in, fitted on the train split: means, deviations, categories
+                mlflow.log_dict(splits.info.to_dict(), "data_info.json")
             summary["data_hash"] = splits.data_hash
 
             best_cfg = cfg
@@ -129,9 +135,9 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
                         mlflow.log_params({k: v for k, v in cfg.flat().items() if k.startswith("tune.")})
                         found = tuning.search(cfg, splits, f"{cfg.name}-tune-{stamp}", cfg.tracking_uri,
                                               srun.info.run_id, resume=bool(resume))
-                        mlflow.log_metric(f"best_{cfg.tune.metric}", found.best_metric)
+                        mlflow.log_metric(f"best_{objective(cfg)[0]}", found.best_metric)
                 best_cfg = apply_overrides(cfg, found.best_overrides, source="best trial")
-                log.info("best trial: %s (%s %.4f); trials %s", found.best_overrides, cfg.tune.metric,
+                log.info("best trial: %s (%s %.4f); trials %s", found.best_overrides, objective(cfg)[0],
                          found.best_metric, found.trial_status)
                 summary["best_config"] = found.best_overrides
                 summary["trials"] = found.trial_status
@@ -143,8 +149,8 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
                 mlflow.log_params({f"best.{k}": v for k, v in found.best_overrides.items()})
 
             with stages("train", f"{cfg.scaling.workers_text} Ray Train workers x {best_cfg.train.epochs} epochs"):
-                summary.update(_train_and_register(best_cfg, splits, parent_id, stamp))
-            mlflow.log_metrics({"test_accuracy": summary["test_accuracy"]})
+                summary.update(_train_and_register(best_cfg, task, splits, parent_id, stamp))
+            mlflow.log_metrics({f"test_{summary['test_metric_name']}": summary["test_metric"]})
 
             if cfg.serve.enabled:
                 with stages("serve", f"deploying models:/{cfg.model_name}@champion on {cfg.serve.host}"):
@@ -156,8 +162,8 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
                         raise ServingError(f"a Serve app named '{cfg.name}' is already running on this cluster "
                                            "(another pipeline's --keep-serving?); stop it or set name=<other>")
                     served = True
-                    summary.update(_serve_and_check(cfg, splits, summary))
-                mlflow.log_metric("endpoint_accuracy", summary["endpoint_accuracy"])
+                    summary.update(_serve_and_check(cfg, task, splits, summary))
+                mlflow.log_metric(f"endpoint_{summary['test_metric_name']}", summary["endpoint_metric"])
             summary["stage_seconds"] = stages.seconds
             summary["total_seconds"] = round(time.perf_counter() - stages.t0, 2)
             mlflow.log_dict(summary, "summary.json")
@@ -182,12 +188,13 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
     return summary
 
 
-def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict[str, Any]:
+def _train_and_register(cfg: Config, task: Task, splits, parent_id: str, stamp: str) -> dict[str, Any]:
     import mlflow
 
     from shipyard.train import fit, load_trained
 
     plan = _predict(cfg, splits) if cfg.plan.enabled else None
+    name = task.primary_metric
     prediction = None
     if plan is not None:
         from shipyard.planning import summary_lines
@@ -208,31 +215,35 @@ def _train_and_register(cfg: Config, splits, parent_id: str, stamp: str) -> dict
             mlflow.log_params({"plan.device": plan.device.name, "plan.predicted_step_time_ms":
                                round(plan.step.step_time_ms, 4), "plan.predicted_epoch_s": round(plan.epoch_s, 4)})
         result = fit(cfg, splits, f"{cfg.name}-train-{stamp}", cfg.tracking_uri, run.info.run_id, prediction)
-        model = load_trained(cfg, result.checkpoint, splits.in_features, splits.num_classes)
-        x_test, y_test = data.to_numpy(splits.test)
-        import torch
-
-        with torch.no_grad():
-            test_acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
-        mlflow.log_metric("test_accuracy", test_acc)
-        log.info("test accuracy %.4f on %d held-out rows", test_acc, len(y_test))
-        tags = tracking.lineage_tags(cfg, splits.data_hash, parent_id, run.info.run_id, test_acc)
+        model = load_trained(cfg, result.checkpoint, task)
+        x_test, y_test = to_numpy(splits.test)
+        test = tracking.evaluate_model(model, task, x_test, y_test)
+        mlflow.log_metrics({f"test_{k}": v for k, v in test.items()})
+        test_metric = test[name]
+        log.info("test %s on %d held-out rows", ", ".join(f"{k} {v:.4f}" for k, v in test.items()), len(y_test))
+        tags = tracking.lineage_tags(cfg, splits.data_hash, parent_id, run.info.run_id, test_metric, name)
         version = _version_of_run(cfg.model_name, run.info.run_id)  # registered before the driver was killed
         if version is None:
-            version = tracking.log_model(model, x_test[:5], cfg, splits.classes, splits.feature_names, tags)
+            version = tracking.log_model(model, x_test[:5], cfg, splits.classes, splits.feature_names, tags,
+                                         info=splits.info.to_dict())
         else:
             log.info("%s v%s was registered by this train run before: not registering it again", cfg.model_name,
                      version)
             for key, value in tags.items():  # the driver may have died before the tags were all set
                 mlflow.MlflowClient().set_model_version_tag(cfg.model_name, version, key, value)
-    decision, champion_acc = tracking.promote_if_better(cfg.model_name, version, test_acc, x_test, y_test)
+    decision, champion_metric = tracking.promote_if_better(cfg.model_name, version, test_metric, x_test, y_test,
+                                                           task)
     log.info("registered %s v%s; %s -> %s", cfg.model_name, version, decision.reason,
              "promoted to champion" if decision.promote else "champion unchanged")
-    return {"test_accuracy": test_acc, "model_version": version, "promoted": decision.promote,
-            "promotion_reason": decision.reason, "previous_champion_accuracy": champion_acc,
-            "champion_version": registry.champion_version(cfg.model_name),
-            "train_run_id": run.info.run_id, "checkpoint": result.checkpoint.path,
-            "final_metrics": {k: result.metrics.get(k) for k in ("train_loss", "val_loss", "val_accuracy")}}
+    out = {"test_metric": test_metric, "test_metric_name": name, "test_metrics": test,
+           "model_version": version, "promoted": decision.promote,
+           "promotion_reason": decision.reason, "previous_champion_metric": champion_metric,
+           "champion_version": registry.champion_version(cfg.model_name),
+           "train_run_id": run.info.run_id, "checkpoint": result.checkpoint.path,
+           "final_metrics": {k: result.metrics.get(k) for k in ("train_loss", "val_loss", f"val_{name}")}}
+    if name == "accuracy":  # the names earlier summaries used, kept for scripts that read them
+        out.update(test_accuracy=test_metric, previous_champion_accuracy=champion_metric)
+    return out
 
 
 def _earlier_train_run(parent_id: str) -> str | None:
@@ -268,7 +279,7 @@ def _predict(cfg: Config, splits):
 
             log.info("plan: no hardware profile at %s yet: measuring this machine first (shipyard calibrate)", path)
             calibrate(path, threads=max(1, int(cfg.scaling.cpus_per_worker)))
-        shape = DataShape(sum(splits.rows.values()), splits.in_features, splits.num_classes)
+        shape = DataShape(sum(splits.rows.values()), splits.in_features, splits.num_classes, splits.info)
         return make_plan(cfg, cfg.plan.hardware, profile=path, shape=shape, rows=splits.rows)
     except Exception as err:  # a prediction is advice: training goes on without one
         log.warning("plan: no prediction for this run (%s: %s); run `shipyard calibrate` to write %s, or set "
@@ -276,8 +287,9 @@ def _predict(cfg: Config, splits):
         return None
 
 
-def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, Any]:
-    """Deploy the champion, send it the test rows, and check its answers against its test accuracy."""
+def _serve_and_check(cfg: Config, task: Task, splits, summary: dict[str, Any]) -> dict[str, Any]:
+    """Deploy the champion, send it the test rows as a client would (raw values), and check its answers against
+    its logged test metric."""
     import requests
     from ray import serve
 
@@ -286,7 +298,7 @@ def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, 
 
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     model_uri = f"models:/{cfg.model_name}@champion"
-    if not summary["promoted"] and summary["previous_champion_accuracy"] is None:
+    if not summary["promoted"] and summary["previous_champion_metric"] is None:
         model_uri = f"models:/{cfg.model_name}/{summary['model_version']}"  # the champion can't take this data
         log.warning("serving the candidate %s: %s", model_uri, summary["promotion_reason"])
     app = build_app({**cfg.serve.model_dump(include=set(EndpointConfig.model_fields)), "model": model_uri,
@@ -294,18 +306,19 @@ def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, 
     serve.run(app, name=cfg.name, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     wait_until_routed(url)
-    x_test, y_test = data.to_numpy(splits.test)
+    x_test, y_test = to_numpy(splits.test)
+    instances = task.instances(x_test)
     hint = ("a Serve instance that was already running on this cluster keeps its own HTTP host and port; "
             "set serve.host and serve.port to those")
     headers = {"X-API-Key": os.environ[cfg.serve.api_key_env]} if cfg.serve.api_key_env else {}
     predictions: list[Any] = []
     served_version = None
     # rows per request: within max_instances and, at ~25 bytes a number in JSON, within max_body_bytes
-    step = max(1, min(cfg.serve.max_instances, cfg.serve.max_body_bytes // (25 * x_test.shape[1])))
-    for start in range(0, len(x_test), step):
+    step = max(1, min(cfg.serve.max_instances, cfg.serve.max_body_bytes // (25 * max(1, x_test[0].size))))
+    for start in range(0, len(instances), step):
         try:
-            resp = requests.post(f"{url}/predict", json={"instances": x_test[start:start + step]
-                                                         .tolist()}, headers=headers, timeout=60)
+            resp = requests.post(f"{url}/predict", json={"instances": instances[start:start + step]},
+                                 headers=headers, timeout=60)
         except requests.ConnectionError as err:
             raise ServingError(f"nothing listens on {url}: {hint}") from err
         if resp.status_code == 404:
@@ -315,19 +328,23 @@ def _serve_and_check(cfg: Config, splits, summary: dict[str, Any]) -> dict[str, 
         body = resp.json()
         predictions += body["predictions"]
         served_version = body["model_version"]
-    expected_labels = np.asarray(splits.classes, dtype=object)[y_test]
-    endpoint_acc = float(np.mean([p == e for p, e in zip(predictions, expected_labels)]))
-    expected_acc = (summary["test_accuracy"] if served_version == summary["model_version"]
-                    else summary["previous_champion_accuracy"])
-    log.info("endpoint %s (v%s) answered %d test rows: accuracy %.4f (expected %.4f)", url, served_version,
-             len(predictions), endpoint_acc, expected_acc)
-    if expected_acc is not None and cfg.serve.canary_share == 0 and abs(endpoint_acc - expected_acc) > 0.005:
-        raise ServingError(f"endpoint accuracy {endpoint_acc:.4f} differs from the logged test accuracy "
-                           f"{expected_acc:.4f} of v{served_version}")
-    example = requests.post(f"{url}/predict", json={"instances": x_test[:3].tolist()}, headers=headers,
+    name = summary["test_metric_name"]
+    got = task.score_answers(predictions, y_test)
+    expected = (summary["test_metric"] if served_version == summary["model_version"]
+                else summary["previous_champion_metric"])
+    log.info("endpoint %s (v%s) answered %d test rows: %s %.4f (expected %s)", url, served_version,
+             len(predictions), name, got, "n/a" if expected is None else f"{expected:.4f}")
+    # the same model on the same rows: only float summation order differs (batching)
+    if expected is not None and cfg.serve.canary_share == 0 and abs(got - expected) > 0.005 * max(1, abs(expected)):
+        raise ServingError(f"endpoint {name} {got:.4f} differs from the logged test {name} {expected:.4f} of "
+                           f"v{served_version}")
+    example = requests.post(f"{url}/predict", json={"instances": instances[:3]}, headers=headers,
                             timeout=30).json()
-    return {"endpoint": url, "endpoint_accuracy": endpoint_acc, "served_version": served_version,
-            "endpoint_example": {"request_rows": 3, "response": example}}
+    out = {"endpoint": url, "endpoint_metric": got, "served_version": served_version,
+           "endpoint_example": {"request_rows": 3, "response": example}}
+    if name == "accuracy":
+        out["endpoint_accuracy"] = got
+    return out
 
 
 def _wait_for_stop(url: str) -> str:

@@ -13,7 +13,7 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from shipyard.config import PROJECT_ROOT, Config
 from shipyard.errors import ConfigError
@@ -32,6 +32,8 @@ class DataShape:
     rows: int
     in_features: int
     num_classes: int
+    info: Any = None
+    """The data stage's DataInfo when the pipeline plans: the task builds its real model and example batch."""
 
 
 def data_shape(cfg: Config) -> DataShape:
@@ -55,7 +57,7 @@ def data_shape(cfg: Config) -> DataShape:
     if cfg.data.label not in names:
         raise ConfigError(f"data.label: column '{cfg.data.label}' not in {path}; its columns: {', '.join(names)}")
     labels = ds.to_table(columns=[cfg.data.label]).column(0)
-    return DataShape(len(labels), len(names) - 1, len(labels.unique()))
+    return DataShape(len(labels), len(names) - 1, 1 if cfg.task.name == "regression" else len(labels.unique()))
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,8 @@ def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_n
 
     `shape` and `rows` (train/val row counts): the pipeline passes what its data stage found; otherwise they
     come from the data's metadata and the configured split fractions."""
-    from shipyard.models import build_model
+    from shipyard.step import StepOptions
+    from shipyard.tasks import DataInfo, make_task
 
     notes: list[str] = []
     node_counts = _node_counts(nodes)
@@ -139,17 +142,29 @@ def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_n
         if interconnect is None and max(node_counts) > 1:
             notes.append("between nodes: ib-200 (InfiniBand HDR, one NIC per GPU); pick another with --interconnect")
     shape = shape or data_shape(cfg)
+    # the task's own model (its encoder and decoder included), batch and loss: the step the workers run
+    task = make_task(cfg.task, shape.info or DataInfo(
+        task=cfg.task.name, input_shape=[shape.in_features], output_width=shape.num_classes, target=cfg.data.label,
+        feature_names=[f"x{i}" for i in range(shape.in_features)],
+        classes=None if cfg.task.name == "regression" else list(range(shape.num_classes)),
+        preprocessing={"target": {"mean": 0.0, "std": 1.0}} if cfg.task.name == "regression" else {}))
+    options = StepOptions.of(cfg.train)
+    if options.precision == "bf16-mixed" and dtype == "fp32":
+        if hardware == "local":
+            notes.append("train.precision=bf16-mixed priced as fp32: a CPU profile has fp32 rates only")
+        else:
+            dtype = "bf16"
     rows_train = rows["train"] if rows else round(shape.rows * (1 - cfg.data.val_fraction - cfg.data.test_fraction))
     rows_val = rows["val"] if rows else round(shape.rows * cfg.data.val_fraction)
     foreach = device.kind == "gpu"  # AdamW's default: multi-tensor on CUDA, per-tensor on CPU
 
     @functools.lru_cache(maxsize=None)
     def work(batch: int) -> StepWork:
-        return count_step_work(lambda: build_model(cfg.model, shape.in_features, shape.num_classes), batch,
-                               shape.in_features, shape.num_classes, foreach=foreach)
+        return count_step_work(lambda: task.build_model(cfg.model), batch, foreach=foreach,
+                               make_batch=task.example_batch, loss_fn=task.loss, options=options)
 
-    eval_work = count_step_work(lambda: build_model(cfg.model, shape.in_features, shape.num_classes),
-                                min(EVAL_BATCH, rows_val), shape.in_features, shape.num_classes, forward_only=True)
+    eval_work = count_step_work(lambda: task.build_model(cfg.model), min(EVAL_BATCH, rows_val),
+                                make_batch=task.example_batch, forward_only=True)
     eval_s = math.ceil(rows_val / EVAL_BATCH) * forward_time_ms(eval_work, device, dtype) / 1e3
 
     def placement(n: int) -> tuple[int, Interconnect | None]:

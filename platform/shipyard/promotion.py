@@ -31,21 +31,41 @@ class Decision:
     reason: str
 
 
-def decide(candidate_accuracy: float, champion_accuracy: float | None) -> Decision:
+@dataclass(frozen=True)
+class Gate:
+    """The task's primary metric and its direction: what "beats" means (a higher accuracy, a lower RMSE)."""
+    metric: str = "accuracy"
+    mode: str = "max"
+
+    def beats(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+    def key(self, score: float) -> float:
+        """Larger is better, whatever the direction: for max() over scores."""
+        return score if self.mode == "max" else -score
+
+    def show(self, score: float) -> str:
+        return f"{score:.4f}" if self.metric == "accuracy" else f"{self.metric} {score:.4f}"
+
+
+ACCURACY = Gate()
+
+
+def decide(candidate: float, champion: float | None, gate: Gate = ACCURACY) -> Decision:
     """Promote only if the candidate strictly beats the champion, both scored on the same held-out split.
 
     A tie keeps the champion: moving the alias for no gain would churn the endpoint.
     """
-    if champion_accuracy is None:
+    if champion is None:
         return Decision(True, "no current champion: the first candidate always wins")
-    if candidate_accuracy > champion_accuracy:
-        return Decision(True, f"candidate {candidate_accuracy:.4f} beats champion {champion_accuracy:.4f} "
+    if gate.beats(candidate, champion):
+        return Decision(True, f"candidate {gate.show(candidate)} beats champion {gate.show(champion)} "
                               "on the same test split")
-    return Decision(False, f"candidate {candidate_accuracy:.4f} does not beat champion {champion_accuracy:.4f} "
+    return Decision(False, f"candidate {gate.show(candidate)} does not beat champion {gate.show(champion)} "
                            "on the same test split")
 
 
-def choose(champion: str | None, scores: Mapping[str, float | None]) -> str | None:
+def choose(champion: str | None, scores: Mapping[str, float | None], gate: Gate = ACCURACY) -> str | None:
     """The version that should hold the alias: the best scored contender if it strictly beats the champion.
 
     `scores` holds the champion's and every contender's accuracy on the same rows (None: it cannot take them).
@@ -57,8 +77,8 @@ def choose(champion: str | None, scores: Mapping[str, float | None]) -> str | No
     scored = [(s, v) for v, s in scores.items() if s is not None and v != champion]
     if not scored:
         return champion
-    best_score, best = max(scored, key=lambda sv: (sv[0], -int(sv[1])))
-    if champion is None or decide(best_score, scores[champion]).promote:
+    best_score, best = max(scored, key=lambda sv: (gate.key(sv[0]), -int(sv[1])))
+    if champion is None or decide(best_score, scores[champion], gate).promote:
         return best
     return champion
 
@@ -78,7 +98,7 @@ def next_history(history: Sequence[str], before: str | None, version: str) -> li
 
 
 def outcome(version: str, accuracy: float, first: str | None, first_accuracy: float | None,
-            final: str | None, final_accuracy: float | None) -> Decision:
+            final: str | None, final_accuracy: float | None, gate: Gate = ACCURACY) -> Decision:
     """What a promoter reports for its version: promoted iff it holds the alias at the end.
 
     `first` is the champion it found, `final` the one it leaves; they differ from each other and from `version`
@@ -89,21 +109,23 @@ def outcome(version: str, accuracy: float, first: str | None, first_accuracy: fl
     if first is not None and first != version and first_accuracy is None:
         return Decision(final == version, f"champion v{first} cannot be scored on this data (different features?); "
                                           "move the alias by hand or use another tracking.model_name")
-    gate = decide(accuracy, None if first == version else first_accuracy)
+    first_gate = decide(accuracy, None if first == version else first_accuracy, gate)
     if final == version:
-        return gate if gate.promote else Decision(True, f"candidate {accuracy:.4f} holds champion after concurrent "
-                                                        f"promotions (v{first} had {first_accuracy:.4f})")
-    if not gate.promote:
-        return gate
+        return first_gate if first_gate.promote else Decision(
+            True, f"candidate {gate.show(accuracy)} holds champion after concurrent promotions (v{first} had "
+                  f"{gate.show(first_accuracy)})")
+    if not first_gate.promote:
+        return first_gate
     if final == first:
-        return Decision(False, f"{gate.reason}, but v{first} holds the alias again (moved back by hand, or by a "
-                               "pipeline that scores on other rows)")
-    if final_accuracy is not None and final_accuracy >= accuracy:
-        return Decision(False, f"candidate {accuracy:.4f} does not beat v{final} ({final_accuracy:.4f}), promoted "
-                               f"meanwhile by a concurrent pipeline; {gate.reason}")
-    theirs = "cannot be scored on this data" if final_accuracy is None else f"{final_accuracy:.4f} here"
+        return Decision(False, f"{first_gate.reason}, but v{first} holds the alias again (moved back by hand, or "
+                               "by a pipeline that scores on other rows)")
+    if final_accuracy is not None and not gate.beats(accuracy, final_accuracy):
+        return Decision(False, f"candidate {gate.show(accuracy)} does not beat v{final} "
+                               f"({gate.show(final_accuracy)}), promoted meanwhile by a concurrent pipeline; "
+                               f"{first_gate.reason}")
+    theirs = "cannot be scored on this data" if final_accuracy is None else f"{gate.show(final_accuracy)} here"
     return Decision(False, f"v{final} ({theirs}) took the alias from a concurrent pipeline that scores on other "
-                           f"rows; {gate.reason}")
+                           f"rows; {first_gate.reason}")
 
 
 # -- the protocol ----------------------------------------------------------------------------------------------
@@ -173,9 +195,10 @@ Request = Read | Score | Mark | Move | WriteHistory | Sleep | Release
 
 
 def steps(version: str, accuracy: float, *, max_rounds: int = MAX_ROUNDS, stale_claim_s: float = STALE_CLAIM_S,
-          max_wait_s: float = MAX_WAIT_S, poll_s: float = POLL_S
+          max_wait_s: float = MAX_WAIT_S, poll_s: float = POLL_S, gate: Gate = ACCURACY
           ) -> Generator[Request, Any, tuple[Decision, float | None]]:
-    """Promote `version` (accuracy on this promoter's test rows) without compare-and-set on the alias.
+    """Promote `version` (its primary metric on this promoter's test rows; `gate` says which is better; the
+    names below say accuracy for short) without compare-and-set on the alias.
 
     1. Claim: mark the version `deciding` (tagged pending) before reading anything.
     2. Decide, in rounds: read the live claims, then the alias and its history; score what is new on this
@@ -215,7 +238,7 @@ def steps(version: str, accuracy: float, *, max_rounds: int = MAX_ROUNDS, stale_
         for v in contenders:
             if v not in scores:
                 scores[v] = yield Score(v)
-        target = choose(view.champion, {v: scores[v] for v in contenders})
+        target = choose(view.champion, {v: scores[v] for v in contenders}, gate)
         if target != view.champion:
             yield Move(target, view.champion, tuple(next_history(view.history, view.champion, target)))
         elif target is not None and view.history[-1:] != (target,):
@@ -251,6 +274,6 @@ def steps(version: str, accuracy: float, *, max_rounds: int = MAX_ROUNDS, stale_
     if final is not None and final not in scores:
         scores[final] = yield Score(final)
     first_accuracy = scores.get(first.champion) if first.champion not in (None, version) else None
-    decision = outcome(version, accuracy, first.champion, first_accuracy, final, scores.get(final))
+    decision = outcome(version, accuracy, first.champion, first_accuracy, final, scores.get(final), gate)
     yield Release(decision.reason)
     return decision, first_accuracy

@@ -69,40 +69,56 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One registered version, loaded, with the request schema taken from its MLflow signature."""
+    """One registered version, loaded, with the task that parses its requests and forms its answers."""
     name: str
     version: str
     model: Any = field(repr=False)
+    task: Any = field(repr=False)
+    """shipyard.tasks.Task bound to the DataInfo stored with the version."""
     num_features: int
     dtype: np.dtype
     classes: list[Any] | None
     feature_names: list[str] | None
 
-    def classify(self, x: np.ndarray) -> list[Any]:
+    def predict(self, x: np.ndarray) -> list[Any]:
+        """Answers for a batch the task parsed (class names, numbers)."""
         import torch
 
         with torch.no_grad():
-            idx = self.model(torch.from_numpy(x)).argmax(1).tolist()
-        return [self.classes[i] for i in idx] if self.classes else idx
+            outputs = self.model(torch.from_numpy(x)).float().numpy()
+        return self.task.answers(outputs)
 
     def schema(self) -> dict[str, Any]:
-        return {"features": self.num_features, "dtype": str(self.dtype), "feature_names": self.feature_names}
+        return {"features": self.num_features, "dtype": str(self.dtype), "feature_names": self.feature_names,
+                "task": self.task.name, "inputs": self.task.inputs(),
+                "target": self.task.info.target}
 
 
 def load(name: str, version: str) -> ServedModel:
-    """Load `models:/name/version` (torch.export weights and graph: no pickle is unpickled) and its schema."""
+    """Load `models:/name/version` (torch.export weights and graph: no pickle is unpickled) and its task."""
     import mlflow
+
+    from shipyard.tasks import DataInfo, task_of
 
     uri = f"models:/{name}/{version}"
     info = mlflow.models.get_model_info(uri)
     spec = info.signature.inputs.to_dict()[0] if info.signature else {}
     tensor = spec.get("tensor-spec")
-    if not tensor or len(tensor.get("shape") or ()) != 2:
-        raise ServingError(f"{uri} has no 2-D tensor signature ({spec or 'no signature'}); Shipyard serves models "
-                           "logged by its pipeline (shipyard.tracking.log_model), whose signature is [-1, features]")
+    if not tensor or len(tensor.get("shape") or ()) < 2:
+        raise ServingError(f"{uri} has no tensor signature ({spec or 'no signature'}); Shipyard serves models "
+                           "logged by its pipeline (shipyard.tracking.log_model), whose signature is [-1, ...]")
     meta = info.metadata or {}
+    shape = [int(d) for d in tensor["shape"][1:]]
+    data_info = meta.get("data_info") or DataInfo(  # logged before tasks: a classifier on rows of numbers
+        task="classification", input_shape=shape, output_width=len(meta.get("classes") or []),
+        target="label", feature_names=meta.get("feature_names") or [], classes=meta.get("classes")).to_dict()
+    try:
+        task = task_of(data_info, meta.get("task_options"))
+    except Exception as err:  # a user task whose module this replica cannot import
+        raise ServingError(f"{uri} was trained with task {data_info.get('task')!r}, which cannot be loaded here: "
+                           f"{err}") from err
     model = load_torch(uri)
-    return ServedModel(name, version, model, int(tensor["shape"][1]), np.dtype(tensor["dtype"]),
+    return ServedModel(name, version, model, task, int(np.prod(shape)), np.dtype(tensor["dtype"]),
                        meta.get("classes"), meta.get("feature_names"))
 
 

@@ -114,9 +114,22 @@ def log_config(cfg: Config) -> None:
     mlflow.log_text(cfg.to_yaml(), "config.yaml")
 
 
-def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any], feature_names: list[str],
-              tags: dict[str, str]) -> str:
-    """Log the model (torch.export format: weights, not a pickle) with its signature, register a version."""
+def evaluate_model(model, task, x: np.ndarray, y: np.ndarray, batch_rows: int = 4096) -> dict[str, float]:
+    """The task's metrics of a (CPU) model on a split's arrays."""
+    import torch
+
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_rows):
+            outputs.append(model(torch.from_numpy(x[start:start + batch_rows])).float())
+    return task.metrics(torch.cat(outputs), torch.tensor(y))
+
+
+def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any] | None, feature_names: list[str],
+              tags: dict[str, str], info: dict[str, Any] | None = None) -> str:
+    """Log the model (torch.export format: weights, not a pickle) with its signature, register a version.
+    `info` (the data stage's DataInfo as a dict) goes into the model's metadata: the endpoint parses requests
+    and forms answers with the task it names."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -129,7 +142,8 @@ def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any], fea
             registered_model_name=cfg.model_name,
             # explicit requirements: inferring them costs ~7 s and trips over torch's +cpu label (RAY_NOTES §8)
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-            metadata={"classes": classes, "feature_names": feature_names},
+            metadata={"classes": classes, "feature_names": feature_names,
+                      **({"data_info": info, "task_options": cfg.task.options} if info else {})},
         )
     except mlflow.exceptions.MlflowException:
         raise  # the tracking server or registry said no: its own message is the clearest
@@ -147,31 +161,28 @@ def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any], fea
     return version
 
 
-def score_version(name: str, version: str, x: np.ndarray, y: np.ndarray) -> float | None:
-    """Accuracy of a registered version on (x, y); None if it cannot take this data (other features)."""
-    import torch
-
+def score_version(name: str, version: str, x: np.ndarray, y: np.ndarray, task) -> float | None:
+    """The task's primary metric of a registered version on (x, y); None if it cannot take this data."""
     from shipyard.registry import load_torch
 
     try:
         model = load_torch(f"models:/{name}/{version}")  # torch.export form only: nothing is unpickled
-        with torch.no_grad():
-            logits = model(torch.from_numpy(x.astype(np.float32))).numpy()
-        return float((logits.argmax(1) == y).mean())
+        return evaluate_model(model, task, x.astype(np.float32), y)[task.primary_metric]
     except Exception as err:  # other features: a shape error; a pickled model: ServingError
         log.warning("v%s of %s cannot be scored on this test split: %s", version, name, err)
         return None
 
 
-def promote_if_better(name: str, version: str, candidate_accuracy: float, x_test: np.ndarray, y_test: np.ndarray
-                      ) -> tuple[Decision, float | None]:
-    """Move `champion` to `version` only if it beats the current champion on the same test rows.
+def promote_if_better(name: str, version: str, candidate_metric: float, x_test: np.ndarray, y_test: np.ndarray,
+                      task) -> tuple[Decision, float | None]:
+    """Move `champion` to `version` only if it beats the current champion on the same test rows, by the task's
+    primary metric and its direction (a higher accuracy, a lower RMSE).
 
     The champion is re-scored on the candidate's test split rather than trusting its logged figure,
     which may come from other data or another split. Pipelines promoting into one registry at once (on one
     machine or many, through one MLflow server) leave the alias on the best of their versions and the champion
     they found: `promotion.steps` is the protocol and its argument; this function performs its requests.
-    Returns the decision for `version` and the accuracy of the champion found first (None if there was none).
+    Returns the decision for `version` and the metric of the champion found first (None if there was none).
     """
     import mlflow
 
@@ -179,7 +190,7 @@ def promote_if_better(name: str, version: str, candidate_accuracy: float, x_test
         raise ConfigError(f"tracking.model_name {name!r}: a registered model name for promotion has no quotes")
     client = mlflow.MlflowClient()
     mine = client.get_model_version(name, version).tags
-    protocol = promotion.steps(version, candidate_accuracy)
+    protocol = promotion.steps(version, candidate_metric, gate=promotion.Gate(task.primary_metric, task.mode))
     answer: Any = None
     try:
         while True:
@@ -187,7 +198,7 @@ def promote_if_better(name: str, version: str, candidate_accuracy: float, x_test
                 request = protocol.send(answer)
             except StopIteration as done:
                 return done.value
-            answer = _perform(request, name, version, mine, x_test, y_test)
+            answer = _perform(request, name, version, mine, x_test, y_test, task)
     except Exception as err:
         with contextlib.suppress(Exception):  # the registry may be what failed: the claim then goes stale
             registry.release_claim(name, version, f"promotion failed ({type(err).__name__}: {err})"[:500])
@@ -195,7 +206,7 @@ def promote_if_better(name: str, version: str, candidate_accuracy: float, x_test
 
 
 def _perform(request: promotion.Request, name: str, version: str, mine: dict[str, str], x_test: np.ndarray,
-             y_test: np.ndarray) -> Any:
+             y_test: np.ndarray, task) -> Any:
     """One request of `promotion.steps` on MLflow; returns its answer."""
     import mlflow
 
@@ -203,7 +214,7 @@ def _perform(request: promotion.Request, name: str, version: str, mine: dict[str
         case promotion.Read():
             return registry.promotion_view(name)
         case promotion.Score(version=other):
-            accuracy = score_version(name, other, x_test, y_test)
+            accuracy = score_version(name, other, x_test, y_test, task)
             theirs = mlflow.MlflowClient().get_model_version(name, other).tags
             for key in ("shipyard.data_hash", "shipyard.split"):
                 if accuracy is not None and theirs.get(key) != mine.get(key):
@@ -227,15 +238,15 @@ def _perform(request: promotion.Request, name: str, version: str, mine: dict[str
     return None
 
 
-def lineage_tags(cfg: Config, data_hash: str, parent_run_id: str, train_run_id: str, test_accuracy: float
-                 ) -> dict[str, str]:
+def lineage_tags(cfg: Config, data_hash: str, parent_run_id: str, train_run_id: str, test_metric: float,
+                 metric_name: str = "accuracy") -> dict[str, str]:
     return {
         "shipyard.data_hash": data_hash,
         "shipyard.git_commit": git_commit(),
         "shipyard.config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True)[:4900],
         "shipyard.parent_run_id": parent_run_id,
         "shipyard.train_run_id": train_run_id,
-        "shipyard.test_accuracy": f"{test_accuracy:.6f}",
+        f"shipyard.test_{metric_name}": f"{test_metric:.6f}",
         # v2: CSV integer feature columns are read as floats since issue 7, which changed their rows' hashes,
         # so a champion split by v1 gets the promotion gate's "trained with another split" warning
         "shipyard.split": f"v2 seed={cfg.data.seed} val={cfg.data.val_fraction} test={cfg.data.test_fraction}",

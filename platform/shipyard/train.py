@@ -2,14 +2,16 @@
 
     result = fit(cfg, splits, mlflow_run_id)   # TorchTrainer over cfg.scaling.num_workers workers
 
-Each epoch reports `train_loss`, `val_loss`, `val_accuracy`, `epoch_time_s`, `samples_per_s` and, in Ray
-Train, a checkpoint (weights, optimizer, epoch) from which a restarted worker group resumes.
+Each epoch reports `train_loss`, `val_loss`, `val_<metric>` for each of the task's metrics (val_accuracy,
+val_rmse, ...), `epoch_time_s`, `samples_per_s` and, in Ray Train, a checkpoint (weights, optimizer, epoch, RNG
+state) from which a restarted worker group resumes.
 """
 from __future__ import annotations
 
 import collections
 import json
 import logging
+import math
 import socket
 import statistics
 import tempfile
@@ -25,9 +27,9 @@ from torch import nn
 from shipyard.checkpoints import CHECKPOINT_FILE, ResumePoint, repair_run_snapshot, resume_point
 from shipyard.config import Config
 from shipyard.errors import TrainingError
-from shipyard.models import build_model
 from shipyard.mlflow_queue import FLUSH_S, UNDELIVERED_FILE, QueuedMlflow, deliver_leftovers
-from shipyard.perf.layers import training_step
+from shipyard.step import StepOptions, training_step
+from shipyard.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +50,17 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def _evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over all batches."""
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: Task) -> dict[str, float]:
+    """The task's metrics over all batches' outputs at once (a split's outputs are small: rows x outputs)."""
     model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
+    outputs, targets = [], []
     with torch.no_grad():
         for b in batches:
-            logits = model(b["x"])
-            loss_sum += nn.functional.cross_entropy(logits, b["y"], reduction="sum").item()
-            correct += (logits.argmax(1) == b["y"]).sum().item()
-            n += len(b["y"])
-    return loss_sum / max(n, 1), correct / max(n, 1)
+            outputs.append(model(b["x"]).float().cpu())
+            targets.append(b["y"].cpu())
+    if not outputs:
+        return {}
+    return task.metrics(torch.cat(outputs), torch.cat(targets))
 
 
 def fits_in_memory(rows: int, in_features: int) -> bool:
@@ -66,8 +68,9 @@ def fits_in_memory(rows: int, in_features: int) -> bool:
     return rows * (4 * in_features + 8) <= IN_MEMORY_BYTES
 
 
-def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train_batches, val_batches,
-              world_size: int = 1, in_memory: bool = False) -> dict[str, float]:
+def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train_batches, val_batches, task: Task,
+              world_size: int = 1, in_memory: bool = False, options: StepOptions = StepOptions()
+              ) -> dict[str, float]:
     """One pass over this worker's training batches, then validation. Pure torch: no Ray inside.
 
     `in_memory`: take all of the epoch's batches first, then train: a streaming iterator's threads formatting
@@ -92,13 +95,13 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train_batches,
         t1 = time.perf_counter()
         if b is None:
             break
-        loss_sum += training_step(model, optimizer, b["x"], b["y"]) * len(b["y"])
+        loss_sum += training_step(model, optimizer, b, task.loss, options) * len(b["y"])
         n += len(b["y"])
         step_s.append(time.perf_counter() - t1)
         wait_s.append(t1 - t0)
     train_time_s = time.perf_counter() - start
-    val_loss, val_acc = _evaluate(model, val_batches)
-    return {"train_loss": loss_sum / max(n, 1), "val_loss": val_loss, "val_accuracy": val_acc,
+    val = {f"val_{k}": v for k, v in evaluate(model, val_batches, task).items()}
+    return {"train_loss": loss_sum / max(n, 1), **val,
             "epoch_time_s": time.perf_counter() - start, "train_time_s": train_time_s,
             "step_time_ms": statistics.median(step_s) * 1e3 if step_s else 0.0,
             "data_wait_ms": statistics.median(wait_s) * 1e3 if wait_s else 0.0, "steps": len(step_s),
@@ -126,7 +129,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, config["in_features"], config["num_classes"])
+    task = make_task(cfg.task, config["info"])
+    model = task.build_model(cfg.model)
     start_epoch, state = 0, None
     point = _resume_point(config.get("run_dir"), ray.train.get_checkpoint(), rank, world)
     if point is not None:  # a restarted worker group (FailureConfig, elastic resize) or a resumed run
@@ -162,11 +166,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # the plan priced the full worker group: an elastic run that shrank has no prediction to compare with
     prediction = config.get("prediction") if world == cfg.scaling.max_workers else None
     progress = _Progress(prediction, cfg.train.epochs - start_epoch, world) if rank == 0 else None
-    in_memory = fits_in_memory(config.get("train_rows", 0) // world, config["in_features"])
+    in_memory = fits_in_memory(config.get("train_rows", 0) // world, _width(task))
+    options = StepOptions.of(cfg.train)
+    primary = f"val_{task.primary_metric}"
     for epoch in range(start_epoch, cfg.train.epochs):
         train_batches = iter_batches(train_shard, per_worker_batch, cfg.train.seed + epoch, device)
-        metrics = run_epoch(model, optimizer, train_batches, iter_batches(val_ds, 512, device=device), world,
-                            in_memory)
+        metrics = run_epoch(model, optimizer, train_batches, iter_batches(val_ds, 512, device=device), task, world,
+                            in_memory, options)
         metrics["epoch"], metrics["epochs_done"] = epoch, epoch + 1  # epochs_done: the search schedulers' clock
         metrics["report_s"] = report_s  # the previous epoch's checkpoint + ray.train.report
         report_start = time.perf_counter()
@@ -180,9 +186,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 timing = progress.after_epoch(metrics)  # adds predicted_step_time_ms
                 logger.log(metrics, epoch)
                 if not config.get("quiet"):
-                    log.info("epoch %d/%d | train_loss %.4f | val_loss %.4f | val_accuracy %.4f | %s | %.2f s | "
+                    log.info("epoch %d/%d | train_loss %.4f | val_loss %.4f | %s %.4f | %s | %.2f s | "
                              "%.0f samples/s%s", epoch + 1, cfg.train.epochs, metrics["train_loss"],
-                             metrics["val_loss"], metrics["val_accuracy"], timing, metrics["epoch_time_s"],
+                             metrics["val_loss"], primary, metrics[primary], timing, metrics["epoch_time_s"],
                              metrics["samples_per_s"], progress.eta())
                 warning = progress.warning(metrics)
                 if warning:
@@ -304,7 +310,12 @@ def _local_run_dir(storage: str, run_name: str) -> str | None:
     return str(run_dir)
 
 
-def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_classes: int, run_name: str, *,
+def _width(task: Task) -> int:
+    """Numbers per input row (an image's C*H*W): what an epoch of batches in memory costs."""
+    return math.prod(task.info.input_shape)
+
+
+def make_trainer(cfg: Config, datasets: dict[str, Any], info: dict[str, Any], run_name: str, *,
                  storage_path: str | None = None, num_workers: int | None = None, cpus_per_worker: float | None = None,
                  tracking_uri: str | None = None, mlflow_run_id: str | None = None, callbacks: list | None = None,
                  quiet: bool = False, prediction: dict[str, Any] | None = None):
@@ -316,9 +327,9 @@ def make_trainer(cfg: Config, datasets: dict[str, Any], in_features: int, num_cl
     storage = storage_path or str(cfg.storage_dir)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "in_features": in_features,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "info": info,
                            "run_dir": _local_run_dir(storage, run_name),
-                           "num_classes": num_classes, "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
+                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
                            "quiet": quiet, "prediction": prediction,
                            "train_rows": datasets["train"].count() if hasattr(datasets["train"], "count") else 0},
         scaling_config=ray.train.ScalingConfig(
@@ -345,8 +356,8 @@ def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlf
     beside the measured one in each epoch's metrics, and the warning when they differ."""
     import ray.train
 
-    trainer = make_trainer(cfg, {"train": splits.train, "val": splits.val}, splits.in_features, splits.num_classes,
-                           run_name, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, prediction=prediction)
+    trainer = make_trainer(cfg, {"train": splits.train, "val": splits.val}, splits.info.to_dict(), run_name,
+                           tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, prediction=prediction)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
@@ -366,9 +377,9 @@ def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlf
     return TrainResult(result.checkpoint, dict(result.metrics))
 
 
-def load_trained(cfg: Config, checkpoint, in_features: int, num_classes: int) -> nn.Module:
+def load_trained(cfg: Config, checkpoint, task: Task) -> nn.Module:
     """Rebuild the model on the CPU from a Ray checkpoint (local or remote storage), weights only."""
-    model = build_model(cfg.model, in_features, num_classes)
+    model = task.build_model(cfg.model)
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
     model.load_state_dict(state["model"])

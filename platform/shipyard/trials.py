@@ -5,6 +5,7 @@ tune.workers_per_trial > 1, a small driver of a Ray Train job of N data-parallel
 """
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 import warnings
@@ -16,8 +17,9 @@ import torch
 from shipyard.checkpoints import CHECKPOINT_FILE
 from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError
-from shipyard.models import build_model
 from shipyard.schedules import EPOCHS
+from shipyard.step import StepOptions
+from shipyard.tasks import make_task
 from shipyard.train import fits_in_memory, iter_batches, make_optimizer, run_epoch
 
 TRIAL_DRIVER_CPU = 0.01
@@ -54,8 +56,8 @@ def trials_at_once(cfg: Config, node_cpus: list[float]) -> int:
     return min(fits, t.max_concurrent_trials, t.num_samples)
 
 
-def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, in_features: int,
-               num_classes: int) -> None:
+def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, info: dict[str, Any]
+               ) -> None:
     """One Tune trial: the same epoch loop as a Train worker, on one process, reporting to Tune.
 
     Each epoch saves a checkpoint, so PBT can clone a trial, HyperBand can pause one, and a restarted trial
@@ -67,7 +69,8 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only Ray Data blocks
     torch.manual_seed(cfg.train.seed)
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))  # trials run side by side
-    model = build_model(cfg.model, in_features, num_classes)
+    task = make_task(cfg.task, info)
+    model = task.build_model(cfg.model)
     optimizer = make_optimizer(cfg, model)
     start = 0
     checkpoint = tune.get_checkpoint()
@@ -79,10 +82,10 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
         for group in optimizer.param_groups:  # PBT may have perturbed these since the checkpoint
             group["lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
         start = state["epoch"] + 1
-    in_memory = fits_in_memory(train_ds.count(), in_features)
+    in_memory = fits_in_memory(train_ds.count(), math.prod(task.info.input_shape))
     for epoch in range(start, cfg.train.epochs):
         metrics = run_epoch(model, optimizer, iter_batches(train_ds, cfg.train.batch_size, cfg.train.seed + epoch),
-                            iter_batches(val_ds, 512), in_memory=in_memory)
+                            iter_batches(val_ds, 512), task, in_memory=in_memory, options=StepOptions.of(cfg.train))
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
                        Path(tmp) / CHECKPOINT_FILE)
@@ -90,8 +93,8 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
                         checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def tune_trial_ddp(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, in_features: int,
-                   num_classes: int) -> None:
+def tune_trial_ddp(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, info: dict[str, Any]
+                   ) -> None:
     """A trial that is a Ray Train job of tune.workers_per_trial data-parallel workers; rank 0's reports reach
     Tune through TuneReportCallback (RAY_NOTES §6), with the path of the job's checkpoint (`checkpoint_path`)."""
     from ray import tune
@@ -104,7 +107,7 @@ def tune_trial_ddp(trial_config: dict[str, Any], base: dict[str, Any], train_ds,
     # the trial's folder in the search's storage (get_trial_dir() is a node-local staging copy): a resumed trial
     # finds its Train run there, and Train resumes a run of the same name and storage from its last checkpoint
     storage = Path(cfg.storage_dir) / ctx.get_experiment_name() / Path(ctx.get_trial_dir()).name
-    trainer = make_trainer(cfg, {"train": train_ds, "val": val_ds}, in_features, num_classes, "train",
+    trainer = make_trainer(cfg, {"train": train_ds, "val": val_ds}, info, "train",
                            storage_path=str(storage), num_workers=cfg.tune.workers_per_trial,
                            cpus_per_worker=worker_cpus(cfg), callbacks=[TuneReportCallback()], quiet=True)
     trainer.fit()

@@ -25,6 +25,7 @@ from shipyard.pbt import clip_to_space, param_shapes, pbt_keys
 from shipyard.plots import TrialHistory, write_search_plots
 from shipyard.schedules import EPOCHS, Schedule, explain_schedule, rung_counts
 from shipyard.trials import TRIAL_DRIVER_CPU, trials_at_once, tune_trial, tune_trial_ddp
+from shipyard.tasks import make_task, objective
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,8 @@ def _progress_callback(cfg: Config, total: int, schedule: Schedule):
             self.done += 1
             last = trial.last_result or {}
             status = schedule.status(last.get(EPOCHS, 0), errored)
-            log.info("trial %d/%d %s: %s, %s %.4f", self.done, total, trial.trial_id, status, cfg.tune.metric,
-                     last.get(cfg.tune.metric, float("nan")))
+            log.info("trial %d/%d %s: %s, %s %.4f", self.done, total, trial.trial_id, status, objective(cfg)[0],
+                     last.get(objective(cfg)[0], float("nan")))
 
     return TrialProgress()
 
@@ -250,7 +251,7 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     pbt = cfg.tune.scheduler == "pbt"
     mutated: list[str] = []
     if pbt:
-        mutated, fixed = pbt_keys(cfg, splits.in_features, splits.num_classes)
+        mutated, fixed = pbt_keys(cfg, *make_task(cfg.task, splits.info).net_shape())
         log.info("PBT mutates %s%s", ", ".join(mutated),
                  f"; keeps {', '.join(fixed)} as each trial sampled it, since it changes the model's parameter "
                  f"shapes ({'; '.join(fixed.values())}): an exploit copies it from the cloned trial with the "
@@ -261,8 +262,7 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
                     at_once, cfg.tune.cpus_per_trial, cfg.tune.max_concurrent_trials)
     multi = cfg.tune.workers_per_trial > 1
     trainable = tune.with_parameters(tune_trial_ddp if multi else tune_trial, base=cfg.model_dump(mode="json"),
-                                     train_ds=splits.train, val_ds=splits.val, in_features=splits.in_features,
-                                     num_classes=splits.num_classes)
+                                     train_ds=splits.train, val_ds=splits.val, info=splits.info.to_dict())
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU if multi else cfg.tune.cpus_per_trial})
     path = Path(cfg.storage_dir) / run_name
     # Tune snapshots the experiment every >= 10 s by default; a trial that ends after the last snapshot of a
@@ -278,7 +278,7 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
             log.warning("no saved search at %s to resume: starting it afresh", path)
         tuner = tune.Tuner(
             trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode,
+            tune_config=tune.TuneConfig(metric=objective(cfg)[0], mode=objective(cfg)[1],
                                         num_samples=cfg.tune.num_samples, scheduler=_scheduler(cfg, space, mutated),
                                         search_alg=_search_alg(cfg, at_once),
                                         reuse_actors=not multi),  # trial start-up (process + torch import)
@@ -294,8 +294,8 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
                 # trials): the clone then fails with FileNotFoundError. So with PBT every checkpoint stays until the search ends
                 # and final_prune keeps the best tune.keep_checkpoints: disk grows by a checkpoint per trial-epoch.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else 1,
-                                                        checkpoint_score_attribute=cfg.tune.metric,
-                                                        checkpoint_score_order=cfg.tune.mode),
+                                                        checkpoint_score_attribute=objective(cfg)[0],
+                                                        checkpoint_score_order=objective(cfg)[1]),
                 callbacks=[_progress_callback(cfg, cfg.tune.num_samples, schedule),
                            *([] if pbt else [checkpoint_keeper(cfg)]),
                            _trial_logger(tracking_uri, cfg.tracking.experiment, parent_run_id, schedule, pbt)]),
@@ -303,15 +303,15 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     started = time.time()
     results = tuner.fit()
     fit_s = round(time.time() - started, 2)
-    ok = [r for r in results if r.error is None and r.metrics and cfg.tune.metric in r.metrics]
+    ok = [r for r in results if r.error is None and r.metrics and objective(cfg)[0] in r.metrics]
     errored = check_errored_trials(len(results), [_error_line(r.error) for r in results if r.error is not None],
                                    results.experiment_path)
     if not ok:
-        raise TrainingError(f"no trial of the search reported {cfg.tune.metric}. Trial logs: "
+        raise TrainingError(f"no trial of the search reported {objective(cfg)[0]}. Trial logs: "
                             f"{results.experiment_path}")
     if errored:
         log.warning("%s", errored)
-    best = results.get_best_result(metric=cfg.tune.metric, mode=cfg.tune.mode, scope="last")
+    best = results.get_best_result(metric=objective(cfg)[0], mode=objective(cfg)[1], scope="last")
     histories = _histories(cfg, results, schedule, started)
     best_checkpoint = best.checkpoint.path if best.checkpoint else best.metrics.get("checkpoint_path")
     if best_checkpoint and not Path(best_checkpoint).exists():  # a Train-job trial: its job's newest
@@ -327,7 +327,7 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     _settle_trial_runs(tracking_uri, parent_run_id, histories)
     _log_search_outputs(cfg, histories, schedule.rungs, tracking_uri, parent_run_id, kept, disk_mb)
     overrides = {k: best.config[k] for k in cfg.tune.space}
-    return SearchSummary(overrides, float(best.metrics[cfg.tune.metric]), len(results), summary, histories,
+    return SearchSummary(overrides, float(best.metrics[objective(cfg)[0]]), len(results), summary, histories,
                          fit_s, best_checkpoint, kept, disk_mb, results.experiment_path)
 
 
@@ -339,7 +339,7 @@ def _histories(cfg: Config, results, schedule: Schedule, started: float) -> list
               if df is not None and len(df) and "reported_at_s" in df]
     t0 = min([started, *stamps])
     for r, df in zip(results, frames):
-        rows = df if df is not None and cfg.tune.metric in getattr(df, "columns", []) else None
+        rows = df if df is not None and objective(cfg)[0] in getattr(df, "columns", []) else None
         epochs, elapsed = [], []
         if rows is not None:  # Train-job trials report no reported_at_s: Tune's whole-second timestamp then
             epochs = rows[EPOCHS].astype(int).tolist()
@@ -347,7 +347,7 @@ def _histories(cfg: Config, results, schedule: Schedule, started: float) -> list
         status = schedule.status(epochs[-1] if epochs else 0, r.error is not None)
         out.append(TrialHistory(str((r.metrics or {}).get("trial_id", Path(r.path).name)),
                                 {k: r.config.get(k) for k in cfg.tune.space}, status, epochs,
-                                rows[cfg.tune.metric].astype(float).tolist() if rows is not None else [], elapsed))
+                                rows[objective(cfg)[0]].astype(float).tolist() if rows is not None else [], elapsed))
     return out
 
 
@@ -387,5 +387,5 @@ def _log_search_outputs(cfg: Config, histories: list[TrialHistory], rungs: list[
     client.log_metric(run_id, "checkpoints_kept", kept)
     client.log_metric(run_id, "checkpoint_disk_mb", disk_mb)
     with tempfile.TemporaryDirectory() as tmp:
-        write_search_plots(histories, cfg.tune.metric, cfg.tune.mode, rungs, Path(tmp))
+        write_search_plots(histories, objective(cfg)[0], objective(cfg)[1], rungs, Path(tmp))
         client.log_artifacts(run_id, tmp, "plots")

@@ -9,7 +9,7 @@ from sklearn.datasets import make_classification
 
 from shipyard.cli import run_pipeline
 from shipyard.config import load_config
-from shipyard.data import load_splits
+from shipyard.data import load_table
 from shipyard.errors import DataError
 
 from tests.helpers import TINY
@@ -52,7 +52,7 @@ def test_parquet_split_is_reproducible(ray_local, tmp_path):
     path = tmp_path / "t.parquet"
     make_table().to_parquet(path)
     cfg = load_config(TABULAR, {"data.path": str(path), "data.label": "species"})
-    a, b = load_splits(cfg.data), load_splits(cfg.data)
+    a, b = load_table(cfg.data), load_table(cfg.data)
     assert a.rows == b.rows and a.data_hash == b.data_hash
     rows = [sorted(map(tuple, np.stack(s.test.to_pandas()["x"]).tolist())) for s in (a, b)]
     assert rows[0] == rows[1]  # the same rows, whatever order the blocks came in
@@ -60,7 +60,8 @@ def test_parquet_split_is_reproducible(ray_local, tmp_path):
 
 @pytest.mark.parametrize("mutate, label, match", [
     (lambda df: df, "kind", r"column 'kind' not in .*; its columns are: f0"),
-    (lambda df: df.assign(f0=["a"] * len(df)), "species", r"non-numeric feature columns .*: f0"),
+    (lambda df: df.assign(f0=[f"note {i}" for i in range(len(df))]), "species",
+     r"text column 'f0' has \d+ distinct values in \d+ training rows: free text or an identifier"),
     (lambda df: df.assign(f1=np.where(np.arange(len(df)) % 7 == 0, np.nan, df.f1)), "species",
      r"86 row\(s\) with missing or infinite values in feature columns f1 \(the first on line 2\)"),
     (lambda df: df.iloc[:0], "species", r"bad.csv has no data rows"),
@@ -71,5 +72,5 @@ def test_bad_files_get_one_clear_error(ray_local, tmp_path, mutate, label, match
     mutate(make_table()).to_csv(path, index=False)
     cfg = load_config(TABULAR, {"data.path": str(path), "data.label": label})
     with pytest.raises(DataError, match=match) as err:
-        load_splits(cfg.data)
+        load_table(cfg.data)
     assert "Traceback" not in str(err.value) and len(str(err.value).splitlines()) == 1  # one clear line

@@ -8,7 +8,7 @@ import pytest
 
 from shipyard import tracking
 from shipyard.config import load_config
-from shipyard.data import load_splits
+from shipyard.data import load_table
 from shipyard.errors import TrainingError
 from shipyard.tuning import search
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def digits(ray_local):
-    return load_splits(load_config().data)
+    return load_table(load_config().data)
 
 
 def run_search(cfg, splits, name):

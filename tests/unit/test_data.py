@@ -56,10 +56,16 @@ def test_missing_label_column_lists_columns():
         _feature_columns(schema, "label", "f.csv")
 
 
-def test_non_numeric_features_are_named():
+def test_text_among_numbers_is_named_and_a_column_of_words_is_a_categorical_feature(tmp_path):
+    numbers = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "b": ["1", "2", "x", "4"], "label": [0, 1, 0, 1]})
+    path = write(numbers, tmp_path / "typo.csv")
+    with pytest.raises(DataError, match=r"non-numeric values in numeric feature columns of .*typo.csv: "
+                                        r"b \(string, e.g. 'x' on line 4\)"):
+        check_source(DataConfig(path=path))
+    words = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "city": ["Oslo", "Lima", "Oslo", "Pune"], "label": [0, 1, 0, 1]})
+    assert check_source(DataConfig(path=write(words, tmp_path / "words.csv"))).names == ["a", "city", "label"]
     schema = pa.schema([("a", pa.float64()), ("city", pa.string()), ("label", pa.string())])
-    with pytest.raises(DataError, match=r"non-numeric feature columns in f.csv: city \(string\)"):
-        _feature_columns(schema, "label", "f.csv")
+    assert _feature_columns(schema, "label", "f.csv") == ["a", "city"]
 
 
 def test_string_labels_and_numeric_features_are_fine():
@@ -92,7 +98,7 @@ def test_text_among_numbers_names_the_column_the_value_and_its_line(tmp_path):
     df = frame(50).astype({"b": object})
     df.loc[5, "b"] = "n/a?"
     path = write(df, tmp_path / "f.csv")
-    with pytest.raises(DataError, match=r"feature columns in .*f.csv: b \(string, e.g. 'n/a\?' on line 7\)"):
+    with pytest.raises(DataError, match=r"feature columns of .*f.csv: b \(string, e.g. 'n/a\?' on line 7\)"):
         check_source(DataConfig(path=path))
 
 

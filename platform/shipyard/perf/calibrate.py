@@ -25,7 +25,9 @@ from torch import nn
 
 from shipyard.perf.devices import Device
 from shipyard.perf.estimate import op_time_s
-from shipyard.perf.layers import COMPUTE_CLASSES, count_ops, count_step_work, training_step
+from shipyard.perf.layers import COMPUTE_CLASSES, count_ops, count_step_work
+from shipyard.step import training_step
+from torch.nn.functional import cross_entropy
 
 
 def _time_per_call_s(fn: Callable[[], object], min_time_s: float = 0.2, repeats: int = 5) -> float:
@@ -107,7 +109,7 @@ def op_overhead_us(budget_s: float = 0.5) -> float:
     model = build()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
     x, y = torch.randn(2, 4), torch.randint(0, 2, (2,))
-    t = _time_per_call_s(lambda: training_step(model, opt, x, y), budget_s)
+    t = _time_per_call_s(lambda: training_step(model, opt, {"x": x, "y": y}, cross_entropy), budget_s)
     return t / len(count_step_work(build, 2, 4, 2).ops) * 1e6
 
 

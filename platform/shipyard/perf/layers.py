@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from shipyard.step import LossFn, StepOptions, training_step
+
 Phase = Literal["forward", "backward", "optimizer"]
 OpClass = Literal["matmul", "conv", "norm", "reduction", "random", "elementwise", "view"]
 OP_CLASSES: tuple[str, ...] = ("matmul", "conv", "norm", "reduction", "random", "elementwise", "view")
@@ -160,15 +162,6 @@ class _WorkCounter(FlopCounterMode):
         return super()._count_flops(func_packet, out, args, kwargs)
 
 
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
-    """The step Shipyard trains with (`train.run_epoch`), and the one `count_step_work` counts."""
-    optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
 def count_ops(fn: Callable[[], object]) -> list[OpWork]:
     """Every op `fn()` runs, counted as in a training step (calibration probes use this)."""
     counter = _WorkCounter()
@@ -178,42 +171,45 @@ def count_ops(fn: Callable[[], object]) -> list[OpWork]:
     return counter.ops
 
 
-def count_step_work(build: Callable[[], nn.Module], batch_size: int, in_features: int, num_classes: int = 10,
-                    foreach: bool = False, device: str = "meta", forward_only: bool = False) -> StepWork:
-    """Count one training step of `build()` on `batch_size` rows of `in_features` float32 features: the step
-    of `training_step` (zero_grad, forward, cross-entropy, backward, AdamW step, `loss.item()`).
+def count_step_work(build: Callable[[], nn.Module], batch_size: int, in_features: int | None = None,
+                    num_classes: int = 10, foreach: bool = False, device: str = "meta", forward_only: bool = False,
+                    *, make_batch: Callable[[int], dict[str, torch.Tensor]] | None = None,
+                    loss_fn: LossFn | None = None, options: StepOptions = StepOptions()) -> StepWork:
+    """Count one training step of `build()` on a batch of `batch_size` rows: the step of
+    `shipyard.step.training_step` itself (zero_grad, forward, the loss, backward, clipping, AdamW, `loss.item()`),
+    with `options` (micro-batches, precision) as the training loop runs it.
 
-    On the meta device (default) nothing is computed or allocated: any model and batch size is counted in
-    milliseconds. `foreach`: AdamW's multi-tensor update, PyTorch's default on CUDA (per-tensor on CPU).
-    `forward_only`: the evaluation pass instead (eval mode, no autograd), as `train._evaluate` runs it.
+    The batch: `make_batch(batch_size)` (a task's example batch), else float32 rows of `in_features` with
+    class labels; the loss: `loss_fn` (a task's), else cross-entropy. On the meta device (default) nothing is
+    computed or allocated: any model and batch size is counted in milliseconds. `foreach`: AdamW's multi-tensor
+    update, PyTorch's default on CUDA (per-tensor on CPU). `forward_only`: the evaluation pass instead (eval
+    mode, no autograd), as `train.evaluate` runs it.
     """
     with torch.device(device):
         model = build()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=foreach)
-        x = torch.randn(batch_size, in_features)
-        y = torch.zeros(batch_size, dtype=torch.long)
+        batch = make_batch(batch_size) if make_batch is not None else {
+            "x": torch.randn(batch_size, in_features), "y": torch.zeros(batch_size, dtype=torch.long)}
+    loss_fn = loss_fn or nn.functional.cross_entropy
     counter = _WorkCounter()
     if forward_only:
         model.eval()
         with counter, torch.no_grad():
             counter.phase, counter.outside = "forward", "(model)"
-            model(x).argmax(1)
+            model(batch["x"])
         return StepWork(batch_size, tuple(counter.ops), 0, 0, ())
     model.train()
-    with counter:
-        opt.zero_grad(set_to_none=True)
-        counter.phase, counter.outside = "forward", "(model)"
-        logits = model(x)
-        counter.outside = "(loss)"
-        loss = nn.functional.cross_entropy(logits, y)
-        counter.phase = "backward"
-        loss.backward()
-        counter.phase, counter.outside = "optimizer", "(optimizer)"
-        opt.step()
-        if device != "meta":
-            loss.item()
-        else:  # the same op on meta has no value to read: count it as the real step runs it
+    where = {"forward": ("forward", "(model)"), "loss": ("forward", "(loss)"), "backward": ("backward", "(model)"),
+             "optimizer": ("optimizer", "(optimizer)")}
+
+    def mark(phase: str) -> None:
+        if phase == "item":  # loss.item() on meta has no value to read: count the op as the real step runs it
             counter.ops.append(OpWork("aten._local_scalar_dense", "(loss)", "forward", "elementwise", 0, 8))
+        else:
+            counter.phase, counter.outside = where[phase]
+
+    with counter:
+        training_step(model, opt, batch, loss_fn, options, mark)
     if not counter.ops:  # FlopCounterMode internals this module relies on moved (another torch than 2.13)
         raise RuntimeError(f"no ops counted for one training step with torch {torch.__version__}: shipyard.perf "
                            "needs the torch the project pins (2.13)")

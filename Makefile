@@ -1,7 +1,7 @@
 # The two README commands:  `make digits`  and  `make test`  (each installs first; install is idempotent).
 PY := .venv/bin/python
 
-.PHONY: install digits test test-unit bench-serve bench-soak bench-perf calibrate cluster-check cluster-demo clean
+.PHONY: install digits images test test-unit bench-serve bench-soak bench-perf calibrate cluster-check cluster-demo clean
 
 install: .venv/.installed
 
@@ -12,6 +12,12 @@ install: .venv/.installed
 # Install, then run the digits pipeline end to end (ends with the endpoint's answer and the summary).
 digits: install
 	$(PY) -m pipelines.digits --summary-json .shipyard/digits-summary.json
+
+# The digits set as a folder of PNG class folders (zero..nine), then the image pipeline on it.
+images: install
+	$(PY) -m pipelines.digit_images .shipyard/digit-images
+	$(PY) -m pipelines.images data.path=.shipyard/digit-images data.image_size=8 data.channels=1 \
+		--summary-json .shipyard/images-summary.json
 
 # Install, then run the whole test suite (unit tests, then local-Ray integration tests).
 test: install

@@ -36,6 +36,16 @@ class DataConfig(_Section):
     folder of class subfolders of images."""
     label: str = "label"
     """Name of the label (or regression target) column in `path`; every other column is a feature."""
+    image_size: int = Field(32, ge=1)
+    """image_classification: every image is resized to image_size x image_size (PIL, bilinear)."""
+    channels: Literal[1, 3] = 3
+    """image_classification: 1 (grayscale) or 3 (RGB); images are converted to it."""
+    skip_bad_files: bool = False
+    """image_classification: skip (and count) files that do not decode, instead of stopping the run."""
+    augment_crop_pad: int = Field(0, ge=0)
+    """image_classification, training only: pad by this many pixels and crop back at a random offset."""
+    augment_flip: bool = False
+    """image_classification, training only: flip half the images horizontally."""
     max_categories: int = Field(50, ge=2)
     """A text feature column with at most this many distinct values in the train split is one-hot encoded (its
     categories learned there); more is free text or an identifier, and stops the run naming the column."""
@@ -47,7 +57,7 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         if (self.builtin is None) == (self.path is None):
-            raise ValueError("set exactly one of data.builtin (e.g. digits) and data.path (a .csv or .parquet file)")
+            raise ValueError("set exactly one of data.builtin (e.g. digits) and data.path (a .csv or .parquet file, or a folder of class subfolders of images)")
         return self
 
 

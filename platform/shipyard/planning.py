@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from shipyard.config import PROJECT_ROOT, Config
 from shipyard.errors import ConfigError
+from shipyard.tasks.base import DataInfo
 from shipyard.perf.devices import (INTRA_NODE, Device, Interconnect, get_device, get_interconnect, load_profile,
                                    with_threads)
 from shipyard.perf.estimate import (ScalingRow, StepEstimate, estimate_step, forward_time_ms, recommend_workers,
@@ -38,6 +39,15 @@ class DataShape:
 
 def data_shape(cfg: Config) -> DataShape:
     """Rows, features and classes of the configured data, read from file metadata and the label column only."""
+    if cfg.task.name == "image_classification":
+        from shipyard.tasks import make_task
+
+        task = make_task(cfg.task)
+        root, classes, files = task._files(cfg.data)  # counts files in the class folders: nothing is decoded
+        c, side = cfg.data.channels, cfg.data.image_size
+        return DataShape(len(files), c * side * side, len(classes), DataInfo(
+            task=cfg.task.name, input_shape=[c, side, side], output_width=len(classes), target="class folder",
+            classes=classes, preprocessing={"mean": [0.5] * c, "std": [0.25] * c}))
     if cfg.data.builtin == "digits":
         return DataShape(1797, 64, 10)  # sklearn.datasets.load_digits: 1,797 8x8 images, 10 classes
     import pyarrow.dataset as pads
@@ -121,7 +131,7 @@ def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_n
     `shape` and `rows` (train/val row counts): the pipeline passes what its data stage found; otherwise they
     come from the data's metadata and the configured split fractions."""
     from shipyard.step import StepOptions
-    from shipyard.tasks import DataInfo, make_task
+    from shipyard.tasks import make_task
 
     notes: list[str] = []
     node_counts = _node_counts(nodes)

@@ -62,7 +62,8 @@ def test_health_metadata_and_openapi(endpoint):
 
 
 @pytest.mark.parametrize("body, status, match", [
-    ({"instances": [[1, 2, 3]]}, 422, "instances[0] has 3 features; model tiny v1 expects 4"),
+    ({"instances": [[1, 2, 3]]}, 422, "instances[0] has 3 features; the model takes 4 (w, x, y, z) (model tiny v1)"),
+    ({"instances": [{"w": 1, "x": 2, "y": 3}]}, 422, "instances[0]: missing z (the model takes w, x, y, z)"),
     ({"instances": [[1, 2, "x", 4]]}, 422, "Input should be a valid number"),
     ({"instances": [[1, 2, "3.5", 4]]}, 422, "Input should be a valid number"),
     ({"instances": [[1, 2, True, 4]]}, 422, "Input should be a valid number"),

@@ -175,6 +175,7 @@ def worker(uri: str, version: str, folder: Path) -> None:
     import mlflow
 
     from shipyard import tracking
+    from shipyard.tasks import task_of
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s v" + version + " %(name)s: %(message)s")
     mlflow.set_tracking_uri(uri)
@@ -191,6 +192,8 @@ def worker(uri: str, version: str, folder: Path) -> None:
         return json.loads(path.read_text())
 
     accuracy = wait_for(folder / "accuracy.json")[version]
+    classify = task_of({"task": "classification", "input_shape": [64], "output_width": 10, "target": "label",
+                        "classes": list(range(10))})
     for n in range(len(ROUNDS) + 1):
         go = wait_for(folder / f"go-{n}.json")
         if go.get("stop"):
@@ -198,7 +201,7 @@ def worker(uri: str, version: str, folder: Path) -> None:
         if version not in go["racing"]:
             continue
         time.sleep(max(0.0, go["at"] - time.time()))
-        decision, champion_acc = tracking.promote_if_better(NAME, version, accuracy, x_test, y_test)
+        decision, champion_acc = tracking.promote_if_better(NAME, version, accuracy, x_test, y_test, classify)
         _publish(folder / f"done-{n}-{version}.json", {"promote": decision.promote, "reason": decision.reason,
                                                          "champion_accuracy": champion_acc})
 

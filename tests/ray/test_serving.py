@@ -25,6 +25,7 @@ from shipyard.config import load_config
 from shipyard.endpoint import build_app
 from shipyard.ingress import wait_until_routed
 from shipyard.models import mlp
+from shipyard.tasks import task_of
 from tests.helpers import free_port, raylet_processes, shutdown_serve
 
 pytestmark = pytest.mark.ray
@@ -514,7 +515,9 @@ def test_a_model_with_a_planted_pickle_is_refused_without_running_it(registry_ur
         with pytest.raises(ServingError, match=match):
             registry.load(name, "1")
         # the promotion gate goes through the same loader
-        assert tracking.score_version(name, "1", x, np.zeros(2, np.int64)) is None
+        classify = task_of({"task": "classification", "input_shape": [4], "output_width": 3, "target": "label",
+                            "classes": [0, 1, 2]})
+        assert tracking.score_version(name, "1", x, np.zeros(2, np.int64), classify) is None
     assert not marker.exists()  # nothing of them ran
     assert registry.load("svc", "1").num_features == 4  # while a model the pipeline logged loads
     pickle.loads(pickle.dumps(Planted(marker)))  # and unpickling the payload does run it: it is real

@@ -31,7 +31,7 @@ def test_user_factory_by_import_path_with_options():
 
 
 @pytest.mark.parametrize("name, match", [
-    ("resnet", r"neither a built-in \(mlp, cnn, transformer\) nor an import path"),
+    ("resnet50", r"neither a built-in \(mlp, cnn, resnet, transformer\) nor an import path"),
     ("no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"),
     ("tests.unit.user_models:missing", "has no callable 'missing'"),
     ("tests.unit.user_models:not_a_module", "not a torch.nn.Module"),
@@ -46,6 +46,25 @@ def test_unknown_factory_option_is_a_config_error():
         build_model(ModelConfig(name="tests.unit.user_models:linear", options={"width": 3}), 4, 2)
 
 
-def test_cnn_needs_square_images():
-    with pytest.raises(ConfigError, match="square image"):
-        build_model(ModelConfig(name="cnn"), in_features=10, num_classes=2)
+@pytest.mark.parametrize("name", ["cnn", "resnet"])
+def test_image_models_need_an_image(name):
+    with pytest.raises(ConfigError, match=rf"model.name={name} needs an image.*got 10 features. Use model.name=mlp"):
+        build_model(ModelConfig(name=name), in_features=10, num_classes=2)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet", "transformer"])
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 12, 12)])
+def test_every_builtin_takes_images_as_c_h_w_and_exports(name, shape):
+    """An image task hands the factory [C, H, W] and batches [N, C, H, W] (tasks/images.py)."""
+    model = build_model(ModelConfig(name=name, hidden=16, depth=2), in_features=shape, num_classes=5).eval()
+    x = torch.randn(4, *shape)
+    assert model(x).shape == (4, 5)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    assert torch.allclose(exported.module()(x[:2]), model(x[:2]), atol=1e-5)
+
+
+def test_resnet_halves_the_image_and_doubles_the_width_after_the_first_block():
+    model = build_model(ModelConfig(name="resnet", hidden=8, depth=3), in_features=(3, 32, 32), num_classes=4)
+    blocks = [m for m in model.features if type(m).__name__ == "_Residual"]
+    assert [b.body[0].out_channels for b in blocks] == [8, 16, 32]
+    assert [b.body[0].stride for b in blocks] == [(1, 1), (2, 2), (2, 2)]

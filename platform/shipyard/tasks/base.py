@@ -239,6 +239,7 @@ class Task:
 BUILTIN_TASKS = {
     "classification": "shipyard.tasks.tabular:Classification",
     "regression": "shipyard.tasks.tabular:Regression",
+    "image_classification": "shipyard.tasks.images:ImageClassification",
 }
 
 

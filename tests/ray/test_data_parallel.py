@@ -1,0 +1,101 @@
+"""Data parallelism proven, not assumed, for every kind of task: over an epoch the Ray Train workers' shards are
+disjoint and cover the training split, and 2 workers at a global batch of B rows end where one process ends
+that takes the same B rows a step (DDP averages the workers' gradients: the gradient of the whole batch)."""
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shipyard.checkpoints import CHECKPOINT_FILE
+from shipyard.config import load_config
+from shipyard.data import to_numpy
+from shipyard.step import StepOptions, training_step
+from shipyard.tasks import make_task
+from shipyard.train import fit, make_optimizer
+
+pytestmark = pytest.mark.ray
+
+
+def table(path: Path, regression: bool) -> str:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(700, 4)) * [1000, 1, 0.01, 5]
+    y = x @ [0.001, 1, 100, 0.2] + rng.normal(size=700) * 0.1
+    cols = {f"f{i}": x[:, i] for i in range(4)}
+    cols["colour"] = rng.choice(["red", "green", "blue"], size=700)
+    import pandas as pd
+
+    pd.DataFrame({**cols, "target": y if regression else (y > 0).astype(int)}).to_csv(path, index=False)
+    return str(path)
+
+
+CASES = {
+    "classification": lambda tmp: {"data.builtin": "digits"},
+    "regression": lambda tmp: {"task.name": "regression", "data.builtin": None,
+                               "data.path": table(tmp / "r.csv", True), "data.label": "target"},
+    "user task": lambda tmp: {"task.name": "tests.user_tasks:MedianRegression",
+                              "task.options": {"rows": 1200}},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_workers_see_disjoint_shards_covering_the_split_and_match_one_process_on_the_same_rows(
+        ray_local, tmp_path, case):
+    record = tmp_path / "record"
+    record.mkdir()
+    cfg = load_config(None, {**CASES[case](tmp_path), "model.name": "tests.dp_hooks:recording_mlp",
+                             "model.options": {"record_dir": str(record)}, "model.hidden": 16, "model.depth": 1,
+                             "train.epochs": 1, "train.batch_size": 64, "scaling.num_workers": 2,
+                             "plan.enabled": False, "storage_path": str(tmp_path / "results")})
+    task = make_task(cfg.task)
+    splits = task.load(cfg.data)
+    task.bind(splits.info)
+    result = fit(cfg, splits, "dp-proof")
+
+    # what each rank trained on, step by step (the encoder's output: the network's input)
+    steps = {r: sorted(record.glob(f"rank{r}-step*.npy")) for r in (0, 1)}
+    assert len(steps[0]) == len(steps[1]) > 1
+    seen = {r: [np.load(f) for f in files] for r, files in steps.items()}
+    x_train, y_train = to_numpy(splits.train)
+    with torch.no_grad():
+        encoded = task.encoder()(torch.from_numpy(x_train)).numpy()
+
+    def key(row: np.ndarray) -> bytes:
+        return np.round(row, 4).tobytes()
+
+    split_rows = collections.Counter(key(r) for r in encoded)
+    shard = {r: collections.Counter(key(row) for batch in seen[r] for row in batch) for r in (0, 1)}
+    both = shard[0] + shard[1]
+    assert all(both[k] <= split_rows[k] for k in both), "a row was trained on twice in one epoch"
+    assert sum(both.values()) == sum(shard[0].values()) * 2  # equal shards (Ray Train's split(equal=True))
+    dropped = len(encoded) - sum(both.values())
+    # equal shards drop the rows beyond a multiple of the worker count: at most N - 1 an epoch
+    assert 0 <= dropped <= 1, f"{dropped} training rows never seen"
+
+    # one process, same initial weights, each step on the two ranks' rows together
+    by_row = collections.defaultdict(list)
+    for i, row in enumerate(encoded):
+        by_row[key(row)].append(i)
+    torch.manual_seed(cfg.train.seed)
+    replay_task = make_task(cfg.task, splits.info)
+    model = replay_task.build_model(cfg.model)
+    model.net.record_dir = None  # the replay records nothing
+    optimizer = make_optimizer(cfg, model)
+    used = collections.Counter()
+    for step in range(len(seen[0])):
+        rows = []
+        for r in (0, 1):
+            for row in seen[r][step]:
+                k = key(row)
+                rows.append(by_row[k][used[k]])  # duplicates in the split: take them in turn
+                used[k] += 1
+        batch = {"x": torch.from_numpy(x_train[rows]), "y": torch.as_tensor(y_train[rows])}
+        training_step(model, optimizer, batch, replay_task.loss, StepOptions.of(cfg.train))
+    with result.checkpoint.as_directory() as d:
+        trained = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)["model"]
+    worst = max((trained[k] - v).abs().max().item() for k, v in model.state_dict().items())
+    print(f"{case}: {len(seen[0])} steps of 2 x {len(seen[0][0])} rows, {dropped} row(s) left out by the equal "
+          f"split; largest weight difference to one process on the same rows {worst:.2e}")
+    assert worst < 1e-4, json.dumps({k: (trained[k] - v).abs().max().item() for k, v in model.state_dict().items()})

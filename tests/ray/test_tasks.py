@@ -133,7 +133,7 @@ def test_regression_is_as_good_as_ridge_answers_numbers_and_a_worse_run_keeps_ch
     assert worse["test_metric"] > first["test_metric"]
     assert not worse["promoted"] and "does not beat champion rmse" in worse["promotion_reason"]
     client = mlflow.MlflowClient(workdir["tracking.uri"])
-    assert client.get_model_version_by_alias("diabetes", "champion").version == first["model_version"]
+    assert client.get_model_version_by_alias("diabetes", "champion").version == str(first["model_version"])
 
 
 def test_a_user_task_outside_the_platform_runs_end_to_end(ray_local, workdir, serve_port):
@@ -144,7 +144,9 @@ def test_a_user_task_outside_the_platform_runs_end_to_end(ray_local, workdir, se
                     {"train.lr": {"loguniform": [0.001, 0.01]}}), "serve.port": serve_port}
     summary = run_pipeline(None, [f"{k}={v}" for k, v in {**settings, "serve.keep_running": True}.items()])
     try:
-        assert summary["test_metric_name"] == "pinball" and summary["trials"] == {"completed": 2}
+        # both trials ran (ASHA may stop the worse at its first rung), none errored
+        assert summary["test_metric_name"] == "pinball" and sum(summary["trials"].values()) == 2
+        assert "errored" not in summary["trials"], summary["trials"]
         assert summary["test_metrics"]["mae"] < 0.8  # y = 3a - b + noise: a constant guess is off by ~2.5
         answer = requests.post(f"{summary['endpoint']}/predict", json={"instances": [[1.0, 0.0], [0.0, 1.0]]},
                                timeout=30).json()

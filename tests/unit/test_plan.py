@@ -114,3 +114,41 @@ def test_progress_is_quiet_within_tolerance_and_eta_follows_measured_epochs():
     assert p.eta().startswith(" | ETA ")
     p.ratios = [5.0, 2.0]  # after the first, the epochs ran 2x the predicted 0.1 s: 2 left -> 0.4 s
     assert p.eta() == " | ETA 0.4 s"
+
+
+@pytest.fixture(scope="module")
+def digit_pngs(tmp_path_factory):
+    from pipelines.digit_images import write_digit_images
+
+    root = tmp_path_factory.mktemp("digit-pngs")
+    write_digit_images(root)
+    return root
+
+
+@pytest.mark.parametrize("model", ["cnn", "resnet"])
+def test_plan_prices_the_image_task_locally_and_on_catalog_hardware(tmp_path, digit_pngs, model):
+    """The image task's own step (its encoder, the [C, H, W] net, cross-entropy), from the folder's file count."""
+    images = ROOT / "pipelines" / "configs" / "images.yaml"
+    cfg = load_config(images, {"data.path": str(digit_pngs), "data.image_size": 8, "data.channels": 1,
+                               "model.name": model})
+    plan = make_plan(cfg, "local", profile=_profile(tmp_path))
+    assert plan.shape.rows == 1797 and plan.shape.num_classes == 10
+    assert plan.step.top_layers(1)[0].kind == "Conv2d" and plan.step.step_time_ms > 0
+    out = shipyard("plan", str(images), f"data.path={digit_pngs}", "data.image_size=8", "data.channels=1",
+                   f"model.name={model}", "--hardware", "h100", "--plot", str(tmp_path / "p.png"))
+    assert out.returncode == 0, out.stderr
+    assert f"model {model} (" in out.stdout and "predicted step time" in out.stdout and "nvlink4" in out.stdout
+    assert "1258 training rows" in out.stdout  # 1,797 files, the default 0.7 train fraction
+
+
+def test_the_plan_prices_precision_and_gradient_accumulation():
+    """bf16-mixed on a GPU at bf16 rates; 4 micro-batches: 4 forward/backward passes of a quarter of the rows
+    and one optimizer step (the same training_step the loop runs, counted op by op)."""
+    base = {"model.name": "cnn", "model.hidden": 256, "train.batch_size": 2048, "scaling.num_workers": 1}
+    fp32 = make_plan(load_config(DIGITS, base), "h100")
+    bf16 = make_plan(load_config(DIGITS, {**base, "train.precision": "bf16-mixed"}), "h100")
+    accum = make_plan(load_config(DIGITS, {**base, "train.grad_accum_steps": 4}), "h100")
+    assert bf16.step.forward_ms < 0.5 * fp32.step.forward_ms  # large convolutions: compute-bound, 15x the rate
+    # one optimizer step, plus adding up the micro-batches' gradients; not four optimizer steps
+    assert fp32.step.optimizer_ms <= accum.step.optimizer_ms < 2 * fp32.step.optimizer_ms
+    assert accum.step.forward_ms > fp32.step.forward_ms  # 4 passes: the per-op overhead is paid 4 times

@@ -15,6 +15,7 @@ from shipyard.data import to_numpy
 from shipyard.step import StepOptions, training_step
 from shipyard.tasks import make_task
 from shipyard.train import fit, make_optimizer
+from tests.helpers import report
 
 pytestmark = pytest.mark.ray
 
@@ -113,7 +114,7 @@ def test_two_workers_see_disjoint_shards_covering_the_split_and_match_one_proces
     with result.checkpoint.as_directory() as d:
         trained = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)["model"]
     worst = max((trained[k] - v).abs().max().item() for k, v in model.state_dict().items())
-    print(f"{case}: {len(seen[0])} steps of 2 x {len(seen[0][0])} rows, {dropped} row(s) left out by the equal "
+    report(f"{case}: {len(seen[0])} steps of 2 x {len(seen[0][0])} rows, {dropped} row(s) left out by the equal "
           f"split; largest weight difference to one process on the same rows {worst:.2e}")
     assert worst < 1e-4, json.dumps({k: (trained[k] - v).abs().max().item() for k, v in model.state_dict().items()})
 
@@ -130,7 +131,7 @@ def test_bf16_mixed_with_four_micro_batches_on_two_workers_is_within_a_point_of_
     fp32 = run_pipeline(digits, [f"{k}={v}" for k, v in common.items()])
     mixed = run_pipeline(digits, [f"{k}={v}" for k, v in {**common, "train.precision": "bf16-mixed",
                                                            "train.grad_accum_steps": 4}.items()])
-    print(f"digits on 2 workers: fp32 test accuracy {fp32['test_accuracy']:.4f}, bf16-mixed with 4 micro-batches "
+    report(f"digits on 2 workers: fp32 test accuracy {fp32['test_accuracy']:.4f}, bf16-mixed with 4 micro-batches "
           f"{mixed['test_accuracy']:.4f}")
     assert fp32["test_accuracy"] > 0.9
     assert abs(mixed["test_accuracy"] - fp32["test_accuracy"]) <= 0.01

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.fault_hooks import Gate
+from tests.helpers import report
 
 pytestmark = pytest.mark.ray
 
@@ -128,7 +129,7 @@ def outage(ray_local, hardware_profile, tmp_path_factory):
         summary = run.finish()
         epochs = train_epochs_logged(server.url, summary["train_run_id"])
         accuracy = mlflow.MlflowClient(server.url).get_metric_history(summary["train_run_id"], "val_accuracy")
-    print(f"tracking server stopped during epoch {stopped}/{EPOCHS}, back during epoch {back}/{EPOCHS}")
+    report(f"tracking server stopped during epoch {stopped}/{EPOCHS}, back during epoch {back}/{EPOCHS}")
     assert back == 5
     return {"summary": summary, "log": run.log, "epochs": epochs, "val_accuracy": accuracy}
 
@@ -164,7 +165,7 @@ def test_a_killed_training_worker_restarts_from_its_last_checkpoint_and_ends_as_
     summary = hit.finish()
 
     resumed_after = int(re.search(r"resuming after epoch (\d+)/", hit.log)[1])
-    print(f"worker killed during epoch {killed_in}/{EPOCHS}; resumed after epoch {resumed_after}; test accuracy "
+    report(f"worker killed during epoch {killed_in}/{EPOCHS}; resumed after epoch {resumed_after}; test accuracy "
           f"{summary['test_accuracy']:.4f} (undisturbed {calm['test_accuracy']:.4f})")
     assert killed_in == 4 and resumed_after == 3  # only the epoch in flight is redone
     assert len(restarted) == 2 and set(restarted).isdisjoint(workers)  # a new worker group did the rest
@@ -223,7 +224,7 @@ def test_a_pipeline_killed_while_training_resumes_without_redoing_work(ray_local
     for folder in lagging.glob("checkpoint_*"):  # Ray Train's retention deleted them after epoch 2
         if not (run_dir / folder.name).exists():
             shutil.copytree(folder, run_dir / folder.name)
-    print(f"driver killed during epoch {killed_in}/{EPOCHS}; finished epochs in storage: {newest_epoch}; "
+    report(f"driver killed during epoch {killed_in}/{EPOCHS}; finished epochs in storage: {newest_epoch}; "
           f"Ray Train's snapshot names epoch {_snapshot_epoch(run_dir)}")
     assert killed_in == 6 and newest_epoch == 5 and _snapshot_epoch(run_dir) == 2
 

@@ -16,7 +16,7 @@ from shipyard.data import to_numpy
 from shipyard.errors import DataError
 from shipyard.tasks import make_task
 from shipyard.tasks.images import decode, prepare
-from tests.helpers import shutdown_serve
+from tests.helpers import report, shutdown_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "pipelines" / "configs" / "images.yaml"
@@ -36,7 +36,7 @@ def test_digit_pngs_train_to_95_percent_and_the_endpoint_names_the_class_of_a_ba
                 "tune.enabled": False, "train.epochs": 10, "serve.port": serve_port}
     summary = run_pipeline(IMAGES, [f"{k}={v}" for k, v in settings.items()], keep_serving=True)
     try:
-        print(f"digit PNGs: test accuracy {summary['test_accuracy']:.4f}, endpoint {summary['endpoint_accuracy']:.4f}")
+        report(f"digit PNGs: test accuracy {summary['test_accuracy']:.4f}, endpoint {summary['endpoint_accuracy']:.4f}")
         assert summary["test_metric_name"] == "accuracy" and summary["test_accuracy"] >= 0.95
         assert summary["endpoint_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
         assert all(a in WORDS for a in summary["endpoint_example"]["response"]["predictions"])

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import requests
 
-from tests.helpers import free_port, ray_worker_pids
+from tests.helpers import free_port, ray_worker_pids, report
 
 pytestmark = pytest.mark.ray
 
@@ -60,7 +60,7 @@ def test_sigterm_stops_a_kept_endpoint_with_one_line_and_no_process_left(workdir
             proc.kill()
         reader.join(timeout=10)
     after = "".join(lines[before:])
-    print(f"after SIGTERM: {after.strip()!r}")
+    report(f"after SIGTERM: {after.strip()!r}")
     assert "SIGTERM received" not in after and "Traceback" not in after, after
     assert len(re.findall(r"SIGTERM: stopped the endpoint at http://127\.0\.0\.1:\d+ and the Ray it ran on",
                           after)) == 1, after

@@ -11,7 +11,7 @@ import requests
 from mlflow import MlflowClient
 
 from shipyard.localcluster import LocalCluster, worker_nodes
-from tests.helpers import TINY, free_port, listening_sockets, probe_without_token
+from tests.helpers import TINY, free_port, listening_sockets, probe_without_token, report
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -164,7 +164,7 @@ def test_elastic_training_shrinks_when_a_node_dies_and_grows_back_when_it_return
         reader.join(timeout=10)
     log = "".join(lines)
     assert proc.returncode == 0, log[-4000:]
-    print(f"elastic: worker groups {groups()}; node killed during epoch 4/{epochs}, shrank and grew back during "
+    report(f"elastic: worker groups {groups()}; node killed during epoch 4/{epochs}, shrank and grew back during "
           f"epoch 4/{epochs} (epochs begun by then: {landed})")
     assert landed == [1, 2, 3, 4] and grown["world"] == 2 and groups()[0] == groups()[-1] == 2 and 1 in groups()
     summary = json.loads((tmp_path / "summary.json").read_text())

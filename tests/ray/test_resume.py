@@ -18,6 +18,7 @@ import mlflow
 import pytest
 
 from tests.fault_hooks import Gate
+from tests.helpers import report
 
 pytestmark = pytest.mark.ray
 
@@ -63,7 +64,7 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_local, workd
     first.wait(timeout=30)
     reader.join(timeout=10)
     held = [a for a in gate.arrivals(3)][1:]  # all but the first arrival waited at epoch 3
-    print(f"driver killed with trial {finished} finished and {len(held)} trial(s) held during epoch 3/"
+    report(f"driver killed with trial {finished} finished and {len(held)} trial(s) held during epoch 3/"
           f"{settings['train.epochs']}")
     assert held and not gate.arrivals(4)[1:], gate.arrivals()  # only the passed trial went beyond epoch 3
     assert not summary.exists()

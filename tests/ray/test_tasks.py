@@ -15,7 +15,7 @@ from shipyard.cli import run_pipeline
 from shipyard.config import load_config
 from shipyard.data import to_numpy
 from shipyard.tasks import make_task
-from tests.helpers import shutdown_serve
+from tests.helpers import report, shutdown_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 TABULAR = ROOT / "pipelines" / "configs" / "tabular.yaml"
@@ -72,7 +72,7 @@ def check_mixed_scale_run(summary, path, workdir, tmp_path):
                                                      (OneHotEncoder(handle_unknown="ignore"), ["colour"])),
                              LogisticRegression(max_iter=1000)).fit(train, y_train)
     expected = float((baseline.predict(test) == y_test).mean())
-    print(f"mixed-scale table: Shipyard {summary['test_accuracy']:.4f}, scikit-learn StandardScaler + OneHotEncoder "
+    report(f"mixed-scale table: Shipyard {summary['test_accuracy']:.4f}, scikit-learn StandardScaler + OneHotEncoder "
           f"+ LogisticRegression {expected:.4f} on the same {len(y_test)} test rows")
     assert summary["test_accuracy"] >= expected - 0.02
     assert summary["endpoint_accuracy"] == pytest.approx(summary["test_accuracy"], abs=0.005)
@@ -119,7 +119,7 @@ def test_regression_is_as_good_as_ridge_answers_numbers_and_a_worse_run_keeps_ch
     splits = make_task(cfg.task).load(cfg.data)
     (x_train, y_train), (x_test, y_test) = to_numpy(splits.train), to_numpy(splits.test)
     ridge = r2_score(y_test, make_pipeline(StandardScaler(), Ridge()).fit(x_train, y_train).predict(x_test))
-    print(f"diabetes: Shipyard test r2 {first['test_metrics']['r2']:.4f} (rmse {first['test_metric']:.2f}), "
+    report(f"diabetes: Shipyard test r2 {first['test_metrics']['r2']:.4f} (rmse {first['test_metric']:.2f}), "
           f"scikit-learn StandardScaler + Ridge r2 {ridge:.4f} on the same {len(y_test)} test rows")
     assert first["test_metric_name"] == "rmse" and first["promoted"]
     assert first["test_metrics"]["r2"] >= ridge - 0.05

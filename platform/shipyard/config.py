@@ -92,10 +92,12 @@ class TrainConfig(_Section):
     max_failures: int = Field(2, ge=0)
     """Worker-group restarts from the last checkpoint before the run fails (Ray Train FailureConfig)."""
     precision: Literal["fp32", "bf16-mixed"] = "fp32"
-    """bf16-mixed: forward and loss under torch.autocast(bfloat16) (CPU and GPU); weights and optimizer in fp32."""
+    """bf16-mixed: the forward under torch.autocast(bfloat16) (CPU and GPU), the loss in fp32; weights and optimizer
+    in fp32."""
     grad_accum_steps: int = Field(1, ge=1)
     """Micro-batches per optimizer step: each worker's share of train.batch_size is split in this many, their
-    gradients summed (DDP synchronises only on the last one). Same result as one batch, less activation memory."""
+    gradients summed (DDP synchronises only on the last one). The gradient of one batch, less activation memory
+    (for models without batch statistics: BatchNorm normalizes each micro-batch by its own)."""
     grad_clip_norm: float | None = Field(None, gt=0)
     """Clip the gradients' global L2 norm to this before each optimizer step (torch.nn.utils.clip_grad_norm_)."""
 

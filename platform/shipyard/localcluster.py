@@ -374,7 +374,7 @@ def demo(argv: list[str] | None = None) -> int:
             nodes = cluster.node_ids()
             print(json.dumps({"nodes": nodes, "train_workers": placement,
                               "model": f"{summary['model_name']} v{summary['model_version']}",
-                              "test_accuracy": summary["test_accuracy"],
+                              summary["test_metric_name"]: summary["test_metric"],
                               "endpoint_after_job": {"status": resp.status_code, "body": resp.json()}}, indent=1))
             ok = (len(placement) == args.nodes and {w["node_id"] for w in placement} == set(nodes)
                   and resp.ok and resp.json().get("model_version") == str(summary["model_version"]))

@@ -3,7 +3,7 @@ performance model counts (shipyard.perf.layers.count_step_work runs it on the me
 
     loss = training_step(model, optimizer, batch, task.loss, StepOptions.of(cfg.train))
 
-What is configurable on every task: `train.precision` (bf16-mixed: forward and loss under torch.autocast),
+What is configurable on every task: `train.precision` (bf16-mixed: the forward under torch.autocast, the loss in fp32),
 `train.grad_accum_steps` (micro-batches per optimizer step) and `train.grad_clip_norm`.
 """
 from __future__ import annotations

@@ -162,12 +162,17 @@ def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any] | No
 
 
 def score_version(name: str, version: str, x: np.ndarray, y: np.ndarray, task) -> float | None:
-    """The task's primary metric of a registered version on (x, y); None if it cannot take this data."""
-    from shipyard.registry import load_torch
+    """The task's primary metric of a registered version on (x, y), a split `task` encoded; None if the version
+    cannot take these rows. A version trained on other data may encode them otherwise (its own categories of a
+    text column, its own class order): the rows are then re-encoded from their raw values as it encodes them."""
+    from shipyard.registry import load
+    from shipyard.tasks import reencode
 
     try:
-        model = load_torch(f"models:/{name}/{version}")  # torch.export form only: nothing is unpickled
-        return evaluate_model(model, task, x.astype(np.float32), y)[task.primary_metric]
+        served = load(name, version)  # torch.export form only: nothing is unpickled
+        if served.task.encoding() != task.encoding():
+            x, y = reencode(task, served.task, x, y)
+        return evaluate_model(served.model, task, x.astype(np.float32), y)[task.primary_metric]
     except Exception as err:  # other features: a shape error; a pickled model: ServingError
         log.warning("v%s of %s cannot be scored on this test split: %s", version, name, err)
         return None

@@ -138,8 +138,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
         model.load_state_dict(state["model"])
-        if "rng" in state:  # the dropout masks an undisturbed run would have drawn next
+        if "rng" in state:  # the dropout masks (and augmentations) an undisturbed run would have drawn next
             torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():  # their GPU draws
+            torch.cuda.set_rng_state(state["cuda_rng"])
         start_epoch = state["epoch"] + 1
         if rank == 0:
             log.warning("resuming after epoch %d/%d from %s: %s", start_epoch, cfg.train.epochs,
@@ -181,7 +183,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 inner = model.module if hasattr(model, "module") else model
                 torch.save({"model": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "rng": torch.get_rng_state()}, Path(tmp) / CHECKPOINT_FILE)
+                            "rng": torch.get_rng_state(),
+                            **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})},
+                           Path(tmp) / CHECKPOINT_FILE)
                 ckpt = Checkpoint.from_directory(tmp)
                 timing = progress.after_epoch(metrics)  # adds predicted_step_time_ms
                 logger.log(metrics, epoch)

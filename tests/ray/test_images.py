@@ -116,3 +116,18 @@ def test_a_folder_with_one_class_or_no_images_is_a_clear_error(tmp_path):
     cfg = load_config(IMAGES, {"data.path": str(tmp_path / "only" / "a.png")})
     with pytest.raises(DataError, match="is not a folder"):
         make_task(cfg.task).check_source(cfg.data)
+
+
+def test_a_request_image_over_the_pixel_limit_is_refused_from_its_header():
+    """A 5000 x 5000 PNG of zeros is ~25 KiB: under the body limit, but 25 megapixels once decoded."""
+    from PIL import Image
+
+    from shipyard.tasks import RequestError, task_of
+
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, "PNG")
+    assert len(buf.getvalue()) < 100_000
+    task = task_of({"task": "image_classification", "input_shape": [1, 8, 8], "output_width": 2,
+                    "target": "class folder", "classes": ["a", "b"]})
+    with pytest.raises(RequestError, match=r"instances\[0\].b64: image of 5000 x 5000 pixels; the limit is 16,777,216"):
+        task.parse_instances([{"b64": base64.b64encode(buf.getvalue()).decode()}])

@@ -125,3 +125,15 @@ def test_the_promotion_gate_promotes_a_lower_rmse_and_keeps_a_champion_it_does_n
                                                 "same test split")
     assert choose("1", {"1": 50.0, "2": 45.0, "3": 60.0}, rmse) == "2"
     assert choose("1", {"1": 50.0, "2": 50.0}, rmse) == "1"  # a tie keeps the champion
+
+
+def test_regression_answers_keep_fp32_precision_under_bf16_autocast():
+    """A target far from zero (years: mean 2000, deviation 10) scaled back in bf16 would move in steps of ~8."""
+    from shipyard.tasks.tabular import TargetScale
+
+    scale = TargetScale(mean=2000.0, std=10.0)
+    z = torch.tensor([[0.123], [-0.456]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = scale(z.to(torch.bfloat16))
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, torch.tensor([2001.23, 1995.44]), atol=0.05)

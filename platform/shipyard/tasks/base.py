@@ -15,6 +15,7 @@ platform runs it.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -226,6 +227,14 @@ class Task:
             return [self.info.classes[i] for i in outputs.argmax(1).tolist()]
         return outputs.reshape(len(outputs), -1)[:, 0].tolist() if self.info.output_width == 1 else outputs.tolist()
 
+    def encoding(self) -> tuple:
+        """What decides how raw values become a split's arrays: two versions with the same encoding read each
+        other's test splits as they are; otherwise the rows go through `reencode`."""
+        assert self.info is not None
+        return (self.info.task, tuple(self.info.input_shape), tuple(self.info.feature_names),
+                tuple(self.info.classes) if self.info.classes is not None else None,
+                json.dumps(self.info.preprocessing.get("categorical"), sort_keys=True, default=str))
+
     def score_answers(self, answers: list[Any], targets: np.ndarray) -> float:
         """The primary metric of the endpoint's answers on a split whose encoded targets are `targets`."""
         assert self.info is not None
@@ -265,10 +274,31 @@ def make_task(cfg: TaskConfig, info: DataInfo | dict[str, Any] | None = None) ->
     """The configured task, bound to the data stage's description when given."""
     if isinstance(info, dict):
         info = DataInfo.from_dict(info)
+    cls = task_class(cfg.name)
+    if cfg.options and cls.__init__ is Task.__init__:
+        raise ConfigError(f"task.options {sorted(cfg.options)}: task {cfg.name} takes no options; remove them")
     try:
-        return task_class(cfg.name)(info, name=cfg.name, **cfg.options)
+        return cls(info, name=cfg.name, **cfg.options)
     except TypeError as err:
         raise ConfigError(f"task.options {sorted(cfg.options)} do not fit task {cfg.name}: {err}") from err
+
+
+def reencode(source: Task, target: Task, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A split encoded by `source` (x: its category indices, y: its class indices) as `target` encodes the same
+    raw rows: back to raw values (`instances`), then `target.parse_instances`; classes mapped by name. The
+    promotion gate scores a champion trained on other data this way. ValueError (RequestError) when `target`
+    cannot take these rows: other columns, or classes it never learnt."""
+    x_target = target.parse_instances(source.instances(x))
+    if source.info.classes is None:
+        return x_target, y
+    if target.info.classes is None:
+        raise ValueError(f"this split's targets are classes; task {target.name} answers numbers")
+    index = {c: i for i, c in enumerate(target.info.classes)}
+    labels = [source.info.classes[int(t)] for t in y]
+    unknown = sorted({str(c) for c in labels if c not in index})
+    if unknown:
+        raise ValueError(f"it never learnt the class(es) {', '.join(unknown[:5])} of this split")
+    return x_target, np.array([index[c] for c in labels], dtype=np.int64)
 
 
 def objective(cfg: Any) -> tuple[str, str]:

@@ -31,6 +31,9 @@ from shipyard.tasks.base import DataInfo, RequestError, Splits, Task
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
+MAX_REQUEST_PIXELS = 4096 * 4096
+"""An image in a request may decode to at most this many pixels: a few KiB of PNG can unpack to hundreds of
+megapixels (PIL only warns below twice its own MAX_IMAGE_PIXELS), which a replica would hold in memory."""
 
 
 def mode_of(channels: int) -> str:
@@ -53,11 +56,14 @@ def prepare(pixels: np.ndarray, size: int, channels: int) -> np.ndarray:
     return array[None] if channels == 1 else array.transpose(2, 0, 1).copy()
 
 
-def decode(data: bytes, channels: int) -> np.ndarray:
-    """Image file bytes as pixels (H x W or H x W x 3), decoded and converted by PIL as Ray Data's read does."""
+def decode(data: bytes, channels: int, max_pixels: int | None = None) -> np.ndarray:
+    """Image file bytes as pixels (H x W or H x W x 3), decoded and converted by PIL as Ray Data's read does.
+    `max_pixels`: refuse a larger image (RequestError) from its header, before its pixels are decoded."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise RequestError(f"image of {image.width} x {image.height} pixels; the limit is {max_pixels:,} pixels")
         return np.asarray(image.convert(mode_of(channels)))
 
 
@@ -219,7 +225,9 @@ class ImageClassification(Task):
                     raise RequestError(f"instances[{i}]: give {{\"b64\": \"<base64 PNG or JPEG>\"}} or an array of "
                                        "pixels")
                 try:
-                    pixels = decode(base64.b64decode(item["b64"], validate=True), channels)
+                    pixels = decode(base64.b64decode(item["b64"], validate=True), channels, MAX_REQUEST_PIXELS)
+                except RequestError as err:
+                    raise RequestError(f"instances[{i}].b64: {err}") from None
                 except (binascii.Error, ValueError) as err:
                     raise RequestError(f"instances[{i}].b64 is not base64: {err}") from None
                 except Exception as err:  # noqa: BLE001 - PIL's many kinds of "not an image"

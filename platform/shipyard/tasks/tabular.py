@@ -62,7 +62,7 @@ class TargetScale(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z[:, 0] * self.std + self.mean
+        return z[:, 0].float() * self.std + self.mean  # fp32 under autocast too: bf16 keeps ~3 digits
 
 
 class _Table(Task):

@@ -133,7 +133,7 @@ def test_regression_is_as_good_as_ridge_answers_numbers_and_a_worse_run_keeps_ch
     assert worse["test_metric"] > first["test_metric"]
     assert not worse["promoted"] and "does not beat champion rmse" in worse["promotion_reason"]
     client = mlflow.MlflowClient(workdir["tracking.uri"])
-    assert client.get_model_version_by_alias("diabetes", "champion").version == str(first["model_version"])
+    assert str(client.get_model_version_by_alias("diabetes", "champion").version) == str(first["model_version"])
 
 
 def test_a_user_task_outside_the_platform_runs_end_to_end(ray_local, workdir, serve_port):

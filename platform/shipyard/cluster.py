@@ -31,10 +31,10 @@ def init_ray(address: str | None, cfg: Config | None = None) -> bool:
         _token_mode_if_token()
     import ray
 
-    # every ray.train.report waits ~one health-check interval (2 s by default; RAY_NOTES §3)
+    # every ray.train.report waits ~one health-check interval (2 s by default on Ray 2.60)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # inherited by local workers (Data's split actors)
-    # a checkpoint per trial epoch triggers hundreds of "snapshotting triggered multiple times" warnings (RAY_NOTES §5)
+    # a checkpoint per trial epoch triggers hundreds of "snapshotting triggered multiple times" warnings (Ray 2.60)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return False
@@ -54,7 +54,7 @@ def init_ray(address: str | None, cfg: Config | None = None) -> bool:
         if len(hosts) > 1 and cfg is not None:
             _check_shared(cfg, len(hosts))
     else:
-        # the dashboard must stay on: Train V2 needs the State API to free stopped trials (RAY_NOTES §6)
+        # the dashboard must stay on: Train V2 needs the State API to free stopped trials (Ray 2.60)
         context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
         log.info("running on a local Ray started here: %s; dashboard %s", _resources(ray.cluster_resources()),
                  _dashboard_url(context))
@@ -67,7 +67,7 @@ def init_ray(address: str | None, cfg: Config | None = None) -> bool:
 
 def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not after Ray's ~20 s of retries with a misleading "previous instance crashed" message,
-    when nothing answers at a cluster address or the cluster refuses this machine's token (RAY_NOTES §2)."""
+    when nothing answers at a cluster address or the cluster refuses this machine's token."""
     if address == "auto" or "://" in address:  # found locally by Ray itself / Ray Client
         return
     host, _, port = address.rpartition(":")
@@ -136,7 +136,7 @@ def _dashboard_url(context) -> str:
 
 def _token_mode_if_token() -> None:
     """A cluster started with `ray start` checks tokens, but a client sends one only in token mode
-    (RAY_NOTES §2): switch it on when a token exists and the user has not chosen a mode."""
+    (Ray 2.60): switch it on when a token exists and the user has not chosen a mode."""
     if "RAY_AUTH_MODE" in os.environ:
         return
     if "ray" not in sys.modules:  # Ray reads the mode once, at import

@@ -140,7 +140,7 @@ def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any] | No
         info = mlflow.pytorch.log_model(
             model, name="model", signature=infer_signature(x_example, logits), input_example=x_example,
             registered_model_name=cfg.model_name,
-            # explicit requirements: inferring them costs ~7 s and trips over torch's +cpu label (RAY_NOTES §8)
+            # explicit requirements: inferring them costs ~7 s and trips over torch's +cpu label (MLflow 3.17, torch 2.13.0+cpu)
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
             metadata={"classes": classes, "feature_names": feature_names,
                       **({"data_info": info, "task_options": cfg.task.options} if info else {})},

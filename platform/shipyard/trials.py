@@ -23,7 +23,7 @@ from shipyard.tasks import make_task
 from shipyard.train import fits_in_memory, iter_batches, make_optimizer, run_epoch
 
 TRIAL_DRIVER_CPU = 0.01
-"""A multi-worker trial is a small driver plus its Train workers, whose bundles are separate (RAY_NOTES §6):
+"""A multi-worker trial is a small driver plus its Train workers, whose bundles are separate (Ray 2.60):
 the driver takes this much of tune.cpus_per_trial so that the whole trial holds exactly cpus_per_trial."""
 
 
@@ -96,7 +96,7 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
 def tune_trial_ddp(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, info: dict[str, Any]
                    ) -> None:
     """A trial that is a Ray Train job of tune.workers_per_trial data-parallel workers; rank 0's reports reach
-    Tune through TuneReportCallback (RAY_NOTES §6), with the path of the job's checkpoint (`checkpoint_path`)."""
+    Tune through TuneReportCallback, with the path of the job's checkpoint (`checkpoint_path`)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 

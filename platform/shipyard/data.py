@@ -17,13 +17,16 @@ import hashlib
 import logging
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from shipyard.config import DataConfig
 from shipyard.errors import DataError
+from shipyard.ray_data_errors import clear_errors as _clear_errors
+from shipyard.table_stats import categories as _categories
+from shipyard.table_stats import mean_std as _mean_std
 from shipyard.tasks.base import DataInfo, Splits
 
 log = logging.getLogger(__name__)
@@ -214,39 +217,6 @@ def _read(cfg: DataConfig, convert=None):
     return ds, cfg.label, _hash_files(path)
 
 
-# Ray Data logs a failed task's traceback (twice) before raising it; _clear_errors says it once, in one line
-_RAY_DATA_TRACEBACKS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
-
-
-@contextlib.contextmanager
-def _clear_errors(what: str, explain: Callable[[Exception], str | None] | None = None):
-    """Ray wraps errors raised in its tasks; surface our DataError's own message, `explain(err)`, or what
-    failed. Ray Data's own traceback logs are muted meanwhile, unless this module logs at DEBUG."""
-    loggers = [] if log.isEnabledFor(logging.DEBUG) else [logging.getLogger(n) for n in _RAY_DATA_TRACEBACKS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    except DataError:
-        raise
-    except Exception as err:
-        cause = _find_cause(err, DataError)
-        if cause is not None:
-            raise DataError(*cause.args) from None  # the message, without the remote traceback
-        explained = explain(err) if explain is not None else None
-        if explained:
-            raise DataError(explained) from err
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        # a remote error's text is a traceback: its "SomethingError: message" line says what went wrong
-        reason = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception|Invalid)\b.*:", ln)),
-                      lines[0] if lines else type(err).__name__)
-        raise DataError(f"{what}: {reason[:500]}") from err
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def _feature_columns(schema, label: str, source: str, examples: dict[str, str] | None = None) -> list[str]:
     """The feature columns of a schema, or a DataError naming the missing label, an empty column, or a text
     column that holds numbers with stray text among them (`examples`: such a column's first non-number and
@@ -411,44 +381,6 @@ def load_table(cfg: DataConfig, task: str = "classification", regression: bool =
 def _jsonable(v: Any) -> Any:
     """A numpy scalar as the Python value JSON, MLflow and the endpoint's answers carry."""
     return v.item() if isinstance(v, np.generic) else v
-
-
-def _categories(train, column: str, rows: int, max_categories: int, source: str) -> list[Any]:
-    """The distinct values of a text column in the train split, or a DataError when it is not categorical."""
-    values = sorted(str(v) for v in train.unique(column) if not _is_missing(v))
-    if len(values) > max_categories or (rows >= 20 and len(values) > rows / 2):
-        kind = "free text or an identifier" if len(values) > rows / 2 else "too many categories to one-hot encode"
-        raise DataError(f"{source}: text column '{column}' has {len(values)} distinct values in {rows} training "
-                        f"rows: {kind} (data.max_categories={max_categories}). Drop the column, encode it "
-                        "yourself, or raise data.max_categories")
-    return values
-
-
-def _mean_std(train, columns: list[str]) -> dict[str, dict[str, float]]:
-    """Per column, the train split's mean and standard deviation (population), in one Ray Data pass. A constant
-    column gets std 1: standardizing it must not divide by zero."""
-    from ray.data.aggregate import Mean, Std
-
-    if not columns:
-        return {}
-    found = train.aggregate(*[Mean(c) for c in columns], *[Std(c, ddof=0) for c in columns])
-    out = {}
-    for c in columns:
-        mean, std = found[f"mean({c})"], found[f"std({c})"]
-        out[c] = {"mean": float(mean), "std": float(std) if std and np.isfinite(std) and std > 1e-12 else 1.0}
-    return out
-
-
-def _find_cause(err: BaseException, kind: type) -> BaseException | None:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, kind):
-            return err
-        # RayTaskError keeps the remote exception as .cause; chained Python errors use __cause__
-        cause = getattr(err, "cause", None)
-        err = cause if isinstance(cause, BaseException) else (err.__cause__ or err.__context__)
-    return None
 
 
 def to_numpy(ds) -> tuple[np.ndarray, np.ndarray]:

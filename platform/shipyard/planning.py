@@ -43,7 +43,7 @@ def data_shape(cfg: Config) -> DataShape:
         from shipyard.tasks import make_task
 
         task = make_task(cfg.task)
-        root, classes, files = task._files(cfg.data)  # counts files in the class folders: nothing is decoded
+        root, classes, files = task.folder(cfg.data)  # counts files in the class folders: nothing is decoded
         c, side = cfg.data.channels, cfg.data.image_size
         return DataShape(len(files), c * side * side, len(classes), DataInfo(
             task=cfg.task.name, input_shape=[c, side, side], output_width=len(classes), target="class folder",

@@ -121,7 +121,7 @@ class ImageClassification(Task):
                             "data.builtin is for tables")
         return Path(cfg.path).expanduser().resolve()
 
-    def _files(self, cfg) -> tuple[Path, list[str], list[Path]]:
+    def folder(self, cfg) -> tuple[Path, list[str], list[Path]]:
         """The root, its class names (subfolders holding images, sorted) and every image file."""
         root = self._root(cfg)
         if not root.is_dir():
@@ -140,15 +140,15 @@ class ImageClassification(Task):
         return root, classes, files
 
     def check_source(self, cfg) -> None:
-        self._files(cfg)
+        self.folder(cfg)
 
     def load(self, cfg) -> Splits:
         import ray.data
         from ray.data.datasource import Partitioning
 
-        from shipyard.data import _clear_errors, _find_cause
+        from shipyard.ray_data_errors import clear_errors, find_cause
 
-        root, classes, files = self._files(cfg)
+        root, classes, files = self.folder(cfg)
         size, channels = cfg.image_size, cfg.channels
         skipped: list[tuple[Path, str]] = []
         if cfg.skip_bad_files:
@@ -168,7 +168,7 @@ class ImageClassification(Task):
                     "split": split_of_paths(relative, seed, val_f, test_f)}
 
         try:
-            with _clear_errors(f"{root}: could not read the images"):
+            with clear_errors(f"{root}: could not read the images"):
                 ds = ray.data.read_images([str(f) for f in files], mode=mode_of(channels), include_paths=True,
                                           partitioning=Partitioning("dir", base_dir=str(root), field_names=["label"]))
                 encoded = ds.map_batches(encode, batch_format="numpy").materialize()
@@ -178,7 +178,7 @@ class ImageClassification(Task):
                 raise DataError(f"data.path: {bad[0][0]} is not a decodable image ({bad[0][1]}); {len(bad)} such "
                                 f"file(s) under {root}. Fix or delete them, or set data.skip_bad_files=true to "
                                 "skip them (counted in the log)") from None
-            raise err from _find_cause(err, Exception)
+            raise err from find_cause(err, Exception)
         parts = {name: encoded.filter(expr=f"split == {i}").drop_columns(["split"]).materialize()
                  for i, name in enumerate(("train", "val", "test"))}
         rows = {name: part.count() for name, part in parts.items()}

@@ -51,7 +51,7 @@ cluster-check: install
 # A two-node Ray cluster on this machine + a real MLflow server; the digits pipeline through `ray job submit`;
 # prints where the training workers ran and the endpoint's answer after the job; tears everything down by pid.
 cluster-demo: install
-	$(PY) -m shipyard.localcluster
+	$(PY) -m harness.localcluster
 
 clean:
 	rm -rf .shipyard .pytest_cache

@@ -4,7 +4,7 @@
     python bench/gpu_check.py --device cpu      # dry run of the same script on this machine's CPU
 
 For each model (MLP, CNN, transformer encoder; the built-ins at their default size on 64 features, 10
-classes) and batch size, the training step Shipyard runs (shipyard.step.training_step: AdamW, fp32,
+classes) and batch size, the training step Shipyard runs (shipyard.train.step.training_step: AdamW, fp32,
 PyTorch's default multi-tensor AdamW on CUDA) is timed on random data already on the device: the median of
 50 steps after 10 warm-up steps, each synchronised. The prediction prices the same step counted on the meta
 device with the catalog entry of the GPU's data sheet (shipyard.perf.devices) and, second, with the per-op
@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT / "platform"))
 
 import torch  # noqa: E402
 
-from shipyard.models import cnn, mlp, transformer  # noqa: E402
+from shipyard.tasks.models import cnn, mlp, transformer  # noqa: E402
 from shipyard.perf.devices import DEVICES, Device  # noqa: E402
 from shipyard.perf.estimate import estimate_step  # noqa: E402
 from shipyard.perf.layers import count_step_work  # noqa: E402
-from shipyard.step import training_step  # noqa: E402
+from shipyard.train.step import training_step  # noqa: E402
 from torch.nn.functional import cross_entropy  # noqa: E402
 
 MODELS = {"mlp": lambda: mlp(64, 10), "cnn": lambda: cnn(64, 10), "transformer": lambda: transformer(64, 10)}
@@ -110,7 +110,7 @@ def main() -> None:
             say(f"note: {name} is priced with the SXM data sheet's figures ({catalog.source}); PCIe/NVL cards have "
                 "lower clocks and bandwidth")
     else:  # dry run: this CPU, measured as shipyard calibrate does
-        from shipyard.perf.calibrate import measure_device
+        from shipyard.perf.probes import measure_device
 
         name = "cpu (dry run)"
         torch.set_num_threads(1)

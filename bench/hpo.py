@@ -30,8 +30,8 @@ TOLERANCE = 0.005  # "within 0.5 pp" of FIFO's best (issue 3)
 def run(cfg, splits, name: str) -> dict:
     import mlflow
 
-    from shipyard import tracking
-    from shipyard.tuning import search
+    from shipyard.track import runs as tracking
+    from shipyard.tune.search import search
 
     tracking.setup(cfg)
     with mlflow.start_run(run_name=name) as parent:
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("shipyard.tuning").setLevel(logging.INFO)
+    logging.getLogger("shipyard.tune.search").setLevel(logging.INFO)
     import ray
 
     from shipyard.tasks import make_task

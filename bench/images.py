@@ -7,7 +7,7 @@ default 12 gives 21,564 files), then trains the same model (the image task's: tr
 model.name) at the same batch size for the same number of epochs on 1 worker, two ways:
 
 - Shipyard: `ImageClassification.load` (Ray Data `read_images` with folder partitioning, the task's `prepare`,
-  the split by path hash) and `shipyard.train.make_trainer` (Ray Train, 1 worker, its checkpoint and MLflow
+  the split by path hash) and `shipyard.train.loop.make_trainer` (Ray Train, 1 worker, its checkpoint and MLflow
   report every epoch), as the pipeline runs them;
 - plain PyTorch: a `torch.utils.data.DataLoader` (`num_workers=1`, shuffled) over the same training files,
   decoding each with PIL every epoch (convert, scale to [0, 1]), and the same model, loss and AdamW in a loop
@@ -51,7 +51,7 @@ def shipyard_epochs(cfg, splits, tracking_uri: str) -> dict[str, list[float]]:
     """Fit through Ray Train as the pipeline does; the per-epoch figures come back through MLflow."""
     from mlflow import MlflowClient
 
-    from shipyard.train import make_trainer
+    from shipyard.train.loop import make_trainer
 
     client = MlflowClient(tracking_uri)
     exp_id = client.create_experiment("bench-images")
@@ -117,7 +117,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from pipelines.digit_images import write_digit_images
-    from shipyard.cluster import init_ray
+    from shipyard.cluster.attach import init_ray
     from shipyard.tasks import make_task
     from shipyard.tasks.images import split_of_paths
 

@@ -2,7 +2,7 @@
 
     python bench/perfmodel.py [--epochs 6] [--models mlp,cnn,transformer] [--batches 32,64,256] [--workers 1,2]
 
-Calibrates this machine (shipyard.calibration: Ray tasks and two gloo peers), then for each model x global
+Calibrates this machine (shipyard.perf.calibration: Ray tasks and two gloo peers), then for each model x global
 batch x worker count runs Shipyard's Ray Train path (TorchTrainer over Ray Data shards, DDP on gloo, a
 checkpoint, an MLflow log and a report per epoch) on digits and compares the measured step time (the median
 over the steps of each epoch after the first, then the median over those epochs) with the prediction
@@ -38,7 +38,7 @@ def measure_case(cfg, splits, name: str, tracking_uri: str) -> dict:
     """Fit through Ray Train; per-epoch metrics come back through MLflow, as a pipeline logs them."""
     from mlflow import MlflowClient
 
-    from shipyard.train import make_trainer
+    from shipyard.train.loop import make_trainer
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name("perfmodel") or client.get_experiment(client.create_experiment("perfmodel"))
@@ -81,9 +81,9 @@ def plain_loop_samples_per_s(cfg, train_xy, info, epochs: int) -> float:
     """The same training step over in-memory tensors, 1 thread, no Ray: the ceiling for the Ray Train path."""
     import torch
 
-    from shipyard.step import training_step
+    from shipyard.train.step import training_step
     from shipyard.tasks import make_task
-    from shipyard.train import make_optimizer
+    from shipyard.train.loop import make_optimizer
 
     torch.set_num_threads(1)
     torch.manual_seed(cfg.train.seed)
@@ -113,14 +113,14 @@ def main() -> None:
                    help="use this hardware profile instead of calibrating now (written by shipyard calibrate)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("shipyard.calibration").setLevel(logging.INFO)
+    logging.getLogger("shipyard.perf.calibration").setLevel(logging.INFO)
     import ray
 
-    from shipyard.calibration import calibrate
-    from shipyard.data import to_numpy
+    from shipyard.perf.calibration import calibrate
+    from shipyard.data.tables import to_numpy
     from shipyard.tasks import make_task
     from shipyard.perf.devices import load_profile
-    from shipyard.cluster import init_ray
+    from shipyard.cluster.attach import init_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="shipyard-bench-perf-"))
     tracking_uri = f"sqlite:///{tmp}/mlflow.db"

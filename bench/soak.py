@@ -3,8 +3,8 @@
     .venv/bin/python bench/soak.py [--seconds 60] [--load 0.8]
 
 The tiny digits MLP of bench/serve.py (64->128->128->10) is trained and registered with
-`shipyard.tracking.log_model` in an MLflow sqlite store in a temp folder, then served by Shipyard's endpoint
-at its defaults (`shipyard.endpoint.build_app` with only model and registry: one replica of 0.5 CPU,
+`shipyard.track.runs.log_model` in an MLflow sqlite store in a temp folder, then served by Shipyard's endpoint
+at its defaults (`shipyard.serve.endpoint.build_app` with only model and registry: one replica of 0.5 CPU,
 `@serve.batch` 32 / 2 ms, fast ingress through HAProxy) on a local Ray with num_cpus=2 started here. wrk
 (`-t1`, loopback, one digits row per POST) shares the two cores with it:
 
@@ -230,7 +230,7 @@ def soak(model: dict, uri: str, tmp: Path, args: argparse.Namespace) -> dict:
     """Deploy the default endpoint on a local Ray, find its maximum, pace it at args.load of that for
     args.seconds; every process it starts is stopped by pid when it returns or fails."""
     from shipyard.config import EndpointConfig
-    from shipyard.ingress import wait_until_routed
+    from shipyard.serve.ingress import wait_until_routed
 
     with local_serve() as (port, raylet), deployed(APP, "shipyard_batch", model, uri, port) as (url, body):
         wait_until_routed(url.rsplit("/", 1)[0])

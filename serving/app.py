@@ -1,4 +1,4 @@
-"""Ray Serve entry points for Shipyard's endpoint (the deployment lives in `shipyard.endpoint`).
+"""Ray Serve entry points for Shipyard's endpoint (the deployment lives in `shipyard.serve.endpoint`).
 
     serve run serving.app:build_app model=models:/digits@champion tracking_uri=sqlite:////abs/path/mlflow.db
     serve deploy serving/config.yaml        # against a running Ray cluster (RAY_AUTH_MODE=token)
@@ -6,8 +6,8 @@
 Importing this module asks a Ray that `serve run` starts next for fast ingress (HAProxy straight into the
 replicas); a running cluster decides that in its own start commands (see cluster.yaml).
 """
-from shipyard.endpoint import Predictor, build_app
-from shipyard.ingress import enable_fast_ingress
+from shipyard.serve.endpoint import Predictor, build_app
+from shipyard.serve.ingress import enable_fast_ingress
 
 enable_fast_ingress()
 

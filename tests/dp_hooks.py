@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shipyard.models import mlp
+from shipyard.tasks.models import mlp
 
 
 class RecordingMLP(nn.Module):

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from shipyard.models import mlp
+from shipyard.tasks.models import mlp
 
 POLL_S = 0.05
 

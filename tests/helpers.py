@@ -8,7 +8,7 @@ from pathlib import Path
 
 import requests
 
-from shipyard.ingress import free_loopback_port as free_port  # noqa: F401 (the tests' one way to get a port)
+from shipyard.serve.ingress import free_loopback_port as free_port  # noqa: F401 (the tests' one way to get a port)
 
 TINY = {"train.epochs": 3, "tune.num_samples": 2, "tune.grace_period": 1, "scaling.num_workers": 2}
 """Overrides for a pipeline run of a few seconds per stage on 2 cores."""

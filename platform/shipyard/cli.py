@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "cluster":
         return cluster_check_command(args.file, args.allow_public)
     if args.command == "fast-ingress-env":
-        from shipyard.ingress import fast_ingress_env
+        from shipyard.serve.ingress import fast_ingress_env
 
         print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in fast_ingress_env(free_ports=False).items()))
         return 0
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cluster_check_command(path: Path, allow_public: bool = False) -> int:
     """`shipyard cluster check`: one "ok" line (and its warnings) and 0, or every problem and 2."""
-    from shipyard.clusterfile import check_file
+    from shipyard.cluster.check import check_file
 
     try:
         result = check_file(path, allow_public=allow_public)
@@ -251,7 +251,7 @@ def plan_command(args: argparse.Namespace) -> None:
     import time
 
     from shipyard.config import load_config, parse_overrides
-    from shipyard.planning import format_plan, make_plan, plot_scaling
+    from shipyard.perf.plan import format_plan, make_plan, plot_scaling
 
     started = time.perf_counter()
     cfg = load_config(args.config, parse_overrides(args.overrides))
@@ -266,10 +266,10 @@ def plan_command(args: argparse.Namespace) -> None:
 
 
 def calibrate_command(args: argparse.Namespace) -> None:
-    from shipyard.calibration import calibrate
+    from shipyard.perf.calibration import calibrate
     from shipyard.config import load_config
-    from shipyard.cluster import init_ray
-    from shipyard.planning import default_profile_path
+    from shipyard.cluster.attach import init_ray
+    from shipyard.perf.plan import default_profile_path
 
     out = args.out or default_profile_path(load_config(None, {}))
     started = init_ray(args.address)
@@ -292,7 +292,7 @@ def move_champion(args: argparse.Namespace) -> None:
 
     import mlflow
 
-    from shipyard import registry
+    from shipyard.track import registry
     from shipyard.config import load_config
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or load_config(None, {}).tracking_uri

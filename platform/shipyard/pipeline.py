@@ -15,10 +15,12 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
-from shipyard import registry, tracking, tuning
-from shipyard.cluster import init_ray
+from shipyard.track import registry
+from shipyard.track import runs as tracking
+from shipyard.tune import search as tuning
+from shipyard.cluster.attach import init_ray
 from shipyard.config import Config, EndpointConfig, apply_overrides
-from shipyard.data import to_numpy
+from shipyard.data.tables import to_numpy
 from shipyard.errors import ConfigError, ServingError
 from shipyard.tasks import Task, make_task, objective
 
@@ -58,7 +60,7 @@ def preflight(cfg: Config, resume: str | None = None) -> None:
 
 def _check_plan(cfg: Config) -> None:
     from shipyard.perf.devices import DEVICES, load_profile
-    from shipyard.planning import default_profile_path
+    from shipyard.perf.plan import default_profile_path
 
     if cfg.plan.hardware != "local" and cfg.plan.hardware.lower() not in DEVICES:
         raise ConfigError(f"plan.hardware '{cfg.plan.hardware}' is unknown; use local (this machine, calibrated) or "
@@ -91,7 +93,7 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
     stages = Stages()
     with stages("ray", "starting or attaching to Ray"):
         if cfg.serve.enabled and cfg.serve.fast_ingress:
-            from shipyard.ingress import enable_fast_ingress
+            from shipyard.serve.ingress import enable_fast_ingress
 
             enable_fast_ingress()  # read when Serve's processes start: only a Ray started here takes it
         started_ray = init_ray(address, cfg)
@@ -191,13 +193,13 @@ def run(cfg: Config, address: str | None = None, keep_serving: bool | None = Non
 def _train_and_register(cfg: Config, task: Task, splits, parent_id: str, stamp: str) -> dict[str, Any]:
     import mlflow
 
-    from shipyard.train import fit, load_trained
+    from shipyard.train.loop import fit, load_trained
 
     plan = _predict(cfg, splits) if cfg.plan.enabled else None
     name = task.primary_metric
     prediction = None
     if plan is not None:
-        from shipyard.planning import summary_lines
+        from shipyard.perf.plan import summary_lines
 
         for line in summary_lines(plan):
             log.info("%s", line)
@@ -267,7 +269,7 @@ def _version_of_run(model_name: str, run_id: str) -> str | None:
 
 def _predict(cfg: Config, splits):
     """The performance model's plan for cfg on the data found, or None where it cannot price the run."""
-    from shipyard.planning import DataShape, default_profile_path, make_plan
+    from shipyard.perf.plan import DataShape, default_profile_path, make_plan
 
     if cfg.scaling.use_gpu and cfg.plan.hardware == "local":
         log.info("plan: skipped: plan.hardware=local prices CPUs; set plan.hardware=h100 (a100, h200) for GPU workers")
@@ -275,7 +277,7 @@ def _predict(cfg: Config, splits):
     path = default_profile_path(cfg)
     try:
         if cfg.plan.hardware == "local" and not path.is_file():
-            from shipyard.calibration import calibrate
+            from shipyard.perf.calibration import calibrate
 
             log.info("plan: no hardware profile at %s yet: measuring this machine first (shipyard calibrate)", path)
             calibrate(path, threads=max(1, int(cfg.scaling.cpus_per_worker)))
@@ -293,8 +295,8 @@ def _serve_and_check(cfg: Config, task: Task, splits, summary: dict[str, Any]) -
     import requests
     from ray import serve
 
-    from shipyard.endpoint import build_app
-    from shipyard.ingress import wait_until_routed
+    from shipyard.serve.endpoint import build_app
+    from shipyard.serve.ingress import wait_until_routed
 
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     model_uri = f"models:/{cfg.model_name}@champion"

@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 def ray_local():
     import ray
 
-    from shipyard.ingress import enable_fast_ingress
+    from shipyard.serve.ingress import enable_fast_ingress
 
     enable_fast_ingress()  # Serve through HAProxy, as the pipeline does: read when Ray starts
     # keep the dashboard: Train V2 needs it to free stopped trials (Ray 2.60); loopback only
@@ -34,7 +34,7 @@ def ray_local():
 def hardware_profile(ray_local, tmp_path_factory):
     """This machine measured once for the session by `shipyard calibrate`'s code (every Ray node, gloo between
     two Ray workers), at a short budget: the profile every pipeline test plans with (plan.profile)."""
-    from shipyard.calibration import calibrate
+    from shipyard.perf.calibration import calibrate
 
     path = tmp_path_factory.mktemp("hardware") / "hardware.json"
     calibrate(path, threads=1, budget_s=0.03)
@@ -51,8 +51,8 @@ def workdir(tmp_path, hardware_profile):
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` process on loopback (shipyard.localcluster.MlflowServer), stopped by pid: its URL."""
-    from shipyard.localcluster import MlflowServer
+    """A real `mlflow server` process on loopback (harness.localcluster.MlflowServer), stopped by pid: its URL."""
+    from harness.localcluster import MlflowServer
 
     with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
         yield server.url

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from shipyard.checkpoints import CHECKPOINT_FILE
+from shipyard.train.checkpoints import CHECKPOINT_FILE
 from shipyard.config import load_config
-from shipyard.data import to_numpy
-from shipyard.step import StepOptions, training_step
+from shipyard.data.tables import to_numpy
+from shipyard.train.step import StepOptions, training_step
 from shipyard.tasks import make_task
-from shipyard.train import fit, make_optimizer
+from shipyard.train.loop import fit, make_optimizer
 from tests.helpers import report
 
 pytestmark = pytest.mark.ray

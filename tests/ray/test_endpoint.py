@@ -8,11 +8,11 @@ import pytest
 import requests
 import torch
 
-from shipyard import tracking
+from shipyard.track import runs as tracking
 from shipyard.config import load_config
-from shipyard.endpoint import build_app
-from shipyard.ingress import wait_until_routed
-from shipyard.models import mlp
+from shipyard.serve.endpoint import build_app
+from shipyard.serve.ingress import wait_until_routed
+from shipyard.tasks.models import mlp
 from tests.helpers import free_port, shutdown_serve
 
 pytestmark = pytest.mark.ray

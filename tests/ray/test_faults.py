@@ -108,7 +108,7 @@ def training_worker_pids(ray) -> list[int]:
 def outage(ray_local, hardware_profile, tmp_path_factory):
     """The pipeline's training with its MLflow server stopped during epoch 3 and back during epoch 5. The outage
     never touches training, so this run is also the undisturbed baseline the worker-kill test compares with."""
-    from shipyard.localcluster import MlflowServer
+    from harness.localcluster import MlflowServer
 
     tmp = tmp_path_factory.mktemp("outage")
     address = ray_local.get_runtime_context().gcs_address
@@ -178,7 +178,7 @@ def test_a_killed_training_worker_restarts_from_its_last_checkpoint_and_ends_as_
 
 def _snapshot_epoch(run_dir: Path) -> int | None:
     """The 1-based epoch of the latest checkpoint Ray Train's snapshot of a run names (None: none yet)."""
-    from shipyard.checkpoints import SNAPSHOT_FILE, checkpoint_epoch
+    from shipyard.train.checkpoints import SNAPSHOT_FILE, checkpoint_epoch
 
     try:
         latest = json.loads((run_dir / SNAPSHOT_FILE).read_text())["latest_checkpoint_result"]
@@ -217,7 +217,7 @@ def test_a_pipeline_killed_while_training_resumes_without_redoing_work(ray_local
     first.kill()
     killed_in = gate.latest_epoch(world=2)
 
-    from shipyard.checkpoints import SNAPSHOT_FILE, newest_intact_checkpoint
+    from shipyard.train.checkpoints import SNAPSHOT_FILE, newest_intact_checkpoint
 
     newest_epoch = newest_intact_checkpoint(run_dir)[1] + 1
     shutil.copy(lagging / SNAPSHOT_FILE, run_dir / SNAPSHOT_FILE)

@@ -12,7 +12,7 @@ import requests
 from pipelines.digit_images import WORDS, write_digit_images
 from shipyard.cli import run_pipeline
 from shipyard.config import load_config
-from shipyard.data import to_numpy
+from shipyard.data.tables import to_numpy
 from shipyard.errors import DataError
 from shipyard.tasks import make_task
 from shipyard.tasks.images import decode, prepare

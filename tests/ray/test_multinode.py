@@ -10,7 +10,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from shipyard.localcluster import LocalCluster, worker_nodes
+from harness.localcluster import LocalCluster, worker_nodes
 from tests.helpers import TINY, free_port, listening_sockets, probe_without_token, report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def test_shipyards_ports_on_loopback_and_rays_refuse_clients_without_the_token(c
 
 def test_attaching_with_the_wrong_token_is_refused_at_once(cluster, monkeypatch):
     from shipyard.errors import PlatformError
-    from shipyard.cluster import check_cluster_address, gcs_accepts_token
+    from shipyard.cluster.attach import check_cluster_address, gcs_accepts_token
 
     assert gcs_accepts_token(cluster.address, token=cluster.token) is True
     monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)

@@ -2,7 +2,7 @@
 
 Four versions of `race` of known accuracy on sklearn digits; one Python process per version calls
 `tracking.promote_if_better` at a shared start time, for a few rounds with the alias reset in between. The
-protocol itself (tracking -> shipyard.promotion.steps) is checked under adversarial interleavings in
+protocol itself (tracking -> shipyard.track.promotion.steps) is checked under adversarial interleavings in
 tests/unit/test_promotion.py; this checks it on the real registry, through real processes.
 
 The worker side runs as `python tests/ray/test_promotion_race.py <tracking uri> <version> <folder>`.
@@ -37,7 +37,7 @@ def _digits():
 def _train(seed: int, steps: int, x, y):
     import torch
 
-    from shipyard.models import mlp
+    from shipyard.tasks.models import mlp
 
     torch.manual_seed(seed)
     model = mlp(64, 10, hidden=32)
@@ -57,7 +57,7 @@ def race(mlflow_server, tmp_path_factory):
     import mlflow
     import torch
 
-    from shipyard import tracking
+    from shipyard.track import runs as tracking
     from shipyard.config import load_config
 
     x, y, x_test, y_test = _digits()
@@ -109,7 +109,7 @@ def _client(uri):
 
 def _reset(client, champion: str | None) -> list[str]:
     """The alias on `champion` (or none), a history of just that, no promotion tags: the state before a round."""
-    from shipyard.registry import CHAMPION, CLAIM_TAG, HISTORY_TAG, PROMOTION_TAG
+    from shipyard.track.registry import CHAMPION, CLAIM_TAG, HISTORY_TAG, PROMOTION_TAG
 
     for v in ("1", "2", "3", "4"):
         for key in (PROMOTION_TAG, CLAIM_TAG):
@@ -124,7 +124,7 @@ def _reset(client, champion: str | None) -> list[str]:
 
 
 def test_concurrent_promotions_leave_the_best_version_champion_every_round(race):
-    from shipyard.registry import CLAIM_TAG, HISTORY_TAG, PROMOTION_TAG
+    from shipyard.track.registry import CLAIM_TAG, HISTORY_TAG, PROMOTION_TAG
 
     uri, accuracy, folder, workers = race
     assert list(accuracy) == ["1", "2", "3", "4"]
@@ -174,7 +174,7 @@ def worker(uri: str, version: str, folder: Path) -> None:
 
     import mlflow
 
-    from shipyard import tracking
+    from shipyard.track import runs as tracking
     from shipyard.tasks import task_of
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s v" + version + " %(name)s: %(message)s")

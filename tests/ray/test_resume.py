@@ -51,7 +51,7 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_local, workd
     reader.start()
     gate.wait(3, lambda: first.poll() is None, what=lambda: "".join(lines))  # a trial passed epoch 3
     deadline = time.monotonic() + 300
-    while not (re.search(rf"shipyard.tuning: trial 1/{n} ", "".join(lines)) and len(gate.arrivals(3)) >= 2):
+    while not (re.search(rf"shipyard.tune.search: trial 1/{n} ", "".join(lines)) and len(gate.arrivals(3)) >= 2):
         assert first.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
         time.sleep(0.1)
     finished = re.search(rf"trial 1/{n} (\S+):", "".join(lines))[1]

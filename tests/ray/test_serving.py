@@ -19,12 +19,13 @@ import schemathesis
 import torch
 from hypothesis import HealthCheck, settings
 
-from shipyard import registry, tracking
+from shipyard.track import registry
+from shipyard.track import runs as tracking
 from shipyard.cli import main as shipyard_main
 from shipyard.config import load_config
-from shipyard.endpoint import build_app
-from shipyard.ingress import wait_until_routed
-from shipyard.models import mlp
+from shipyard.serve.endpoint import build_app
+from shipyard.serve.ingress import wait_until_routed
+from shipyard.tasks.models import mlp
 from shipyard.tasks import task_of
 from tests.helpers import free_port, raylet_processes, shutdown_serve
 

@@ -9,7 +9,7 @@ from sklearn.datasets import make_classification
 
 from shipyard.cli import run_pipeline
 from shipyard.config import load_config
-from shipyard.data import load_table
+from shipyard.data.tables import load_table
 from shipyard.errors import DataError
 
 from tests.helpers import TINY

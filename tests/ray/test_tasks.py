@@ -13,7 +13,7 @@ import requests
 
 from shipyard.cli import run_pipeline
 from shipyard.config import load_config
-from shipyard.data import to_numpy
+from shipyard.data.tables import to_numpy
 from shipyard.tasks import make_task
 from tests.helpers import report, shutdown_serve
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from shipyard import tracking
+from shipyard.track import runs as tracking
 from shipyard.config import load_config
-from shipyard.data import load_table
+from shipyard.data.tables import load_table
 from shipyard.errors import TrainingError
-from shipyard.tuning import search
+from shipyard.tune.search import search
 
 pytestmark = pytest.mark.ray
 

@@ -242,12 +242,12 @@ def test_a_list_where_a_mapping_belongs_is_a_finding(tmp_path, capsys, where):
 
 
 def test_an_unexpected_failure_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
-    import shipyard.clusterfile
+    import shipyard.cluster.check
 
     def broken(path, allow_public=False):
         raise AttributeError("'list' object has no attribute 'get'")
 
-    monkeypatch.setattr(shipyard.clusterfile, "check_file", broken)
+    monkeypatch.setattr(shipyard.cluster.check, "check_file", broken)
     rc, out = check(capsys, LOCAL)
     assert rc == 2 and out.startswith(f"cannot check {LOCAL}: AttributeError: 'list' object has no attribute 'get';")
 
@@ -255,10 +255,10 @@ def test_an_unexpected_failure_is_one_line_not_a_traceback(tmp_path, capsys, mon
 def test_module_docstring_example_holds(monkeypatch):
     import doctest
 
-    import shipyard.clusterfile
+    import shipyard.cluster.check
 
     monkeypatch.chdir(ROOT)
-    assert doctest.testmod(shipyard.clusterfile).failed == 0
+    assert doctest.testmod(shipyard.cluster.check).failed == 0
 
 
 def test_rays_own_log_lines_become_findings(tmp_path, capsys):

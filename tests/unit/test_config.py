@@ -4,7 +4,7 @@ import pytest
 
 from shipyard.config import Config, _yaml_load, apply_overrides, load_config, parse_overrides, valid_keys
 from shipyard.errors import ConfigError
-from shipyard.tuning import check_space
+from shipyard.tune.search import check_space
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))

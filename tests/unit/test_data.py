@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from shipyard.config import DataConfig
-from shipyard.data import (_csv_convert, _explain_csv, _feature_columns, _first_missing, _missing,
+from shipyard.data.tables import (_csv_convert, _explain_csv, _feature_columns, _first_missing, _missing,
                            check_source, split_of)
 from shipyard.errors import DataError
 

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from shipyard.config import EndpointConfig, load_config
-from shipyard.endpoint import AppArgs, UserConfig, _Guard, build_app
+from shipyard.serve.endpoint import AppArgs, UserConfig, _Guard, build_app
 from shipyard.errors import ConfigError, ServingError
-from shipyard.registry import ModelRef
+from shipyard.track.registry import ModelRef
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def test_bad_model_uris_say_what_is_expected(uri, match):
 
 def test_the_shipped_serve_config_args_are_valid_app_args():
     app = yaml.safe_load((ROOT / "serving" / "config.yaml").read_text())["applications"][0]
-    assert app["import_path"] == "shipyard.endpoint:build_app"
+    assert app["import_path"] == "shipyard.serve.endpoint:build_app"
     args = AppArgs.model_validate(app["args"])
     assert args.model == "models:/digits@champion" and args.cpus_per_replica == 0.5
     in_place = UserConfig.model_validate(app["deployments"][0]["user_config"])  # a typo there fails here
@@ -120,7 +120,7 @@ def test_cluster_nodes_start_ray_with_fast_ingress_and_haproxy_extras_on_loopbac
     import os
     import subprocess
 
-    from shipyard.ingress import fast_ingress_env
+    from shipyard.serve.ingress import fast_ingress_env
 
     commands = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shipyard import tracking
+from shipyard.track import runs as tracking
 from shipyard.config import load_config
 from shipyard.tasks import DataInfo, task_of
 

@@ -3,7 +3,7 @@ import torch
 
 from shipyard.config import ModelConfig
 from shipyard.errors import ConfigError
-from shipyard.models import build_model
+from shipyard.tasks.models import build_model
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])

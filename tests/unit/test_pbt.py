@@ -7,8 +7,8 @@ import pytest
 from shipyard.cli import format_summary, format_trials
 from shipyard.config import load_config
 from shipyard.errors import ConfigError, TrainingError
-from shipyard.pbt import clip_to_space, pbt_keys, shape_keys
-from shipyard.tuning import check_errored_trials, check_space
+from shipyard.tune.pbt import clip_to_space, pbt_keys, shape_keys
+from shipyard.tune.search import check_errored_trials, check_space
 
 ROOT = Path(__file__).resolve().parents[2]
 

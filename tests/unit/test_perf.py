@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from shipyard.models import cnn, mlp, transformer
+from shipyard.tasks.models import cnn, mlp, transformer
 from shipyard.perf.comm import (DDP_BUCKET_BYTES, DDP_FIRST_BUCKET_BYTES, allreduce_s, ddp_buckets, exposed_comm_s,
                                 ps_allreduce_s, ring_allreduce_s, tree_allreduce_s)
 from shipyard.perf.devices import (DEVICES, INTERCONNECTS, INTRA_NODE, Device, Interconnect, Profile, get_device,

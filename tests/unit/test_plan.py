@@ -8,8 +8,8 @@ import pytest
 from shipyard.config import load_config
 from shipyard.errors import ConfigError
 from shipyard.perf.devices import Device, Interconnect, Profile
-from shipyard.planning import make_plan, worker_counts
-from shipyard.train import _Progress
+from shipyard.perf.plan import make_plan, worker_counts
+from shipyard.train.loop import _Progress
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = str(ROOT / "pipelines" / "configs" / "digits.yaml")

@@ -4,7 +4,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from shipyard.plots import (TrialHistory, _learning_curves_figure, _objective_vs_params_figure, learning_curves,
+from shipyard.tune.plots import (TrialHistory, _learning_curves_figure, _objective_vs_params_figure, learning_curves,
                             objective_vs_params, outcome, write_search_plots)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from shipyard.promotion import (Claim, Decision, Mark, Move, Read, Release, Score, Sleep, View, WriteHistory,
+from shipyard.track.promotion import (Claim, Decision, Mark, Move, Read, Release, Score, Sleep, View, WriteHistory,
                                 choose, decide, next_history, outcome, steps)
 
 

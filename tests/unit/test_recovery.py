@@ -6,9 +6,9 @@ import mlflow
 import torch
 from ray.train import Checkpoint
 
-from shipyard.checkpoints import CHECKPOINT_FILE, SNAPSHOT_FILE, repair_run_snapshot, resume_point
-from shipyard.ingress import free_loopback_port
-from shipyard.mlflow_queue import UNDELIVERED_FILE, QueuedMlflow, deliver_leftovers
+from shipyard.train.checkpoints import CHECKPOINT_FILE, SNAPSHOT_FILE, repair_run_snapshot, resume_point
+from shipyard.serve.ingress import free_loopback_port
+from shipyard.train.mlflow_queue import UNDELIVERED_FILE, QueuedMlflow, deliver_leftovers
 
 
 def _run(uri: str) -> str:
@@ -125,9 +125,9 @@ def test_a_resumed_train_run_finds_the_version_it_registered_before(tmp_path, mo
     monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
     import numpy as np
 
-    from shipyard import tracking
+    from shipyard.track import runs as tracking
     from shipyard.config import load_config
-    from shipyard.models import mlp
+    from shipyard.tasks.models import mlp
     from shipyard.pipeline import _version_of_run
 
     cfg = load_config(None, {"tracking.uri": f"sqlite:///{tmp_path}/m.db", "name": "resumed"})

@@ -1,12 +1,12 @@
 """Scheduler maths, checkpoint retention and trial sizing, without Ray."""
 import pytest
 
-from shipyard.checkpoints import checkpoints_to_delete
+from shipyard.train.checkpoints import checkpoints_to_delete
 from shipyard.config import load_config
 from shipyard.errors import ConfigError
-from shipyard.schedules import Schedule, asha_rungs, hyperband_brackets, rung_counts, trial_status
-from shipyard.trials import trials_at_once
-from shipyard.tuning import check_space
+from shipyard.tune.schedules import Schedule, asha_rungs, hyperband_brackets, rung_counts, trial_status
+from shipyard.tune.trials import trials_at_once
+from shipyard.tune.search import check_space
 
 
 def test_rungs_grow_by_the_reduction_factor_below_max_t():

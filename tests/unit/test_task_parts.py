@@ -9,9 +9,9 @@ from torch import nn
 
 from shipyard.config import load_config
 from shipyard.errors import ConfigError
-from shipyard.models import mlp
-from shipyard.promotion import Gate, choose, decide
-from shipyard.step import StepOptions, training_step
+from shipyard.tasks.models import mlp
+from shipyard.track.promotion import Gate, choose, decide
+from shipyard.train.step import StepOptions, training_step
 from shipyard.tasks import DataInfo, RequestError, make_task, objective, task_of
 
 TABLE = DataInfo(task="classification", input_shape=[3], output_width=2, target="label",
@@ -114,7 +114,7 @@ def test_an_unknown_task_or_metric_is_named_with_what_exists():
     with pytest.raises(ConfigError, match="cannot import module 'nope'"):
         make_task(load_config(None, {"task.name": "nope:Task"}).task)
     with pytest.raises(ConfigError, match="is not a subclass of shipyard.tasks.Task"):
-        make_task(load_config(None, {"task.name": "shipyard.models:mlp"}).task)
+        make_task(load_config(None, {"task.name": "shipyard.tasks.models:mlp"}).task)
 
 
 def test_the_promotion_gate_promotes_a_lower_rmse_and_keeps_a_champion_it_does_not_beat():

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from shipyard.step import LossFn, StepOptions, training_step
+from shipyard.train.step import LossFn, StepOptions, training_step
 
 Phase = Literal["forward", "backward", "optimizer"]
 OpClass = Literal["matmul", "conv", "norm", "reduction", "random", "elementwise", "view"]
@@ -176,7 +176,7 @@ def count_step_work(build: Callable[[], nn.Module], batch_size: int, in_features
                     *, make_batch: Callable[[int], dict[str, torch.Tensor]] | None = None,
                     loss_fn: LossFn | None = None, options: StepOptions = StepOptions()) -> StepWork:
     """Count one training step of `build()` on a batch of `batch_size` rows: the step of
-    `shipyard.step.training_step` itself (zero_grad, forward, the loss, backward, clipping, AdamW, `loss.item()`),
+    `shipyard.train.step.training_step` itself (zero_grad, forward, the loss, backward, clipping, AdamW, `loss.item()`),
     with `options` (micro-batches, precision) as the training loop runs it.
 
     The batch: `make_batch(batch_size)` (a task's example batch), else float32 rows of `in_features` with

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from shipyard.schedules import asha_rungs, hyperband_brackets
+from shipyard.tune.schedules import asha_rungs, hyperband_brackets
 
 TRIAL_START_S = 3.0
 """A new trial: a Python worker process and the torch import (2-4 s on 2 cores, measured with Ray 2.60 and torch 2.13)."""

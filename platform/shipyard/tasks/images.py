@@ -146,7 +146,7 @@ class ImageClassification(Task):
         import ray.data
         from ray.data.datasource import Partitioning
 
-        from shipyard.ray_data_errors import clear_errors, find_cause
+        from shipyard.data.ray_errors import clear_errors, find_cause
 
         root, classes, files = self.folder(cfg)
         size, channels = cfg.image_size, cfg.channels

@@ -3,7 +3,7 @@
     task.name: classification   # label column of classes; cross-entropy; accuracy (max)
     task.name: regression       # numeric target; MSE on the standardized target; rmse (min), mae, r2
 
-Both read the table with shipyard.data.load_table and bake the train split's preprocessing into the model
+Both read the table with shipyard.data.tables.load_table and bake the train split's preprocessing into the model
 (`TabularEncoder`): numbers standardized by their train mean and deviation, each text column one-hot encoded
 over its train categories (a value not seen in training encodes as all zeros, an "other" category). Regression
 adds a decoder that turns the network's standardized output back into the target's units. So the registered
@@ -69,12 +69,12 @@ class _Table(Task):
     REGRESSION: ClassVar[bool] = False
 
     def check_source(self, cfg) -> None:
-        from shipyard.data import check_source
+        from shipyard.data.tables import check_source
 
         check_source(cfg)
 
     def load(self, cfg) -> Splits:
-        from shipyard.data import load_table
+        from shipyard.data.tables import load_table
 
         splits = load_table(cfg, self.name, regression=self.REGRESSION)
         self.bind(splits.info)

@@ -34,7 +34,7 @@ from ray import serve
 
 from shipyard.config import EndpointConfig, InPlaceConfig, load_config
 from shipyard.errors import ServingError
-from shipyard.registry import ModelRef, ServedModel, load
+from shipyard.track.registry import ModelRef, ServedModel, load
 from shipyard.tasks import RequestError
 
 log = logging.getLogger(__name__)

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 
-from shipyard.checkpoints import checkpoint_keeper, final_prune
+from shipyard.train.checkpoints import checkpoint_keeper, final_prune
 from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError, TrainingError
-from shipyard.pbt import clip_to_space, param_shapes, pbt_keys
-from shipyard.plots import TrialHistory, write_search_plots
-from shipyard.schedules import EPOCHS, Schedule, explain_schedule, rung_counts
-from shipyard.trials import TRIAL_DRIVER_CPU, trials_at_once, tune_trial, tune_trial_ddp
+from shipyard.tune.pbt import clip_to_space, param_shapes, pbt_keys
+from shipyard.tune.plots import TrialHistory, write_search_plots
+from shipyard.tune.schedules import EPOCHS, Schedule, explain_schedule, rung_counts
+from shipyard.tune.trials import TRIAL_DRIVER_CPU, trials_at_once, tune_trial, tune_trial_ddp
 from shipyard.tasks import make_task, objective
 
 log = logging.getLogger(__name__)

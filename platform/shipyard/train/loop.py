@@ -24,11 +24,11 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from shipyard.checkpoints import CHECKPOINT_FILE, ResumePoint, repair_run_snapshot, resume_point
+from shipyard.train.checkpoints import CHECKPOINT_FILE, ResumePoint, repair_run_snapshot, resume_point
 from shipyard.config import Config
 from shipyard.errors import TrainingError
-from shipyard.mlflow_queue import FLUSH_S, UNDELIVERED_FILE, QueuedMlflow, deliver_leftovers
-from shipyard.step import StepOptions, training_step
+from shipyard.train.mlflow_queue import FLUSH_S, UNDELIVERED_FILE, QueuedMlflow, deliver_leftovers
+from shipyard.train.step import StepOptions, training_step
 from shipyard.tasks import Task, make_task
 
 log = logging.getLogger(__name__)

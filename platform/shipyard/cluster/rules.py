@@ -7,7 +7,7 @@ import logging
 import re
 from typing import Any, Iterator
 
-from shipyard.clusterfile import Finding
+from shipyard.cluster.check import Finding
 
 Parts = tuple[Any, ...]
 

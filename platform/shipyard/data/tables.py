@@ -24,10 +24,10 @@ import pandas as pd
 
 from shipyard.config import DataConfig
 from shipyard.errors import DataError
-from shipyard.ray_data_errors import clear_errors as _clear_errors
-from shipyard.table_stats import categories as _categories
-from shipyard.table_stats import mean_std as _mean_std
-from shipyard.tasks.base import DataInfo, Splits
+from shipyard.data.ray_errors import clear_errors as _clear_errors
+from shipyard.data.stats import categories as _categories
+from shipyard.data.stats import mean_std as _mean_std
+from shipyard.data.splits import DataInfo, Splits
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from shipyard.checkpoints import CHECKPOINT_FILE
+from shipyard.train.checkpoints import CHECKPOINT_FILE
 from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError
-from shipyard.schedules import EPOCHS
-from shipyard.step import StepOptions
+from shipyard.tune.schedules import EPOCHS
+from shipyard.train.step import StepOptions
 from shipyard.tasks import make_task
-from shipyard.train import fits_in_memory, iter_batches, make_optimizer, run_epoch
+from shipyard.train.loop import fits_in_memory, iter_batches, make_optimizer, run_epoch
 
 TRIAL_DRIVER_CPU = 0.01
 """A multi-worker trial is a small driver plus its Train workers, whose bundles are separate (Ray 2.60):
@@ -100,7 +100,7 @@ def tune_trial_ddp(trial_config: dict[str, Any], base: dict[str, Any], train_ds,
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from shipyard.train import make_trainer
+    from shipyard.train.loop import make_trainer
 
     cfg = apply_overrides(base, trial_config, source="tune trial")
     ctx = tune.get_context()

@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import requests
 
-from shipyard.ingress import free_loopback_port as free_port
+from shipyard.serve.ingress import free_loopback_port as free_port
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _environment(self, extra: dict[str, str]) -> dict[str, str]:
-        from shipyard.ingress import fast_ingress_env
+        from shipyard.serve.ingress import fast_ingress_env
 
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
         env.update(fast_ingress_env())  # as cluster.yaml's start commands do (free stats/metrics ports here)
@@ -243,7 +243,7 @@ class LocalCluster:
             finally:
                 timer.cancel()
         if timed_out.is_set():
-            lines.append(f"shipyard.localcluster: job {job_id} stopped after {timeout_s:.0f} s\n")
+            lines.append(f"harness.localcluster: job {job_id} stopped after {timeout_s:.0f} s\n")
             return 124, "".join(lines)
         return p.returncode, "".join(lines)
 
@@ -335,7 +335,7 @@ def worker_nodes(tracking_uri: str, parent_run_id: str) -> list[dict[str, str]]:
                           .read_text())
 
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 """The checkout `make cluster-demo` submits as the job's working_dir (pipelines/ and the configs in it)."""
 
 

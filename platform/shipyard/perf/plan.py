@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from shipyard.config import PROJECT_ROOT, Config
 from shipyard.errors import ConfigError
-from shipyard.tasks.base import DataInfo
+from shipyard.data.splits import DataInfo
 from shipyard.perf.devices import (INTRA_NODE, Device, Interconnect, get_device, get_interconnect, load_profile,
                                    with_threads)
 from shipyard.perf.estimate import (ScalingRow, StepEstimate, estimate_step, forward_time_ms, recommend_workers,
@@ -52,7 +52,7 @@ def data_shape(cfg: Config) -> DataShape:
         return DataShape(1797, 64, 10)  # sklearn.datasets.load_digits: 1,797 8x8 images, 10 classes
     import pyarrow.dataset as pads
 
-    from shipyard.data import _files, check_source
+    from shipyard.data.tables import _files, check_source
 
     if "://" in cfg.data.path:
         raise ConfigError(f"shipyard plan reads the data's shape from local files; data.path is {cfg.data.path}: "
@@ -130,7 +130,7 @@ def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_n
 
     `shape` and `rows` (train/val row counts): the pipeline passes what its data stage found; otherwise they
     come from the data's metadata and the configured split fractions."""
-    from shipyard.step import StepOptions
+    from shipyard.train.step import StepOptions
     from shipyard.tasks import make_task
 
     notes: list[str] = []

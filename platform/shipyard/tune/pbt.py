@@ -11,7 +11,7 @@ import torch
 
 from shipyard.config import Config, ModelConfig, apply_overrides
 from shipyard.errors import ConfigError
-from shipyard.models import build_model
+from shipyard.tasks.models import build_model
 
 
 def _space_values(spec: dict[str, list[Any]]) -> list[Any]:

@@ -1,4 +1,4 @@
-"""Errors from inside Ray Data, said once and in one line: the data stages of tables (shipyard.data) and of
+"""Errors from inside Ray Data, said once and in one line: the data stages of tables (shipyard.data.tables) and of
 image folders (shipyard.tasks.images) read files in Ray tasks, whose errors arrive wrapped in a remote
 traceback."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Callable
 
 from shipyard.errors import DataError
 
-log = logging.getLogger("shipyard.data")  # DEBUG on the data stage's logger keeps Ray Data's own tracebacks
+log = logging.getLogger("shipyard.data.tables")  # DEBUG on the data stage's logger keeps Ray Data's own tracebacks
 
 
 # Ray Data logs a failed task's traceback (twice) before raising it; clear_errors says it once, in one line

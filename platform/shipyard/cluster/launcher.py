@@ -15,8 +15,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Iterator
 
-from shipyard.clusterfile import Finding
-from shipyard.clusterfile.rules import (_auth_disabled, _commands, _dashboard_bind, _mapping, _path,
+from shipyard.cluster.check import Finding
+from shipyard.cluster.rules import (_auth_disabled, _commands, _dashboard_bind, _mapping, _path,
                                         _placeholders, _public_binds, _ray_log)
 
 # Options of `pip install` / `git clone` that take a value: the word after them is not a path or URL.

@@ -8,9 +8,9 @@ from typing import Any
 
 import yaml
 
-from shipyard.clusterfile import Finding
-from shipyard.clusterfile.launcher import _shell_steps
-from shipyard.clusterfile.rules import (Parts, _auth_disabled, _dashboard_bind, _mapping, _path,
+from shipyard.cluster.check import Finding
+from shipyard.cluster.launcher import _shell_steps
+from shipyard.cluster.rules import (Parts, _auth_disabled, _dashboard_bind, _mapping, _path,
                                         _placeholders, _public_binds, _strings)
 
 KUBERAY_KINDS = ("RayCluster", "RayJob", "RayService")

@@ -4,7 +4,7 @@ and the `champion` alias with its history (for `shipyard promote` and `shipyard 
 MLflow keeps only where an alias points now, not where it pointed; the history of champions is kept
 as a JSON list in the registered model's tag `shipyard.champion_history`.
 
-A version being promoted carries the claim of its promoter (shipyard.promotion.steps): the tag
+A version being promoted carries the claim of its promoter (shipyard.track.promotion.steps): the tag
 `shipyard.promotion=pending` and `shipyard.promotion_claim=<deciding|settled> <unix seconds>`. When the promoter
 is done, `shipyard.promotion` holds the reason of its decision and the claim tag is gone.
 """
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from shipyard.errors import ServingError
-from shipyard.promotion import DECIDING, Claim, View, next_history
+from shipyard.track.promotion import DECIDING, Claim, View, next_history
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def load(name: str, version: str) -> ServedModel:
     tensor = spec.get("tensor-spec")
     if not tensor or len(tensor.get("shape") or ()) < 2:
         raise ServingError(f"{uri} has no tensor signature ({spec or 'no signature'}); Shipyard serves models "
-                           "logged by its pipeline (shipyard.tracking.log_model), whose signature is [-1, ...]")
+                           "logged by its pipeline (shipyard.track.runs.log_model), whose signature is [-1, ...]")
     meta = info.metadata or {}
     shape = [int(d) for d in tensor["shape"][1:]]
     data_info = meta.get("data_info") or DataInfo(  # logged before tasks: a classifier on rows of numbers
@@ -139,14 +139,14 @@ def load_torch(uri: str):
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["pytorch"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
         raise ServingError(f"{uri} has no readable MLmodel with a pytorch flavor ({type(err).__name__}: {err}); "
-                           "Shipyard serves models logged by its pipeline (shipyard.tracking.log_model)") from None
+                           "Shipyard serves models logged by its pipeline (shipyard.track.runs.log_model)") from None
     data = local / "data"
     found = sorted(p.name for p in data.iterdir()) if data.is_dir() else []
     if flavor.get("model_data") != "data" or flavor.get("code") or found != [EXPORTED_MODEL_FILE]:
         raise ServingError(f"{uri} is not a torch.export model (MLmodel: model_data={flavor.get('model_data')!r}, "
                            f"code={flavor.get('code')!r}; data/ holds {found or 'nothing'}; expected data/ with "
                            f"only {EXPORTED_MODEL_FILE} and no code): a pickled model runs arbitrary code when loaded, "
-                           "so Shipyard refuses it. Re-register it through the pipeline (shipyard.tracking.log_model "
+                           "so Shipyard refuses it. Re-register it through the pipeline (shipyard.track.runs.log_model "
                            "saves torch.export weights and graph)")
     path = data / EXPORTED_MODEL_FILE
     try:
@@ -204,7 +204,7 @@ def write_history(name: str, history: list[str] | tuple[str, ...]) -> None:
     mlflow.MlflowClient().set_registered_model_tag(name, HISTORY_TAG, json.dumps(list(history)))
 
 
-# -- promotion claims (shipyard.promotion.steps) --------------------------------------------------------
+# -- promotion claims (shipyard.track.promotion.steps) --------------------------------------------------------
 
 def promotion_view(name: str) -> View:
     """The versions claimed by a promoter (one request), then the alias and its history (a second one): in this

@@ -2,7 +2,7 @@
 
     profile = calibrate(".shipyard/hardware.json")      # after cluster.init_ray(); ~35 s on 2 cores
 
-Compute is measured by shipyard.perf.calibrate in a Ray task on each node, with the CPUs a Train worker gets
+Compute is measured by shipyard.perf.probes in a Ray task on each node, with the CPUs a Train worker gets
 (threads = scaling.cpus_per_worker). The all-reduce is timed between the two workers of a Ray Train job (gloo, as
 Ray Train's CPU workers are joined), at sizes from 4 B to 16 MiB; a least-squares line through
 (bytes, time) gives the alpha-beta interconnect (comm.ring_allreduce_s with N = 2: time = 2 alpha + bytes / bw).
@@ -63,7 +63,7 @@ PROBE_BATCH = {"tiny": 2, "heavy": 64}
 def _measure_node(threads: int, budget_s: float) -> dict:
     import ray
 
-    from shipyard.perf.calibrate import measure_device
+    from shipyard.perf.probes import measure_device
 
     return {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
             "device": asdict(measure_device(threads, budget_s))}
@@ -78,9 +78,9 @@ def _peer_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from shipyard.step import training_step
+    from shipyard.train.step import training_step
     from torch.nn.functional import cross_entropy
-    from shipyard.train import _log_to_driver
+    from shipyard.train.loop import _log_to_driver
 
     _log_to_driver()  # quiets Ray Train's per-report INFO lines, as in a training run
 

@@ -26,7 +26,7 @@ from torch import nn
 from shipyard.perf.devices import Device
 from shipyard.perf.estimate import op_time_s
 from shipyard.perf.layers import COMPUTE_CLASSES, count_ops, count_step_work
-from shipyard.step import training_step
+from shipyard.train.step import training_step
 from torch.nn.functional import cross_entropy
 
 

@@ -1,6 +1,6 @@
 """Check a Ray cluster file before `ray up` or `kubectl apply`: Ray's own schema, offline, and Shipyard's rules.
 
-    >>> from shipyard.clusterfile import check_file
+    >>> from shipyard.cluster.check import check_file
     >>> result = check_file("cluster.yaml")
     >>> result.ok, [str(w) for w in result.warnings if w.where == "provider.head_ip"]
     (True, ['provider.head_ip: HEAD_HOST is a placeholder; replace HEAD_HOST before `ray up`'])
@@ -106,5 +106,5 @@ def check_file(path: str | Path, allow_public: bool = False) -> CheckResult:
 
 
 # Imported last: the rule modules import Finding from here, so it must exist first.
-from shipyard.clusterfile.kuberay import check_kuberay  # noqa: E402
-from shipyard.clusterfile.launcher import check_launcher  # noqa: E402
+from shipyard.cluster.kuberay import check_kuberay  # noqa: E402
+from shipyard.cluster.launcher import check_launcher  # noqa: E402

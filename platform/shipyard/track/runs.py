@@ -15,10 +15,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from shipyard import promotion, registry
+from shipyard.track import promotion, registry
 from shipyard.config import PROJECT_ROOT, Config
 from shipyard.errors import ConfigError, TrackingError
-from shipyard.promotion import Decision
+from shipyard.track.promotion import Decision
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def score_version(name: str, version: str, x: np.ndarray, y: np.ndarray, task) -
     """The task's primary metric of a registered version on (x, y), a split `task` encoded; None if the version
     cannot take these rows. A version trained on other data may encode them otherwise (its own categories of a
     text column, its own class order): the rows are then re-encoded from their raw values as it encodes them."""
-    from shipyard.registry import load
+    from shipyard.track.registry import load
     from shipyard.tasks import reencode
 
     try:

@@ -1,0 +1,1 @@
+"""Attaching to a Ray cluster (`attach`) and checking cluster files before `ray up` (`check`)."""

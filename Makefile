@@ -1,7 +1,7 @@
 # The two README commands:  `make digits`  and  `make test`  (each installs first; install is idempotent).
 PY := .venv/bin/python
 
-.PHONY: install digits images test test-unit bench-serve bench-soak bench-perf calibrate cluster-check cluster-demo clean
+.PHONY: install digits images lint format test test-unit bench-serve bench-soak bench-perf calibrate cluster-check cluster-demo clean
 
 install: .venv/.installed
 
@@ -19,8 +19,17 @@ images: install
 	$(PY) -m pipelines.images data.path=.shipyard/digit-images data.image_size=8 data.channels=1 \
 		--summary-json .shipyard/images-summary.json
 
-# Install, then run the whole test suite (unit tests, then local-Ray integration tests).
-test: install
+# Lint and format check (ruff, configured in pyproject.toml); `make format` rewrites the files.
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: install
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
+
+# Install, lint, then run the whole test suite (unit tests, then local-Ray integration tests).
+test: install lint
 	./scripts/test.sh
 
 test-unit: install

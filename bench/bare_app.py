@@ -7,6 +7,7 @@ FastAPI on uvicorn, the registered model loaded once per worker with `mlflow.pyt
 thread, a pydantic body `{"instances": [[...], ...]}` and the argmax labels back. No batching, no checks
 beyond pydantic's: what is left is HTTP, JSON and one forward pass.
 """
+
 import os
 
 import mlflow.pytorch

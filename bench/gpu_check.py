@@ -13,6 +13,7 @@ overhead measured here (a tiny model's step / its ops), the one figure a data sh
 Writes gpu_check.txt and gpu_check.json to --out (default $OUT, else .shipyard/gpu_check); the last line
 printed is the JSON object {"device", "cases", "median_rel_err", "max_rel_err", ...}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
 import torch  # noqa: E402
+from torch.nn.functional import cross_entropy  # noqa: E402
 
-from shipyard.tasks.models import cnn, mlp, transformer  # noqa: E402
 from shipyard.perf.devices import DEVICES, Device  # noqa: E402
 from shipyard.perf.estimate import estimate_step  # noqa: E402
 from shipyard.perf.layers import count_step_work  # noqa: E402
+from shipyard.tasks.models import cnn, mlp, transformer  # noqa: E402
 from shipyard.train.step import training_step  # noqa: E402
-from torch.nn.functional import cross_entropy  # noqa: E402
 
 MODELS = {"mlp": lambda: mlp(64, 10), "cnn": lambda: cnn(64, 10), "transformer": lambda: transformer(64, 10)}
 IN_FEATURES = 64
@@ -45,8 +46,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_step_ms(build, batch: int, device: str, in_features: int = IN_FEATURES, classes: int = 10,
-                    warmup: int = 10, steps: int = 50) -> float:
+def measure_step_ms(
+    build, batch: int, device: str, in_features: int = IN_FEATURES, classes: int = 10, warmup: int = 10, steps: int = 50
+) -> float:
     torch.manual_seed(0)
     model = build().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # PyTorch's default implementation for the device
@@ -69,8 +71,9 @@ def overhead_us(device: str) -> float:
     from torch import nn
 
     def build():
-        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.1), nn.Linear(4, 4), nn.ReLU(),
-                             nn.Dropout(0.1), nn.Linear(4, 2))
+        return nn.Sequential(
+            nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.1), nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.1), nn.Linear(4, 2)
+        )
 
     ms = measure_step_ms(build, 2, device, in_features=4, classes=2)
     ops = len(count_step_work(build, 2, 4, 2, foreach=device == "cuda").ops)
@@ -107,8 +110,10 @@ def main() -> None:
         name = torch.cuda.get_device_name(0)
         catalog = catalog_device(name)
         if any(k in name.lower() for k in ("pcie", "nvl")):
-            say(f"note: {name} is priced with the SXM data sheet's figures ({catalog.source}); PCIe/NVL cards have "
-                "lower clocks and bandwidth")
+            say(
+                f"note: {name} is priced with the SXM data sheet's figures ({catalog.source}); PCIe/NVL cards have "
+                "lower clocks and bandwidth"
+            )
     else:  # dry run: this CPU, measured as shipyard calibrate does
         from shipyard.perf.probes import measure_device
 
@@ -117,11 +122,15 @@ def main() -> None:
         catalog = measure_device(1, budget_s=0.05)
     measured_overhead = overhead_us(args.device)
     tuned = replace(catalog, op_overhead_us=measured_overhead)
-    say(f"device: {name}; torch {torch.__version__}; catalog {catalog.name} ({catalog.source}): "
+    say(
+        f"device: {name}; torch {torch.__version__}; catalog {catalog.name} ({catalog.source}): "
         f"fp32 {catalog.peak_tflops['fp32']} TFLOP/s x {catalog.matmul_fraction}, {catalog.mem_bandwidth_gbps} GB/s x "
-        f"{catalog.elementwise_fraction}, {catalog.op_overhead_us} us/op; measured {measured_overhead:.2f} us/op")
-    say(f"{'model':12s} {'batch':>6s} {'measured_ms':>11s} {'catalog_ms':>10s} {'err':>7s} {'+overhead_ms':>12s} "
-        f"{'err':>7s}")
+        f"{catalog.elementwise_fraction}, {catalog.op_overhead_us} us/op; measured {measured_overhead:.2f} us/op"
+    )
+    say(
+        f"{'model':12s} {'batch':>6s} {'measured_ms':>11s} {'catalog_ms':>10s} {'err':>7s} {'+overhead_ms':>12s} "
+        f"{'err':>7s}"
+    )
     cases = []
     for model, build in MODELS.items():
         for batch in map(int, args.batches.split(",")):
@@ -129,22 +138,40 @@ def main() -> None:
             measured = measure_step_ms(build, batch, args.device)
             pred = estimate_step(work, catalog).step_time_ms
             pred_tuned = estimate_step(work, tuned).step_time_ms
-            case = {"model": model, "batch": batch, "measured_ms": measured, "catalog_ms": pred,
-                    "catalog_rel_err": (pred - measured) / measured, "tuned_ms": pred_tuned,
-                    "rel_err": (pred_tuned - measured) / measured, "ops": len(work.ops), "gflop": work.flops / 1e9}
+            case = {
+                "model": model,
+                "batch": batch,
+                "measured_ms": measured,
+                "catalog_ms": pred,
+                "catalog_rel_err": (pred - measured) / measured,
+                "tuned_ms": pred_tuned,
+                "rel_err": (pred_tuned - measured) / measured,
+                "ops": len(work.ops),
+                "gflop": work.flops / 1e9,
+            }
             cases.append(case)
-            say(f"{model:12s} {batch:6d} {measured:11.3f} {pred:10.3f} {case['catalog_rel_err']:+7.1%} "
-                f"{pred_tuned:12.3f} {case['rel_err']:+7.1%}")
+            say(
+                f"{model:12s} {batch:6d} {measured:11.3f} {pred:10.3f} {case['catalog_rel_err']:+7.1%} "
+                f"{pred_tuned:12.3f} {case['rel_err']:+7.1%}"
+            )
     errs = [abs(c["rel_err"]) for c in cases]
     cat_errs = [abs(c["catalog_rel_err"]) for c in cases]
-    summary = {"device": name, "cases": len(cases), "median_rel_err": round(statistics.median(errs), 4),
-               "max_rel_err": round(max(errs), 4), "catalog_median_rel_err": round(statistics.median(cat_errs), 4),
-               "catalog_max_rel_err": round(max(cat_errs), 4), "measured_op_overhead_us": round(measured_overhead, 3),
-               "seconds": round(time.perf_counter() - started, 1),
-               "per_case": [{k: round(v, 4) if isinstance(v, float) else v for k, v in c.items()} for c in cases]}
-    say(f"{len(cases)} cases in {summary['seconds']} s: with the measured per-op overhead median |rel err| "
+    summary = {
+        "device": name,
+        "cases": len(cases),
+        "median_rel_err": round(statistics.median(errs), 4),
+        "max_rel_err": round(max(errs), 4),
+        "catalog_median_rel_err": round(statistics.median(cat_errs), 4),
+        "catalog_max_rel_err": round(max(cat_errs), 4),
+        "measured_op_overhead_us": round(measured_overhead, 3),
+        "seconds": round(time.perf_counter() - started, 1),
+        "per_case": [{k: round(v, 4) if isinstance(v, float) else v for k, v in c.items()} for c in cases],
+    }
+    say(
+        f"{len(cases)} cases in {summary['seconds']} s: with the measured per-op overhead median |rel err| "
         f"{summary['median_rel_err']:.1%}, worst {summary['max_rel_err']:.1%}; data sheet alone median "
-        f"{summary['catalog_median_rel_err']:.1%}, worst {summary['catalog_max_rel_err']:.1%}")
+        f"{summary['catalog_median_rel_err']:.1%}, worst {summary['catalog_max_rel_err']:.1%}"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.txt").write_text("\n".join(lines) + "\n")
     (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1))

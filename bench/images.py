@@ -20,6 +20,7 @@ end-to-end figure over all epochs (`end_to_end_images_per_s` against the torch l
 
 Last line: one JSON object {"images_per_s", "torch_images_per_s", "ratio_vs_torch_loader", ...}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,11 @@ from shipyard.config import load_config  # noqa: E402
 
 def cpu_name() -> str:
     try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
+        return next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -56,12 +60,21 @@ def shipyard_epochs(cfg, splits, tracking_uri: str) -> dict[str, list[float]]:
     client = MlflowClient(tracking_uri)
     exp_id = client.create_experiment("bench-images")
     run_id = client.create_run(exp_id, run_name="ray-train").info.run_id
-    trainer = make_trainer(cfg, {"train": splits.train, "val": splits.val}, splits.info.to_dict(),
-                           f"bench-images-{time.time_ns()}", tracking_uri=tracking_uri, mlflow_run_id=run_id,
-                           num_workers=1, quiet=True)
+    trainer = make_trainer(
+        cfg,
+        {"train": splits.train, "val": splits.val},
+        splits.info.to_dict(),
+        f"bench-images-{time.time_ns()}",
+        tracking_uri=tracking_uri,
+        mlflow_run_id=run_id,
+        num_workers=1,
+        quiet=True,
+    )
     trainer.fit()
-    history = {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)]
-               for k in ("train_time_s", "epoch_time_s", "val_accuracy")}
+    history = {
+        k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)]
+        for k in ("train_time_s", "epoch_time_s", "val_accuracy")
+    }
     client.set_terminated(run_id)
     return history
 
@@ -94,8 +107,9 @@ def torch_epochs(cfg, info, files: list[Path], labels: list[int], epochs: int) -
     torch.manual_seed(cfg.train.seed)
     model = make_task(cfg.task, info).build_model(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    loader = torch.utils.data.DataLoader(Folder(), batch_size=cfg.train.batch_size, shuffle=True, num_workers=1,
-                                         persistent_workers=True)
+    loader = torch.utils.data.DataLoader(
+        Folder(), batch_size=cfg.train.batch_size, shuffle=True, num_workers=1, persistent_workers=True
+    )
     times = []
     for _ in range(epochs):
         model.train()
@@ -125,14 +139,27 @@ def main() -> None:
     root = tmp / "digits"
     t0 = time.perf_counter()
     n_files = write_digit_images(root, args.copies)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; wrote {n_files} PNG files (8x8 grayscale) under {root} "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} CPUs; wrote {n_files} PNG files (8x8 grayscale) under {root} "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     tracking_uri = f"sqlite:///{tmp}/mlflow.db"
-    cfg = load_config(ROOT / "pipelines" / "configs" / "images.yaml", {
-        "data.path": str(root), "data.image_size": 8, "data.channels": 1, "model.name": args.model,
-        "train.epochs": args.epochs, "train.batch_size": args.batch, "scaling.num_workers": 1,
-        "tune.enabled": False, "serve.enabled": False, "storage_path": str(tmp / "results"),
-        "tracking.uri": tracking_uri})
+    cfg = load_config(
+        ROOT / "pipelines" / "configs" / "images.yaml",
+        {
+            "data.path": str(root),
+            "data.image_size": 8,
+            "data.channels": 1,
+            "model.name": args.model,
+            "train.epochs": args.epochs,
+            "train.batch_size": args.batch,
+            "scaling.num_workers": 1,
+            "tune.enabled": False,
+            "serve.enabled": False,
+            "storage_path": str(tmp / "results"),
+            "tracking.uri": tracking_uri,
+        },
+    )
     import ray
 
     init_ray(None)
@@ -142,8 +169,10 @@ def main() -> None:
         splits = task.load(cfg.data)
         load_s = time.perf_counter() - t0
         rows = splits.rows["train"]
-        print(f"Shipyard data stage (read_images, decode, prepare, split, normalization statistics): {load_s:.1f} s "
-              f"for {n_files} files; splits {splits.rows}")
+        print(
+            f"Shipyard data stage (read_images, decode, prepare, split, normalization statistics): {load_s:.1f} s "
+            f"for {n_files} files; splits {splits.rows}"
+        )
         ray_hist = shipyard_epochs(cfg, splits, tracking_uri)
     finally:
         ray.shutdown()
@@ -167,17 +196,33 @@ def main() -> None:
     torch_images_per_s = statistics.median(torch_rates[1:])
     end_to_end = rows * args.epochs / (load_s + sum(ray_hist["train_time_s"]))
     torch_end_to_end = rows * args.epochs / sum(torch_hist["train_time_s"])
-    print(f"\nsteady state (epochs 2-{args.epochs}, median): Shipyard {images_per_s:.0f} images/s, plain PyTorch "
-          f"DataLoader (num_workers=1) {torch_images_per_s:.0f} images/s, ratio "
-          f"{images_per_s / torch_images_per_s:.2f}")
-    print(f"end to end incl. Shipyard's one-time decode ({load_s:.1f} s): {end_to_end:.0f} against "
-          f"{torch_end_to_end:.0f} images/s; Shipyard's last val accuracy {ray_hist['val_accuracy'][-1]:.4f}")
-    print(json.dumps({"images_per_s": round(images_per_s, 1), "torch_images_per_s": round(torch_images_per_s, 1),
-                      "ratio_vs_torch_loader": round(images_per_s / torch_images_per_s, 3),
-                      "end_to_end_images_per_s": round(end_to_end, 1),
-                      "torch_end_to_end_images_per_s": round(torch_end_to_end, 1),
-                      "load_s": round(load_s, 2), "files": n_files, "train_rows": rows, "epochs": args.epochs,
-                      "model": args.model, "batch": args.batch, "cpu": cpu_name()}))
+    print(
+        f"\nsteady state (epochs 2-{args.epochs}, median): Shipyard {images_per_s:.0f} images/s, plain PyTorch "
+        f"DataLoader (num_workers=1) {torch_images_per_s:.0f} images/s, ratio "
+        f"{images_per_s / torch_images_per_s:.2f}"
+    )
+    print(
+        f"end to end incl. Shipyard's one-time decode ({load_s:.1f} s): {end_to_end:.0f} against "
+        f"{torch_end_to_end:.0f} images/s; Shipyard's last val accuracy {ray_hist['val_accuracy'][-1]:.4f}"
+    )
+    print(
+        json.dumps(
+            {
+                "images_per_s": round(images_per_s, 1),
+                "torch_images_per_s": round(torch_images_per_s, 1),
+                "ratio_vs_torch_loader": round(images_per_s / torch_images_per_s, 3),
+                "end_to_end_images_per_s": round(end_to_end, 1),
+                "torch_end_to_end_images_per_s": round(torch_end_to_end, 1),
+                "load_s": round(load_s, 2),
+                "files": n_files,
+                "train_rows": rows,
+                "epochs": args.epochs,
+                "model": args.model,
+                "batch": args.batch,
+                "cpu": cpu_name(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ driven at half its maximum with 32 connections paced by wrk's Lua `delay()` (a r
 exponential distribution before each request, its mean calibrated until the achieved rate is within 10 % of
 the target) and its p99 latency reported. Last line: one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
@@ -73,6 +75,7 @@ log = logging.getLogger("bench.serve")
 
 
 # -- wrk ---------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class WrkResult:
@@ -123,8 +126,7 @@ def lua_script(path: Path, body: str, delay_ms: float | None = None) -> Path:
     each request (exponential: Poisson arrivals per connection, so the connections do not fire in lockstep;
     dithered to the whole ms that wrk takes)."""
     assert "]==]" not in body
-    lines = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"',
-             f"wrk.body = [==[{body}]==]"]
+    lines = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"', f"wrk.body = [==[{body}]==]"]
     if delay_ms is not None:
         wait = f"-{delay_ms:.4f} * math.log(1 - math.random())"
         lines += ["function delay()", f"  return math.floor({wait} + math.random())", "end"]
@@ -133,8 +135,7 @@ def lua_script(path: Path, body: str, delay_ms: float | None = None) -> Path:
 
 
 def run_wrk(url: str, script: Path, connections: int, seconds: float) -> WrkResult:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "--latency",
-           "-s", str(script), url]
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "--latency", "-s", str(script), url]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
@@ -152,12 +153,16 @@ def measure(label: str, url: str, script: Path, seconds: float, warmup_s: float)
     for c in CONCURRENCY:
         r = results[c] = run_wrk(url, script, c, seconds)
         flag = f"  <-- {r.non_2xx} non-2xx, {r.socket_errors} socket errors" if r.errors else ""
-        print(f"  {label:<20} c={c:<3} {r.rps:9.1f} req/s  p50 {r.p50_ms:8.2f} ms  p99 {r.p99_ms:8.2f} ms  "
-              f"wrk {r.wrk_cores:.2f} cores{flag}", flush=True)
+        print(
+            f"  {label:<20} c={c:<3} {r.rps:9.1f} req/s  p50 {r.p50_ms:8.2f} ms  p99 {r.p99_ms:8.2f} ms  "
+            f"wrk {r.wrk_cores:.2f} cores{flag}",
+            flush=True,
+        )
     return results
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
+
 
 def post_json(url: str, payload: dict, timeout: float = 10.0) -> tuple[int, Any]:
     import requests
@@ -169,9 +174,15 @@ def post_json(url: str, payload: dict, timeout: float = 10.0) -> tuple[int, Any]
         return r.status_code, r.text
 
 
-def wait_for_prediction(url: str, payload: dict, label_of: Callable[[Any], int], expected: int,
-                        timeout_s: float, proc: subprocess.Popen | None = None, log_path: Path | None = None
-                        ) -> None:
+def wait_for_prediction(
+    url: str,
+    payload: dict,
+    label_of: Callable[[Any], int],
+    expected: int,
+    timeout_s: float,
+    proc: subprocess.Popen | None = None,
+    log_path: Path | None = None,
+) -> None:
     """Poll until the server answers 200 with a prediction; then check it is the label the model gives."""
     import requests
 
@@ -200,8 +211,9 @@ def wait_for_prediction(url: str, payload: dict, label_of: Callable[[Any], int],
 def server_process(cmd: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
     """A server in its own process group, stopped with all its workers when the block ends (errors too)."""
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, cwd=ROOT, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, **env}, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             yield proc
         finally:
@@ -218,6 +230,7 @@ def server_process(cmd: list[str], env: dict[str, str], log_path: Path) -> Itera
 
 
 # -- models ------------------------------------------------------------------------------------------------
+
 
 def digits():
     import numpy as np
@@ -264,15 +277,14 @@ def per_instance_ms(model, x, batch: int, repeat: int = 300) -> float:
     return sorted(times)[len(times) // 2] * 1000 / batch
 
 
-def build_models(uri: str, quick: bool, kinds: tuple[str, ...] = ("tiny", "heavy")
-                 ) -> dict[str, dict[str, Any]]:
+def build_models(uri: str, quick: bool, kinds: tuple[str, ...] = ("tiny", "heavy")) -> dict[str, dict[str, Any]]:
     """Train, measure and register `kinds` (tiny, heavy); returns per model its URI, a request row and its
     label."""
     import mlflow
     import torch
 
-    from shipyard.track import runs as tracking
     from shipyard.tasks.models import mlp
+    from shipyard.track import runs as tracking
 
     x, y, x_test, y_test = digits()
     classes, features = list(range(10)), [f"pixel_{i}" for i in range(64)]
@@ -304,15 +316,21 @@ def build_models(uri: str, quick: bool, kinds: tuple[str, ...] = ("tiny", "heavy
         row = x_test[0]
         with torch.no_grad():
             label = int(model(torch.from_numpy(row[None])).argmax(1))
-        print(f"{kind}: {_layers(model)}, {params:,} parameters, trained {epochs} epochs in "
-              f"{time.perf_counter() - t0:.1f} s, test accuracy {acc:.4f}; one thread: {ms1:.3f} ms per "
-              f"instance at batch 1, {ms32:.3f} ms at batch 32 ({ms1 / ms32:.1f}x); registered "
-              f"models:/{cfg.model_name}/{version}",
-              flush=True)
+        print(
+            f"{kind}: {_layers(model)}, {params:,} parameters, trained {epochs} epochs in "
+            f"{time.perf_counter() - t0:.1f} s, test accuracy {acc:.4f}; one thread: {ms1:.3f} ms per "
+            f"instance at batch 1, {ms32:.3f} ms at batch 32 ({ms1 / ms32:.1f}x); registered "
+            f"models:/{cfg.model_name}/{version}",
+            flush=True,
+        )
         if kind == "heavy" and ms1 < MIN_HEAVY_MS:
             print(f"  warning: heavy model costs only {ms1:.3f} ms per instance (< {MIN_HEAVY_MS} ms)")
-        out[kind] = {"uri": f"models:/{cfg.model_name}/{version}", "row": [round(float(v), 4) for v in row],
-                     "label": label, "ms_per_instance": ms1}
+        out[kind] = {
+            "uri": f"models:/{cfg.model_name}/{version}",
+            "row": [round(float(v), 4) for v in row],
+            "label": label,
+            "ms_per_instance": ms1,
+        }
     return out
 
 
@@ -325,8 +343,10 @@ def _layers(model) -> str:
 
 # -- the servers -------------------------------------------------------------------------------------------
 
-def bench_shipyard(variant: str, model: dict, uri: str, port: int, tmp: Path, seconds: float, warmup_s: float
-                   ) -> dict[int, WrkResult]:
+
+def bench_shipyard(
+    variant: str, model: dict, uri: str, port: int, tmp: Path, seconds: float, warmup_s: float
+) -> dict[int, WrkResult]:
     """Deploy one Shipyard variant on the running Serve, measure it and delete it."""
     name = f"bench-{variant}"
     t0 = time.perf_counter()
@@ -359,26 +379,61 @@ def build_app_for(variant: str, model: dict, uri: str):
 
 def bench_mlflow(model: dict, uri: str, tmp: Path, seconds: float, warmup_s: float) -> dict[int, WrkResult]:
     port = free_port()
-    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model["uri"], "--env-manager", "local",
-           "-w", "2", "-h", "127.0.0.1", "-p", str(port)]
-    env = {"MLFLOW_TRACKING_URI": uri, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-           # one torch thread per worker and no access log, as in (a), (b) and (d)
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "UVICORN_ACCESS_LOG": "false"}
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        model["uri"],
+        "--env-manager",
+        "local",
+        "-w",
+        "2",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+    env = {
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        # one torch thread per worker and no access log, as in (a), (b) and (d)
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "UVICORN_ACCESS_LOG": "false",
+    }
     log_path = tmp / "mlflow-serve.log"
     t0 = time.perf_counter()
     with server_process(cmd, env, log_path) as proc:
         url = f"http://127.0.0.1:{port}/invocations"
         payload = {"inputs": [model["row"]]}
-        wait_for_prediction(url, payload, lambda a: max(range(10), key=a["predictions"][0].__getitem__),
-                            model["label"], 120, proc, log_path)
+        wait_for_prediction(
+            url,
+            payload,
+            lambda a: max(range(10), key=a["predictions"][0].__getitem__),
+            model["label"],
+            120,
+            proc,
+            log_path,
+        )
         print(f"  mlflow: ready in {time.perf_counter() - t0:.1f} s", flush=True)
         return measure("mlflow", url, lua_script(tmp / "mlflow.lua", json.dumps(payload)), seconds, warmup_s)
 
 
 def bench_bare(model: dict, uri: str, tmp: Path, seconds: float, warmup_s: float) -> dict[int, WrkResult]:
     port = free_port()
-    cmd = [str(VENV_BIN / "uvicorn"), "bench.bare_app:app", "--workers", "2", "--host", "127.0.0.1", "--port",
-           str(port), "--log-level", "warning"]
+    cmd = [
+        str(VENV_BIN / "uvicorn"),
+        "bench.bare_app:app",
+        "--workers",
+        "2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     env = {"MLFLOW_TRACKING_URI": uri, "BENCH_MODEL_URI": model["uri"]}
     log_path = tmp / "bare.log"
     t0 = time.perf_counter()
@@ -390,17 +445,35 @@ def bench_bare(model: dict, uri: str, tmp: Path, seconds: float, warmup_s: float
         return measure("bare", url, lua_script(tmp / "bare.lua", json.dumps(payload)), seconds, warmup_s)
 
 
-def bench_half_max(url: str, body: str, max_rps: float, tmp: Path, seconds: float, first_latency_ms: float,
-                   connections: int = 32, tries: int = 5) -> tuple[WrkResult, float]:
+def bench_half_max(
+    url: str,
+    body: str,
+    max_rps: float,
+    tmp: Path,
+    seconds: float,
+    first_latency_ms: float,
+    connections: int = 32,
+    tries: int = 5,
+) -> tuple[WrkResult, float]:
     """Drive `url` at about max_rps / 2 with `connections` paced connections; returns (result, mean delay
     ms)."""
-    return bench_paced(url, body, max_rps / 2, tmp, seconds, first_latency_ms, "half max", HALF_MAX_TOLERANCE,
-                       connections, tries)
+    return bench_paced(
+        url, body, max_rps / 2, tmp, seconds, first_latency_ms, "half max", HALF_MAX_TOLERANCE, connections, tries
+    )
 
 
-def bench_paced(url: str, body: str, target: float, tmp: Path, seconds: float, first_latency_ms: float,
-                label: str, tolerance: float, connections: int = 32, tries: int = 5
-                ) -> tuple[WrkResult, float]:
+def bench_paced(
+    url: str,
+    body: str,
+    target: float,
+    tmp: Path,
+    seconds: float,
+    first_latency_ms: float,
+    label: str,
+    tolerance: float,
+    connections: int = 32,
+    tries: int = 5,
+) -> tuple[WrkResult, float]:
     """Drive `url` at about `target` req/s with `connections` paced connections; returns the run closest to
     the target and its mean delay in ms.
 
@@ -415,9 +488,12 @@ def bench_paced(url: str, body: str, target: float, tmp: Path, seconds: float, f
     for _ in range(tries):
         r = run_wrk(url, lua_script(tmp / "paced.lua", body, delay), connections, seconds)
         off = r.rps / target - 1
-        print(f"  {label}: delay {delay:.2f} ms -> {r.rps:.1f} req/s (target {target:.1f}, {off:+.1%}), "
-              f"p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, wrk {r.wrk_cores:.2f} cores"
-              + (f", {r.errors} errors" if r.errors else ""), flush=True)
+        print(
+            f"  {label}: delay {delay:.2f} ms -> {r.rps:.1f} req/s (target {target:.1f}, {off:+.1%}), "
+            f"p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, wrk {r.wrk_cores:.2f} cores"
+            + (f", {r.errors} errors" if r.errors else ""),
+            flush=True,
+        )
         if best is None or abs(off) < abs(best[0].rps / target - 1):
             best = (r, delay)
         if abs(off) <= tolerance:
@@ -435,10 +511,13 @@ def bench_paced(url: str, body: str, target: float, tmp: Path, seconds: float, f
 
 # -- main --------------------------------------------------------------------------------------------------
 
+
 def machine_line(seconds: float, warmup_s: float) -> str:
-    return (f"{machine()}\nload: wrk -t1 -c{{{','.join(map(str, CONCURRENCY))}}} "
-            f"-d{seconds:g}s --latency on loopback after a {warmup_s:g} s warm-up at c=8; one digits row per "
-            "POST; servers and wrk share the 2 cores")
+    return (
+        f"{machine()}\nload: wrk -t1 -c{{{','.join(map(str, CONCURRENCY))}}} "
+        f"-d{seconds:g}s --latency on loopback after a {warmup_s:g} s warm-up at c=8; one digits row per "
+        "POST; servers and wrk share the 2 cores"
+    )
 
 
 def machine() -> str:
@@ -447,27 +526,36 @@ def machine() -> str:
     import ray
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or platform.machine(),
+    )
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split(" [")[0]
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"machine: {cpu}, {os.cpu_count()} CPUs, load average {load} at start; Python "
-            f"{platform.python_version()}, ray {ray.__version__}, mlflow {mlflow.__version__}, torch "
-            f"{torch.__version__}, {wrk_version}")
+    return (
+        f"machine: {cpu}, {os.cpu_count()} CPUs, load average {load} at start; Python "
+        f"{platform.python_version()}, ray {ray.__version__}, mlflow {mlflow.__version__}, torch "
+        f"{torch.__version__}, {wrk_version}"
+    )
 
 
 def print_table(kind: str, results: dict[str, dict[int, WrkResult]]) -> None:
     print(f"\n{kind + ' model':<31}{'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} {'wrk cores':>10}")
     for server in (s for s in SERVERS if s in results):
         for c, r in results[server].items():
-            print(f"  {SERVERS[server]:<22} c={c:<3} {r.rps:9.1f} {r.p50_ms:9.2f} {r.p99_ms:9.2f} "
-                  f"{r.errors:7d} {r.wrk_cores:10.2f}" + ("  FLAGGED" if r.errors else ""))
+            print(
+                f"  {SERVERS[server]:<22} c={c:<3} {r.rps:9.1f} {r.p50_ms:9.2f} {r.p99_ms:9.2f} "
+                f"{r.errors:7d} {r.wrk_cores:10.2f}" + ("  FLAGGED" if r.errors else "")
+            )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=None,
-                   help="duration of each wrk run (default 8; 3 with --quick)")
+    p.add_argument("--seconds", type=float, default=None, help="duration of each wrk run (default 8; 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 s runs, no 2-replica variant")
     args = p.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 8.0)
@@ -513,38 +601,65 @@ def main() -> None:
         for server in (s for s in SERVERS if s in results[kind]):
             mark = "  <- best" if server == best[kind] else ""
             rps = results[kind][server][32].rps
-            print(f"  {kind:<6} {SERVERS[server]:<22} {rps:9.1f} req/s  x{rps / ref_m:5.2f} vs mlflow  "
-                  f"x{rps / ref_b:5.2f} vs bare{mark}")
+            print(
+                f"  {kind:<6} {SERVERS[server]:<22} {rps:9.1f} req/s  x{rps / ref_m:5.2f} vs mlflow  "
+                f"x{rps / ref_b:5.2f} vs bare{mark}"
+            )
         ratios[kind] = (results[kind][best[kind]][32].rps / ref_m, results[kind][best[kind]][32].rps / ref_b)
     half_result, half_delay = half
     half_target = results["tiny"][best["tiny"]][32].rps / 2
     half_ok = abs(half_result.rps / half_target - 1) <= HALF_MAX_TOLERANCE
-    print(f"\nhalf max: {best['tiny']} on tiny at {half_result.rps:.1f} req/s (target {half_target:.1f}, "
-          f"{'within' if half_ok else 'NOT within'} {HALF_MAX_TOLERANCE:.0%}), 32 connections waiting "
-          f"{half_delay:.2f} ms on average between requests: "
-          f"p50 {half_result.p50_ms:.2f} ms, p99 {half_result.p99_ms:.2f} ms")
-    flagged = [f"{kind}/{server}/c={c}" for kind in results for server, by_c in results[kind].items()
-               for c, r in by_c.items() if r.errors]
+    print(
+        f"\nhalf max: {best['tiny']} on tiny at {half_result.rps:.1f} req/s (target {half_target:.1f}, "
+        f"{'within' if half_ok else 'NOT within'} {HALF_MAX_TOLERANCE:.0%}), 32 connections waiting "
+        f"{half_delay:.2f} ms on average between requests: "
+        f"p50 {half_result.p50_ms:.2f} ms, p99 {half_result.p99_ms:.2f} ms"
+    )
+    flagged = [
+        f"{kind}/{server}/c={c}"
+        for kind in results
+        for server, by_c in results[kind].items()
+        for c, r in by_c.items()
+        if r.errors
+    ]
     wrk_max = max(r.wrk_cores for kind in results for by_c in results[kind].values() for r in by_c.values())
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"wrk used at most {wrk_max:.2f} cores in any run; runs with errors: "
-          f"{', '.join(flagged) or 'none'}; "
-          f"load average at the end {load}; total wall {time.perf_counter() - t_start:.0f} s")
-    print(json.dumps({
-        "tiny_ratio_vs_mlflow": round(ratios["tiny"][0], 2),
-        "heavy_ratio_vs_mlflow": round(ratios["heavy"][0], 2),
-        "tiny_ratio_vs_bare": round(ratios["tiny"][1], 2),
-        "heavy_ratio_vs_bare": round(ratios["heavy"][1], 2),
-        "p99_ms_at_half_max": round(half_result.p99_ms, 2), "half_max_rps": round(half_result.rps, 2),
-        "half_max_target_rps": round(half_target, 2), "half_max_within_tolerance": half_ok,
-        "rps": {kind: {server: {str(c): round(r.rps, 2) for c, r in results[kind][server].items()}
-                       for server in SERVERS if server in results[kind]} for kind in results},
-        "best": best, "seconds": seconds, "wrk_max_cores": round(wrk_max, 2), "errors": flagged,
-    }))
+    print(
+        f"wrk used at most {wrk_max:.2f} cores in any run; runs with errors: "
+        f"{', '.join(flagged) or 'none'}; "
+        f"load average at the end {load}; total wall {time.perf_counter() - t_start:.0f} s"
+    )
+    print(
+        json.dumps(
+            {
+                "tiny_ratio_vs_mlflow": round(ratios["tiny"][0], 2),
+                "heavy_ratio_vs_mlflow": round(ratios["heavy"][0], 2),
+                "tiny_ratio_vs_bare": round(ratios["tiny"][1], 2),
+                "heavy_ratio_vs_bare": round(ratios["heavy"][1], 2),
+                "p99_ms_at_half_max": round(half_result.p99_ms, 2),
+                "half_max_rps": round(half_result.rps, 2),
+                "half_max_target_rps": round(half_target, 2),
+                "half_max_within_tolerance": half_ok,
+                "rps": {
+                    kind: {
+                        server: {str(c): round(r.rps, 2) for c, r in results[kind][server].items()}
+                        for server in SERVERS
+                        if server in results[kind]
+                    }
+                    for kind in results
+                },
+                "best": best,
+                "seconds": seconds,
+                "wrk_max_cores": round(wrk_max, 2),
+                "errors": flagged,
+            }
+        )
+    )
 
 
-def run_shipyard(models: dict, variants: list[str], uri: str, tmp: Path, seconds: float, warmup_s: float,
-                 results: dict) -> tuple[tuple[WrkResult, float], dict[str, str]]:
+def run_shipyard(
+    models: dict, variants: list[str], uri: str, tmp: Path, seconds: float, warmup_s: float, results: dict
+) -> tuple[tuple[WrkResult, float], dict[str, str]]:
     """(a) and (b) on one local Ray with fast ingress, started and stopped here (by pid, never `ray stop`)."""
     with local_serve() as (port, _):
         best = {}
@@ -552,16 +667,16 @@ def run_shipyard(models: dict, variants: list[str], uri: str, tmp: Path, seconds
             print(f"\n{kind}: Shipyard, {model['uri']}", flush=True)
             for variant in variants:
                 results[kind][variant] = bench_shipyard(variant, model, uri, port, tmp, seconds, warmup_s)
-            best[kind] = max((v for v in BATCHING if v in results[kind]),
-                             key=lambda v: results[kind][v][32].rps)
+            best[kind] = max((v for v in BATCHING if v in results[kind]), key=lambda v: results[kind][v][32].rps)
         # half max: redeploy tiny's best configuration and pace it at half its maximum
         tiny = models["tiny"]
         variant = best["tiny"]
         with deployed("bench-half", variant, tiny, uri, port) as (url, body):
             run_wrk(url, lua_script(tmp / "warm.lua", body), 8, warmup_s)
             print(f"\nhalf max ({variant} on tiny, 32 paced connections):", flush=True)
-            half = bench_half_max(url, body, results["tiny"][variant][32].rps, tmp, seconds,
-                                  results["tiny"][variant][8].p50_ms)
+            half = bench_half_max(
+                url, body, results["tiny"][variant][32].rps, tmp, seconds, results["tiny"][variant][8].p50_ms
+            )
         return half, best
 
 
@@ -590,8 +705,9 @@ def local_serve() -> Iterator[tuple[int, int | None]]:
         ray.shutdown()
         left = kill_leftovers(raylet, started)
         if left:
-            print(f"killed {len(left)} Ray process(es) of this run that outlived ray.shutdown(): {left}",
-                  file=sys.stderr)
+            print(
+                f"killed {len(left)} Ray process(es) of this run that outlived ray.shutdown(): {left}", file=sys.stderr
+            )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ at its defaults (`shipyard.serve.endpoint.build_app` with only model and registr
 Fails (exit 1) on any error in the soak, on rss_growth >= 10 % or on a replica that was replaced meanwhile.
 Last line: one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serve import (  # noqa: E402  (bench/serve.py puts platform/ and the repo root on sys.path)
-    WrkResult, bench_paced, build_models, deployed, local_serve, lua_script, machine, run_wrk,
+    WrkResult,
+    bench_paced,
+    build_models,
+    deployed,
+    local_serve,
+    lua_script,
+    machine,
+    run_wrk,
 )
 from tests.helpers import ray_worker_pids  # noqa: E402
 
@@ -73,8 +81,10 @@ def rss_bytes(pids: list[int]) -> int:
     try:
         return sum(psutil.Process(pid).memory_info().rss for pid in pids)
     except psutil.NoSuchProcess as err:
-        raise RuntimeError(f"replica process {err.pid} is gone (replaced by Serve?): its memory cannot be "
-                           "followed; see the Serve logs under the Ray session folder") from err
+        raise RuntimeError(
+            f"replica process {err.pid} is gone (replaced by Serve?): its memory cannot be "
+            "followed; see the Serve logs under the Ray session folder"
+        ) from err
 
 
 class CpuMeter:
@@ -117,21 +127,29 @@ class CpuMeter:
 
 
 def p99_line(label: str, r: WrkResult) -> str:
-    return (f"{label}: {r.rps:8.1f} req/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  {r.requests:6d} "
-            f"requests  {r.non_2xx} non-2xx  {r.socket_errors} socket errors  wrk {r.wrk_cores:.2f} cores")
+    return (
+        f"{label}: {r.rps:8.1f} req/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  {r.requests:6d} "
+        f"requests  {r.non_2xx} non-2xx  {r.socket_errors} socket errors  wrk {r.wrk_cores:.2f} cores"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=int, default=60,
-                   help=f"soak duration, a multiple of {WINDOW_S} and at least {2 * WINDOW_S} (default 60)")
+    p.add_argument(
+        "--seconds",
+        type=int,
+        default=60,
+        help=f"soak duration, a multiple of {WINDOW_S} and at least {2 * WINDOW_S} (default 60)",
+    )
     p.add_argument("--load", type=float, default=0.8, help="target rate as a fraction of the maximum (0.8)")
     p.add_argument("--max-seconds", type=int, default=8, help="the maximum-throughput run (default 8)")
     p.add_argument("--calibrate-seconds", type=int, default=5, help="each rate-fitting run (default 5)")
     args = p.parse_args()
     if args.seconds < 2 * WINDOW_S or args.seconds % WINDOW_S:
-        p.error(f"--seconds {args.seconds}: give a multiple of {WINDOW_S} s, at least {2 * WINDOW_S} "
-                f"(the first and the last {WINDOW_S} s are separate wrk runs)")
+        p.error(
+            f"--seconds {args.seconds}: give a multiple of {WINDOW_S} s, at least {2 * WINDOW_S} "
+            f"(the first and the last {WINDOW_S} s are separate wrk runs)"
+        )
     if not 0 < args.load <= 1:
         p.error(f"--load {args.load}: give a fraction of the maximum in (0, 1]")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -148,11 +166,14 @@ def main() -> None:
 
         mlflow.set_tracking_uri(uri)
         print(machine(), flush=True)
-        print(f"method: wrk -t1 on loopback, one digits row per POST, {CONNECTIONS} connections; maximum = "
-              f"{args.max_seconds:g} s unpaced after a {WARMUP_S:g} s warm-up at c=8; soak = "
-              f"{args.seconds} s at {args.load:.0%} of it, paced by wrk's Lua delay() (exponential waits), "
-              f"as {args.seconds // WINDOW_S} back-to-back {WINDOW_S} s wrk runs, each with its own latency "
-              "histogram; Serve, HAProxy and wrk share the 2 cores", flush=True)
+        print(
+            f"method: wrk -t1 on loopback, one digits row per POST, {CONNECTIONS} connections; maximum = "
+            f"{args.max_seconds:g} s unpaced after a {WARMUP_S:g} s warm-up at c=8; soak = "
+            f"{args.seconds} s at {args.load:.0%} of it, paced by wrk's Lua delay() (exponential waits), "
+            f"as {args.seconds // WINDOW_S} back-to-back {WINDOW_S} s wrk runs, each with its own latency "
+            "histogram; Serve, HAProxy and wrk share the 2 cores",
+            flush=True,
+        )
         tiny = build_models(uri, quick=False, kinds=("tiny",))["tiny"]
         result = soak(tiny, uri, tmp, args)
         ok = True
@@ -176,53 +197,73 @@ def report(result: dict, t_start: float) -> list[str]:
     growth = rss[-1] / rss[0] - 1
     first, last = windows[0], windows[-1]
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"\nsoak: {requests} requests in {soak_wrk_s:.1f} s of load ({soak_wrk_s / result['wall_s']:.1%} "
-          f"of the {result['wall_s']:.1f} s wall; the rest is starting wrk between windows), {achieved:.1f} "
-          f"req/s against a target of {result['target']:.1f} ({achieved / result['target'] - 1:+.1%}; "
-          f"maximum {result['max'].rps:.1f}); {errors} errors ({sum(r.non_2xx for r in windows)} non-2xx, "
-          f"{sum(r.socket_errors for r in windows)} socket)")
-    print(f"p99: first {WINDOW_S} s {first.p99_ms:.2f} ms, last {WINDOW_S} s {last.p99_ms:.2f} ms "
-          f"(x{last.p99_ms / first.p99_ms:.2f}); over all windows {min(r.p99_ms for r in windows):.2f}-"
-          f"{max(r.p99_ms for r in windows):.2f} ms")
-    print(f"replica RSS ({len(result['pids'])} replica, pid {', '.join(map(str, result['pids']))}): "
-          f"{rss[0] / 2**20:.1f} MiB before the soak -> {rss[-1] / 2**20:.1f} MiB after ({growth:+.2%}); "
-          f"wrk used at most {max(r.wrk_cores for r in windows):.2f} cores; load average at the end {load}; "
-          f"total wall {time.perf_counter() - t_start:.0f} s")
+    print(
+        f"\nsoak: {requests} requests in {soak_wrk_s:.1f} s of load ({soak_wrk_s / result['wall_s']:.1%} "
+        f"of the {result['wall_s']:.1f} s wall; the rest is starting wrk between windows), {achieved:.1f} "
+        f"req/s against a target of {result['target']:.1f} ({achieved / result['target'] - 1:+.1%}; "
+        f"maximum {result['max'].rps:.1f}); {errors} errors ({sum(r.non_2xx for r in windows)} non-2xx, "
+        f"{sum(r.socket_errors for r in windows)} socket)"
+    )
+    print(
+        f"p99: first {WINDOW_S} s {first.p99_ms:.2f} ms, last {WINDOW_S} s {last.p99_ms:.2f} ms "
+        f"(x{last.p99_ms / first.p99_ms:.2f}); over all windows {min(r.p99_ms for r in windows):.2f}-"
+        f"{max(r.p99_ms for r in windows):.2f} ms"
+    )
+    print(
+        f"replica RSS ({len(result['pids'])} replica, pid {', '.join(map(str, result['pids']))}): "
+        f"{rss[0] / 2**20:.1f} MiB before the soak -> {rss[-1] / 2**20:.1f} MiB after ({growth:+.2%}); "
+        f"wrk used at most {max(r.wrk_cores for r in windows):.2f} cores; load average at the end {load}; "
+        f"total wall {time.perf_counter() - t_start:.0f} s"
+    )
 
     other = [o for _, o in result["cores"]]
-    busy = [f"{i * WINDOW_S}-{(i + 1) * WINDOW_S} s ({o:.2f})" for i, o in enumerate(other)
-            if o > SHARED_CORES]
+    busy = [f"{i * WINDOW_S}-{(i + 1) * WINDOW_S} s ({o:.2f})" for i, o in enumerate(other) if o > SHARED_CORES]
     if busy:
-        print(f"warning: other processes took more than {SHARED_CORES} of the 2 cores in window(s) "
-              f"{', '.join(busy)}: the machine was shared, so latency and rate there are not the endpoint's "
-              "alone")
+        print(
+            f"warning: other processes took more than {SHARED_CORES} of the 2 cores in window(s) "
+            f"{', '.join(busy)}: the machine was shared, so latency and rate there are not the endpoint's "
+            "alone"
+        )
     if abs(achieved / result["target"] - 1) > 2 * CALIBRATE_TOLERANCE:
         # wrk is closed-loop: a slower endpoint (or a busier machine) lowers the rate it is offered
-        print(f"warning: the soak ran {achieved / result['target'] - 1:+.1%} off its target rate (within "
-              f"{CALIBRATE_TOLERANCE:.0%} when fitted): latency rose since, or something else took the cores")
+        print(
+            f"warning: the soak ran {achieved / result['target'] - 1:+.1%} off its target rate (within "
+            f"{CALIBRATE_TOLERANCE:.0%} when fitted): latency rose since, or something else took the cores"
+        )
     failures = []
     if errors:
         failures.append(f"{errors} failed requests in the soak (want 0)")
     if growth >= MAX_RSS_GROWTH:
         failures.append(f"replica RSS grew {growth:.1%} (want < {MAX_RSS_GROWTH:.0%})")
     if result["replaced"]:
-        failures.append(f"replica processes changed during the soak: {result['pids']} -> "
-                        f"{result['pids_end']}")
-    print("FAILED: " + "; ".join(failures) if failures else
-          f"passed: 0 errors, replica RSS growth {growth:.2%} < {MAX_RSS_GROWTH:.0%}")
-    print(json.dumps({
-        "requests": requests, "errors": errors,
-        "p99_ms_first_10s": round(first.p99_ms, 2), "p99_ms_last_10s": round(last.p99_ms, 2),
-        "rss_growth": round(growth, 4),
-        "target_rps": round(result["target"], 1), "achieved_rps": round(achieved, 1),
-        "max_rps": round(result["max"].rps, 1), "seconds": len(windows) * WINDOW_S,
-        "replicas": len(result["pids"]), "rss_mib_start": round(rss[0] / 2**20, 1),
-        "rss_mib_end": round(rss[-1] / 2**20, 1),
-        "p99_ms_by_10s": [round(r.p99_ms, 2) for r in windows],
-        "rps_by_10s": [round(r.rps, 1) for r in windows],
-        "replica_cores_by_10s": [round(c, 2) for c, _ in result["cores"]],
-        "other_cores_by_10s": [round(o, 2) for o in other],
-    }))
+        failures.append(f"replica processes changed during the soak: {result['pids']} -> {result['pids_end']}")
+    print(
+        "FAILED: " + "; ".join(failures)
+        if failures
+        else f"passed: 0 errors, replica RSS growth {growth:.2%} < {MAX_RSS_GROWTH:.0%}"
+    )
+    print(
+        json.dumps(
+            {
+                "requests": requests,
+                "errors": errors,
+                "p99_ms_first_10s": round(first.p99_ms, 2),
+                "p99_ms_last_10s": round(last.p99_ms, 2),
+                "rss_growth": round(growth, 4),
+                "target_rps": round(result["target"], 1),
+                "achieved_rps": round(achieved, 1),
+                "max_rps": round(result["max"].rps, 1),
+                "seconds": len(windows) * WINDOW_S,
+                "replicas": len(result["pids"]),
+                "rss_mib_start": round(rss[0] / 2**20, 1),
+                "rss_mib_end": round(rss[-1] / 2**20, 1),
+                "p99_ms_by_10s": [round(r.p99_ms, 2) for r in windows],
+                "rps_by_10s": [round(r.rps, 1) for r in windows],
+                "replica_cores_by_10s": [round(c, 2) for c, _ in result["cores"]],
+                "other_cores_by_10s": [round(o, 2) for o in other],
+            }
+        )
+    )
     return failures
 
 
@@ -235,8 +276,11 @@ def soak(model: dict, uri: str, tmp: Path, args: argparse.Namespace) -> dict:
     with local_serve() as (port, raylet), deployed(APP, "shipyard_batch", model, uri, port) as (url, body):
         wait_until_routed(url.rsplit("/", 1)[0])
         pids = replica_pids(raylet, APP)
-        print(f"\nendpoint: {model['uri']} at {url}, Shipyard's defaults ({EndpointConfig().num_replicas} "
-              f"replica(s) configured; replica pid(s) {pids})", flush=True)
+        print(
+            f"\nendpoint: {model['uri']} at {url}, Shipyard's defaults ({EndpointConfig().num_replicas} "
+            f"replica(s) configured; replica pid(s) {pids})",
+            flush=True,
+        )
         if not pids:
             raise RuntimeError(f"no ray::ServeReplica:{APP}:* process among our raylet's ({raylet}) workers")
         script = lua_script(tmp / "max.lua", body)
@@ -245,12 +289,12 @@ def soak(model: dict, uri: str, tmp: Path, args: argparse.Namespace) -> dict:
         print(p99_line(f"  maximum, c={CONNECTIONS} unpaced", top), flush=True)
         target = args.load * top.rps
         print(f"  target {args.load:.0%} of it: {target:.1f} req/s; fitting the pacing:", flush=True)
-        _, delay_ms = bench_paced(url, body, target, tmp, args.calibrate_seconds, warm.p50_ms, "calibrate",
-                                  CALIBRATE_TOLERANCE, CONNECTIONS)
+        _, delay_ms = bench_paced(
+            url, body, target, tmp, args.calibrate_seconds, warm.p50_ms, "calibrate", CALIBRATE_TOLERANCE, CONNECTIONS
+        )
         paced = lua_script(tmp / "soak.lua", body, delay_ms)
 
-        print(f"\nsoak: {args.seconds} s at a mean delay of {delay_ms:.2f} ms per request per connection",
-              flush=True)
+        print(f"\nsoak: {args.seconds} s at a mean delay of {delay_ms:.2f} ms per request per connection", flush=True)
         rss = [rss_bytes(pids)]
         windows: list[WrkResult] = []
         cores: list[tuple[float, float]] = []  # (replica, everything not ours) per window
@@ -262,13 +306,25 @@ def soak(model: dict, uri: str, tmp: Path, args: argparse.Namespace) -> dict:
             cores.append(meter.stop())
             windows.append(r)
             rss.append(rss_bytes(pids))
-            print(p99_line(f"  {i * WINDOW_S:3d}-{(i + 1) * WINDOW_S:3d} s", r)
-                  + f"  replica RSS {rss[-1] / 2**20:.1f} MiB, {cores[-1][0]:.2f} cores; not ours "
-                  f"{cores[-1][1]:.2f} cores", flush=True)
+            print(
+                p99_line(f"  {i * WINDOW_S:3d}-{(i + 1) * WINDOW_S:3d} s", r)
+                + f"  replica RSS {rss[-1] / 2**20:.1f} MiB, {cores[-1][0]:.2f} cores; not ours "
+                f"{cores[-1][1]:.2f} cores",
+                flush=True,
+            )
         wall_s = time.perf_counter() - t0
         pids_end = replica_pids(raylet, APP)
-    return {"windows": windows, "rss": rss, "cores": cores, "pids": pids, "pids_end": pids_end,
-            "replaced": pids_end != pids, "target": target, "max": top, "wall_s": wall_s}
+    return {
+        "windows": windows,
+        "rss": rss,
+        "cores": cores,
+        "pids": pids,
+        "pids_end": pids_end,
+        "replaced": pids_end != pids,
+        "target": target,
+        "max": top,
+        "wall_s": wall_s,
+    }
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ dir: two nodes sharing one unpack a job's working_dir over each other (seen: the
 its own ports where Ray's defaults are fixed. Everything is stopped by pid — the node processes and all their
 descendants, SIGTERM then SIGKILL; `ray stop` would kill every Ray on the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,9 @@ def _ray_bin() -> str:
 class LocalCluster:
     """A head and `nodes - 1` worker nodes on this machine, `cpus_per_node` logical CPUs each."""
 
-    def __init__(self, root: Path | None = None, nodes: int = 2, cpus_per_node: int = 2,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self, root: Path | None = None, nodes: int = 2, cpus_per_node: int = 2, env: dict[str, str] | None = None
+    ):
         # short paths: Ray's unix sockets live under the temp dir and a socket path must stay under 108 bytes
         self.own_root = root is None  # removed at stop
         self.root = Path(root or tempfile.mkdtemp(prefix="sy-cluster-"))
@@ -105,24 +107,34 @@ class LocalCluster:
 
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
         env.update(fast_ingress_env())  # as cluster.yaml's start commands do (free stats/metrics ports here)
-        env.update({
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,  # the nodes, `ray job submit` and drivers
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # jobs' `python`: this venv
-            # Ray's autoscaler and dashboard serve Prometheus metrics on fixed ports: two Rays on one machine
-            # would collide there
-            "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port()),
-            "RAY_USAGE_STATS_ENABLED": "0",
-        })
+        env.update(
+            {
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN": self.token,  # the nodes, `ray job submit` and drivers
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # jobs' `python`: this venv
+                # Ray's autoscaler and dashboard serve Prometheus metrics on fixed ports: two Rays on one machine
+                # would collide there
+                "AUTOSCALER_METRIC_PORT": str(free_port()),
+                "DASHBOARD_METRIC_PORT": str(free_port()),
+                "RAY_USAGE_STATS_ENABLED": "0",
+            }
+        )
         env.update(extra)
         return env
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         t0 = time.perf_counter()
         for i in range(self.nodes):
             self._start_node(i)
             self._wait_for_nodes(i + 1)
-        log.info("local Ray cluster: %d nodes x %d CPUs at %s (dashboard %s) in %.1f s", self.nodes,
-                 self.cpus_per_node, self.address, self.dashboard_url, time.perf_counter() - t0)
+        log.info(
+            "local Ray cluster: %d nodes x %d CPUs at %s (dashboard %s) in %.1f s",
+            self.nodes,
+            self.cpus_per_node,
+            self.address,
+            self.dashboard_url,
+            time.perf_counter() - t0,
+        )
         return self
 
     def _start_node(self, i: int) -> None:
@@ -133,12 +145,24 @@ class LocalCluster:
             self.metrics_export_ports[i] = metrics_port
         else:
             self.metrics_export_ports.append(metrics_port)
-        cmd = [_ray_bin(), "start", "--block", f"--num-cpus={self.cpus_per_node}", f"--temp-dir={temp_dir}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={metrics_port}",
-               f"--resources={json.dumps({f'shipyard_node_{i}': 1})}"]
+        cmd = [
+            _ray_bin(),
+            "start",
+            "--block",
+            f"--num-cpus={self.cpus_per_node}",
+            f"--temp-dir={temp_dir}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={metrics_port}",
+            f"--resources={json.dumps({f'shipyard_node_{i}': 1})}",
+        ]
         if i == 0:
-            cmd += ["--head", f"--port={self.port}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
+            cmd += [
+                "--head",
+                f"--port={self.port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+            ]
         else:
             cmd += [f"--address={self.address}"]
         out = open(self.root / f"n{i}.log", "a")
@@ -185,8 +209,12 @@ class LocalCluster:
 
     def _nodes(self) -> list[dict[str, Any]]:
         """The dashboard's state API (with the cluster's token): alive nodes."""
-        resp = requests.get(f"{self.dashboard_url}/api/v0/nodes", params={"limit": 100}, timeout=10,
-                            headers={"Authorization": f"Bearer {self.token}"})
+        resp = requests.get(
+            f"{self.dashboard_url}/api/v0/nodes",
+            params={"limit": 100},
+            timeout=10,
+            headers={"Authorization": f"Bearer {self.token}"},
+        )
         resp.raise_for_status()
         return [n for n in resp.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
@@ -195,8 +223,10 @@ class LocalCluster:
         while time.monotonic() < deadline:
             for i, p in enumerate(self.procs):
                 if p.poll() is not None:
-                    raise RuntimeError(f"ray start of node {i} exited ({p.returncode}): "
-                                       f"{(self.root / f'n{i}.log').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"ray start of node {i} exited ({p.returncode}): "
+                        f"{(self.root / f'n{i}.log').read_text()[-2000:]}"
+                    )
             try:
                 if len(self.node_ids()) >= n:
                     return
@@ -216,21 +246,38 @@ class LocalCluster:
                 pass
         return found
 
-    def submit(self, entrypoint: list[str], working_dir: str | Path = ".", echo: bool = False,
-               timeout_s: float = 900) -> tuple[int, str]:
+    def submit(
+        self, entrypoint: list[str], working_dir: str | Path = ".", echo: bool = False, timeout_s: float = 900
+    ) -> tuple[int, str]:
         """`ray job submit --working-dir DIR -- ENTRYPOINT`, waiting for the job; returns (exit code, its log).
         `echo` prints the job's log as it comes. Past `timeout_s` the job is stopped (`ray job stop`) and the
         exit code is 124."""
         job_id = f"shipyard-{secrets.token_hex(4)}"
-        cmd = [_ray_bin(), "job", "submit", "--address", self.dashboard_url, "--submission-id", job_id,
-               "--working-dir", str(working_dir), "--", *entrypoint]
+        cmd = [
+            _ray_bin(),
+            "job",
+            "submit",
+            "--address",
+            self.dashboard_url,
+            "--submission-id",
+            job_id,
+            "--working-dir",
+            str(working_dir),
+            "--",
+            *entrypoint,
+        ]
         lines: list[str] = []
         timed_out = threading.Event()
         with subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+
             def stop_job() -> None:
                 timed_out.set()
-                subprocess.run([_ray_bin(), "job", "stop", "--address", self.dashboard_url, job_id], env=self.env,
-                               capture_output=True, timeout=60)
+                subprocess.run(
+                    [_ray_bin(), "job", "stop", "--address", self.dashboard_url, job_id],
+                    env=self.env,
+                    capture_output=True,
+                    timeout=60,
+                )
                 p.kill()
 
             timer = threading.Timer(timeout_s, stop_job)
@@ -260,7 +307,7 @@ class LocalCluster:
         elif self.own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         try:
             return self.start()
         except BaseException:
@@ -283,14 +330,30 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         out = self.log_file = open(self.root / "server.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.root}/mlflow.db",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             try:
@@ -312,7 +375,7 @@ class MlflowServer:
             self.log_file.close()
             self.log_file = None
 
-    def __enter__(self) -> "MlflowServer":
+    def __enter__(self) -> MlflowServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -326,13 +389,15 @@ def worker_nodes(tracking_uri: str, parent_run_id: str) -> list[dict[str, str]]:
 
     client = MlflowClient(tracking_uri)
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`shipyard.kind` = 'train'")
+    runs = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`shipyard.kind` = 'train'"
+    )
     if not runs:
         raise RuntimeError(f"no train run under pipeline run {parent_run_id} at {tracking_uri}")
     with tempfile.TemporaryDirectory() as tmp:
-        return json.loads(Path(client.download_artifacts(runs[0].info.run_id, "worker_placement.json", tmp))
-                          .read_text())
+        return json.loads(
+            Path(client.download_artifacts(runs[0].info.run_id, "worker_placement.json", tmp)).read_text()
+        )
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -354,33 +419,55 @@ def demo(argv: list[str] | None = None) -> int:
     summary_path, serve_port = root / "summary.json", free_port()
     ok = False
     try:
-        with LocalCluster(root / "ray", args.nodes, args.cpus_per_node) as cluster, \
-                MlflowServer(root / "mlflow") as ml:
+        with LocalCluster(root / "ray", args.nodes, args.cpus_per_node) as cluster, MlflowServer(root / "mlflow") as ml:
             # STRICT_SPREAD: one worker per node or none (SPREAD is only a preference)
-            entry = ["python", "-m", "pipelines.digits", f"tracking.uri={ml.url}",
-                     f"storage_path={root / 'results'}", f"scaling.num_workers={args.nodes}",
-                     "scaling.placement_strategy=STRICT_SPREAD", f"serve.port={serve_port}", *args.overrides,
-                     "--keep-serving", "--summary-json", str(summary_path)]
-            log.info("ray job submit --address %s --working-dir %s -- %s", cluster.dashboard_url, REPO,
-                     " ".join(entry))
+            entry = [
+                "python",
+                "-m",
+                "pipelines.digits",
+                f"tracking.uri={ml.url}",
+                f"storage_path={root / 'results'}",
+                f"scaling.num_workers={args.nodes}",
+                "scaling.placement_strategy=STRICT_SPREAD",
+                f"serve.port={serve_port}",
+                *args.overrides,
+                "--keep-serving",
+                "--summary-json",
+                str(summary_path),
+            ]
+            log.info("ray job submit --address %s --working-dir %s -- %s", cluster.dashboard_url, REPO, " ".join(entry))
             rc, _ = cluster.submit(entry, working_dir=REPO, echo=True)
             if rc != 0:
                 log.error("the job failed (exit %d): its log is above", rc)
                 return 1
             summary = json.loads(summary_path.read_text())
             placement = worker_nodes(ml.url, summary["parent_run_id"])
-            resp = requests.post(f"http://127.0.0.1:{serve_port}/predict", json={"instances": [[0.0] * 64]},
-                                 timeout=30)
+            resp = requests.post(f"http://127.0.0.1:{serve_port}/predict", json={"instances": [[0.0] * 64]}, timeout=30)
             nodes = cluster.node_ids()
-            print(json.dumps({"nodes": nodes, "train_workers": placement,
-                              "model": f"{summary['model_name']} v{summary['model_version']}",
-                              summary["test_metric_name"]: summary["test_metric"],
-                              "endpoint_after_job": {"status": resp.status_code, "body": resp.json()}}, indent=1))
-            ok = (len(placement) == args.nodes and {w["node_id"] for w in placement} == set(nodes)
-                  and resp.ok and resp.json().get("model_version") == str(summary["model_version"]))
+            print(
+                json.dumps(
+                    {
+                        "nodes": nodes,
+                        "train_workers": placement,
+                        "model": f"{summary['model_name']} v{summary['model_version']}",
+                        summary["test_metric_name"]: summary["test_metric"],
+                        "endpoint_after_job": {"status": resp.status_code, "body": resp.json()},
+                    },
+                    indent=1,
+                )
+            )
+            ok = (
+                len(placement) == args.nodes
+                and {w["node_id"] for w in placement} == set(nodes)
+                and resp.ok
+                and resp.json().get("model_version") == str(summary["model_version"])
+            )
             if not ok:
-                log.error("expected one training worker on each of the %d nodes and the endpoint answering with "
-                          "v%s", args.nodes, summary["model_version"])
+                log.error(
+                    "expected one training worker on each of the %d nodes and the endpoint answering with v%s",
+                    args.nodes,
+                    summary["model_version"],
+                )
             return 0 if ok else 1
     finally:
         if ok:

@@ -6,6 +6,7 @@ named by its word (zero, one, ..., nine): an image folder to try `pipelines.imag
 `--copies N` writes each image N times (shifted by a pixel or not, so no two files are equal): a larger folder
 for benchmarks (bench/images.py).
 """
+
 import argparse
 from pathlib import Path
 

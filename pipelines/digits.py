@@ -1,7 +1,8 @@
 """The digits pipeline: 8x8 handwritten digits (bundled with scikit-learn) to a live endpoint.
 
-    python -m pipelines.digits [pipelines/configs/digits.yaml] [key=value ...] [--summary-json PATH]
+python -m pipelines.digits [pipelines/configs/digits.yaml] [key=value ...] [--summary-json PATH]
 """
+
 import sys
 from pathlib import Path
 

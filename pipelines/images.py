@@ -4,6 +4,7 @@
 
 The registered model is named after the folder (images-<folder>) unless tracking.model_name is set.
 """
+
 import sys
 from pathlib import Path
 

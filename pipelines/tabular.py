@@ -4,6 +4,7 @@
 
 The registered model is named after the file (tabular-<stem>) unless tracking.model_name is set.
 """
+
 import sys
 from pathlib import Path
 

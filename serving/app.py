@@ -6,6 +6,7 @@
 Importing this module asks a Ray that `serve run` starts next for fast ingress (HAProxy straight into the
 replicas); a running cluster decides that in its own start commands (see cluster.yaml).
 """
+
 from shipyard.serve.endpoint import Predictor, build_app
 from shipyard.serve.ingress import enable_fast_ingress
 

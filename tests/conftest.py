@@ -17,7 +17,7 @@ def pytest_runtest_logreport(report):
     if report.when == "call":
         for line in report.capstdout.splitlines():
             if line.startswith(REPORT_PREFIX):
-                _reported.append((report.nodeid, line[len(REPORT_PREFIX):]))
+                _reported.append((report.nodeid, line[len(REPORT_PREFIX) :]))
 
 
 def pytest_terminal_summary(terminalreporter):

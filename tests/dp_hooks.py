@@ -4,6 +4,7 @@
 `<record_dir>/rank<r>-step<nnnnn>.npy`: the rows each rank saw, step by step, to be replayed in one process
 (which sets `record_dir` to None: it records nothing).
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,5 @@ class RecordingMLP(nn.Module):
         return self.net(x)
 
 
-def recording_mlp(in_features: int, num_classes: int, record_dir: str, hidden: int = 32, depth: int = 1
-                  ) -> nn.Module:
+def recording_mlp(in_features: int, num_classes: int, record_dir: str, hidden: int = 32, depth: int = 1) -> nn.Module:
     return RecordingMLP(in_features, num_classes, record_dir, hidden, depth)

@@ -17,13 +17,14 @@ The other ranks of a group go on into the step and wait in DDP's all-reduce: the
 workers import this module because a driver started from the repository root puts it on their sys.path. `Gate`
 is the test's side of it.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -34,8 +35,9 @@ POLL_S = 0.05
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, in_features: int, num_classes: int, gate_dir: str, hidden: int = 128, depth: int = 2,
-                 dropout: float = 0.1):
+    def __init__(
+        self, in_features: int, num_classes: int, gate_dir: str, hidden: int = 128, depth: int = 2, dropout: float = 0.1
+    ):
         super().__init__()
         self.net = mlp(in_features, num_classes, hidden, depth, dropout)
         self.gate_dir = Path(gate_dir)
@@ -54,8 +56,9 @@ class GatedMLP(nn.Module):
         return self.net(x)
 
 
-def gated_mlp(in_features: int, num_classes: int, gate_dir: str, hidden: int = 128, depth: int = 2,
-              dropout: float = 0.1) -> nn.Module:
+def gated_mlp(
+    in_features: int, num_classes: int, gate_dir: str, hidden: int = 128, depth: int = 2, dropout: float = 0.1
+) -> nn.Module:
     return GatedMLP(in_features, num_classes, gate_dir, hidden, depth, dropout)
 
 
@@ -113,8 +116,15 @@ class Gate:
     def latest_epoch(self, world: int | None = None) -> int:
         return max((a["epoch"] for a in self.arrivals() if world is None or a["world"] == world), default=0)
 
-    def wait(self, epoch: int, alive: Callable[[], bool], timeout_s: float = 300, world: int | None = None,
-             exclude_pids: set[int] = frozenset(), what: Callable[[], str] = lambda: "") -> dict:
+    def wait(
+        self,
+        epoch: int,
+        alive: Callable[[], bool],
+        timeout_s: float = 300,
+        world: int | None = None,
+        exclude_pids: set[int] = frozenset(),
+        what: Callable[[], str] = lambda: "",
+    ) -> dict:
         """The first arrival at `epoch` (of a group of `world` workers, not from `exclude_pids`); fails at once
         when `alive()` turns false, with `what()` (e.g. the run's log) in the message."""
         deadline = time.monotonic() + timeout_s

@@ -1,4 +1,5 @@
 """Shared test helpers (importable as tests.helpers)."""
+
 import contextlib
 import os
 import signal
@@ -22,7 +23,7 @@ def _proc_children_named(ppid: int, name: str = "") -> list[int]:
                 stat = (d / "stat").read_text()
             except OSError:
                 continue
-            comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
             if int(rest[1]) == ppid and name in comm:
                 out.append(int(d.name))
     return out
@@ -116,8 +117,11 @@ def listening_sockets(pids) -> list[tuple[int, str, str, int]]:
     for pid in pids:
         try:
             p = psutil.Process(pid)
-            found += [(pid, p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections("tcp")
-                      if c.status == psutil.CONN_LISTEN]
+            found += [
+                (pid, p.name(), c.laddr.ip, c.laddr.port)
+                for c in p.net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN
+            ]
         except psutil.NoSuchProcess:
             pass
     return found
@@ -126,10 +130,16 @@ def listening_sockets(pids) -> list[tuple[int, str, str, int]]:
 # One real method of each gRPC service Ray listens with (GCS, raylet, object manager, dashboard agent, core
 # worker, Ray Client, Serve's replica-to-replica server, Serve's gRPC ingress): a server answers UNIMPLEMENTED
 # for the services it does not have.
-RAY_GRPC_METHODS = ("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.NodeManagerService/GetNodeStats",
-                    "/ray.rpc.ObjectManagerService/Pull", "/ray.rpc.ReporterService/GetTraceback",
-                    "/ray.rpc.CoreWorkerService/NumPendingTasks", "/ray.rpc.RayletDriver/ClusterInfo",
-                    "/ray.serve.ASGIService/HandleRequest", "/ray.serve.RayServeAPIService/ListApplications")
+RAY_GRPC_METHODS = (
+    "/ray.rpc.NodeInfoGcsService/GetAllNodeInfo",
+    "/ray.rpc.NodeManagerService/GetNodeStats",
+    "/ray.rpc.ObjectManagerService/Pull",
+    "/ray.rpc.ReporterService/GetTraceback",
+    "/ray.rpc.CoreWorkerService/NumPendingTasks",
+    "/ray.rpc.RayletDriver/ClusterInfo",
+    "/ray.serve.ASGIService/HandleRequest",
+    "/ray.serve.RayServeAPIService/ListApplications",
+)
 
 
 def probe_without_token(ip: str, port: int) -> str:

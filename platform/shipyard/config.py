@@ -6,6 +6,7 @@ A YAML file holds an experiment's differences from the defaults below; `key=valu
 hold one-off changes. The same dotted spelling (`train.lr`) is used in YAML, on the command line,
 in the Tune search space, in MLflow params and in error messages.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,7 +56,10 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         if (self.builtin is None) == (self.path is None):
-            raise ValueError("set exactly one of data.builtin (e.g. digits) and data.path (a .csv or .parquet file, or a folder of class subfolders of images)")
+            raise ValueError(
+                "set exactly one of data.builtin (e.g. digits) and data.path (a .csv or .parquet file, or a folder "
+                "of class subfolders of images)"
+            )
         return self
 
 
@@ -119,10 +123,15 @@ class ScalingConfig(_Section):
         """One message for every wrong shape (pydantic's own would list each branch of the union)."""
         pair = isinstance(v, (list, tuple)) and len(v) == 2
         items = list(v) if pair else [v]
-        if not all(isinstance(n, int) and not isinstance(n, bool) for n in items) or min(items) < 1 or (
-                pair and v[1] < v[0]):
-            raise ValueError("give a number of workers >= 1, or [min, max] with 1 <= min <= max for elastic "
-                             "training, e.g. 4 or [1, 4]")
+        if (
+            not all(isinstance(n, int) and not isinstance(n, bool) for n in items)
+            or min(items) < 1
+            or (pair and v[1] < v[0])
+        ):
+            raise ValueError(
+                "give a number of workers >= 1, or [min, max] with 1 <= min <= max for elastic "
+                "training, e.g. 4 or [1, 4]"
+            )
         return tuple(v) if pair else v
 
     @property
@@ -132,7 +141,10 @@ class ScalingConfig(_Section):
 
     @property
     def workers_text(self) -> str:
-        return str(self.num_workers) if isinstance(self.num_workers, int) else "%d-%d (elastic)" % self.num_workers
+        if isinstance(self.num_workers, int):
+            return str(self.num_workers)
+        low, high = self.num_workers
+        return f"{low}-{high} (elastic)"
 
 
 Distribution = Literal["uniform", "loguniform", "randint", "choice", "grid"]
@@ -227,7 +239,7 @@ class Config(_Section):
         if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             # relative (to the current folder): Train workers and Tune trials run in other folders and
             # would each open a new DB
-            return f"sqlite:///{Path(uri[len('sqlite:///'):]).expanduser().resolve()}"
+            return f"sqlite:///{Path(uri[len('sqlite:///') :]).expanduser().resolve()}"
         if uri:
             return uri
         # absolute: Tune trials chdir into their trial folder (tracking.setup creates the folder)
@@ -248,6 +260,7 @@ class Config(_Section):
 
 # -- loading and overriding ------------------------------------------------------------------
 
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads `1e-4` as a string; read it as the float every user means."""
 
@@ -259,9 +272,12 @@ class _Dumper(yaml.SafeDumper):
 for _cls in (_Loader, _Dumper):
     _cls.add_implicit_resolver(
         "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"
-                   r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-        list("-+0123456789."))
+        re.compile(
+            r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"
+            r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+        ),
+        list("-+0123456789."),
+    )
 
 
 def _yaml_load(text: str) -> Any:
@@ -319,8 +335,11 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-SECTIONS = {name for name, f in Config.model_fields.items()
-            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+SECTIONS = {
+    name
+    for name, f in Config.model_fields.items()
+    if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+}
 
 
 def _unknown_keys(tree: dict[str, Any], prefix: str = "") -> None:

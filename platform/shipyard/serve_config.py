@@ -1,5 +1,6 @@
 """The serve section of the config tree (`serve.*`, also what `build_app` and serving/config.yaml take), and the
 base every section shares. shipyard.config assembles the whole tree and loads it."""
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -7,11 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 class Section(BaseModel):
     """A config section: unknown keys, mutation and NaN/Infinity are errors."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class AutoscalingConfig(Section):
     """Ray Serve's `autoscaling_config`: replicas follow the requests in flight per replica."""
+
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
@@ -25,6 +28,7 @@ class AutoscalingConfig(Section):
 
 class InPlaceConfig(Section):
     """The endpoint's knobs a running replica takes in place (Serve's `user_config`: no restart)."""
+
     max_batch_size: int = Field(32, ge=1)
     """Most requests `@serve.batch` runs through the model at once; 1 turns batching off."""
     batch_wait_timeout_s: float = Field(0.002, ge=0)
@@ -39,13 +43,16 @@ class InPlaceConfig(Section):
     @model_validator(mode="after")
     def _canary_named(self) -> InPlaceConfig:
         if self.canary_share > 0 and not self.canary_model:
-            raise ValueError(f"canary_share is {self.canary_share} but no canary_model is set; set "
-                             "canary_model=models:/<name>/<version>")
+            raise ValueError(
+                f"canary_share is {self.canary_share} but no canary_model is set; set "
+                "canary_model=models:/<name>/<version>"
+            )
         return self
 
 
 class EndpointConfig(InPlaceConfig):
     """What the Serve app itself takes: `build_app` arguments, `serve run ... key=value`, serving/config.yaml."""
+
     num_replicas: int = Field(1, ge=1)
     """Fixed replica count; ignored when `autoscaling` is set."""
     autoscaling: AutoscalingConfig | None = None
@@ -65,8 +72,10 @@ class EndpointConfig(InPlaceConfig):
     @model_validator(mode="after")
     def _batches_can_fill(self) -> EndpointConfig:
         if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_batch_size "
-                             f"({self.max_batch_size}): batches could never fill; raise it")
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_batch_size "
+                f"({self.max_batch_size}): batches could never fill; raise it"
+            )
         return self
 
 

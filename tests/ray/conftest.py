@@ -1,4 +1,5 @@
 """Integration fixtures: one local Ray (num_cpus=2) for the session, stopped by the driver that started it."""
+
 import os
 
 import pytest
@@ -45,8 +46,11 @@ def hardware_profile(ray_local, tmp_path_factory):
 def workdir(tmp_path, hardware_profile):
     """Per-test MLflow sqlite store and Ray storage, the session's hardware profile: nothing leaks into the
     project."""
-    return {"tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "storage_path": str(tmp_path / "results"),
-            "plan.profile": str(hardware_profile)}
+    return {
+        "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "storage_path": str(tmp_path / "results"),
+        "plan.profile": str(hardware_profile),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """A bad data file stops the pipeline CLI before training: exit 2, one line that names the file, the column
 and where, no traceback, and no MLflow run left RUNNING (the run the data stage fails in ends FAILED)."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -31,12 +32,21 @@ def with_cells(df, rows, column, value):
 CASES = {
     "no-such-label": (table(), "kind", ["column 'kind' not in", "columns are: f0, f1, f2, species"], False),
     "header-only": (table().iloc[:0], "species", ["has no data rows"], False),
-    "text-below-first-block": (with_cells(table(60_000), 59_000, "f2", "abc"), "species",
-                               ["column 'f2' holds 'abc' on line 59002, where its first rows hold numbers"],
-                               True),
-    "missing-labels": (with_cells(table(), [3, 50, 51], "species", None), "species",
-                       ["3 row(s) have no label in column 'species' (the first on line 5)",
-                        "fill in their labels or drop those rows in the file"], True),
+    "text-below-first-block": (
+        with_cells(table(60_000), 59_000, "f2", "abc"),
+        "species",
+        ["column 'f2' holds 'abc' on line 59002, where its first rows hold numbers"],
+        True,
+    ),
+    "missing-labels": (
+        with_cells(table(), [3, 50, 51], "species", None),
+        "species",
+        [
+            "3 row(s) have no label in column 'species' (the first on line 5)",
+            "fill in their labels or drop those rows in the file",
+        ],
+        True,
+    ),
 }
 
 
@@ -51,13 +61,23 @@ def test_bad_data_file_exits_2_with_one_line_and_leaves_no_running_run(ray_local
     df, label, parts, starts_ray = CASES[name]
     path = tmp_path / f"{name}.csv"
     df.to_csv(path, index=False)
-    settings = {"data.path": path, "data.label": label, "tracking.uri": store,
-                "storage_path": tmp_path / "results", "tune.enabled": "false", "plan.enabled": "false",
-                "serve.enabled": "false"}
+    settings = {
+        "data.path": path,
+        "data.label": label,
+        "tracking.uri": store,
+        "storage_path": tmp_path / "results",
+        "tune.enabled": "false",
+        "plan.enabled": "false",
+        "serve.enabled": "false",
+    }
     args = [f"{k}={v}" for k, v in settings.items()]
-    out = subprocess.run([sys.executable, "-m", "pipelines.tabular", *args,
-                          "--address", ray_local.get_runtime_context().gcs_address],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.tabular", *args, "--address", ray_local.get_runtime_context().gcs_address],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]

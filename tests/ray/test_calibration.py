@@ -1,4 +1,5 @@
 """`shipyard calibrate` on a live Ray: every node measured, gloo all-reduce between two Ray workers."""
+
 import pytest
 
 from shipyard.perf.devices import load_profile

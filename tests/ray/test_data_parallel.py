@@ -1,6 +1,7 @@
 """Data parallelism proven, not assumed, for every kind of task: over an epoch the Ray Train workers' shards are
 disjoint and cover the training split, and 2 workers at a global batch of B rows end where one process ends
 that takes the same B rows a step (DDP averages the workers' gradients: the gradient of the whole batch)."""
+
 import collections
 import json
 from pathlib import Path
@@ -9,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from shipyard.train.checkpoints import CHECKPOINT_FILE
 from shipyard.config import load_config
 from shipyard.data.tables import to_numpy
-from shipyard.train.step import StepOptions, training_step
 from shipyard.tasks import make_task
+from shipyard.train.checkpoints import CHECKPOINT_FILE
 from shipyard.train.loop import fit, make_optimizer
+from shipyard.train.step import StepOptions, training_step
 from tests.helpers import report
 
 pytestmark = pytest.mark.ray
@@ -41,32 +42,51 @@ def image_folder(root: Path) -> str:
         (root / name).mkdir(parents=True)
         for i in range(120):
             pixels = rng.integers(0, 120, size=(6, 6))
-            pixels[2 * k:2 * k + 2] += 120
+            pixels[2 * k : 2 * k + 2] += 120
             Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i:03d}.png")
     return str(root)
 
 
 CASES = {
     "classification": lambda tmp: {"data.builtin": "digits"},
-    "regression": lambda tmp: {"task.name": "regression", "data.builtin": None,
-                               "data.path": table(tmp / "r.csv", True), "data.label": "target"},
-    "user task": lambda tmp: {"task.name": "tests.user_tasks:MedianRegression",
-                              "task.options": {"rows": 1200}},
-    "image folder": lambda tmp: {"task.name": "image_classification", "data.builtin": None,
-                                 "data.path": image_folder(tmp / "images"), "data.image_size": 6,
-                                 "data.channels": 1},
+    "regression": lambda tmp: {
+        "task.name": "regression",
+        "data.builtin": None,
+        "data.path": table(tmp / "r.csv", True),
+        "data.label": "target",
+    },
+    "user task": lambda tmp: {"task.name": "tests.user_tasks:MedianRegression", "task.options": {"rows": 1200}},
+    "image folder": lambda tmp: {
+        "task.name": "image_classification",
+        "data.builtin": None,
+        "data.path": image_folder(tmp / "images"),
+        "data.image_size": 6,
+        "data.channels": 1,
+    },
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_workers_see_disjoint_shards_covering_the_split_and_match_one_process_on_the_same_rows(
-        ray_local, tmp_path, case):
+    ray_local, tmp_path, case
+):
     record = tmp_path / "record"
     record.mkdir()
-    cfg = load_config(None, {**CASES[case](tmp_path), "model.name": "tests.dp_hooks:recording_mlp",
-                             "model.options": {"record_dir": str(record)}, "model.hidden": 16, "model.depth": 1,
-                             "train.epochs": 1, "train.batch_size": 64, "scaling.num_workers": 2,
-                             "plan.enabled": False, "storage_path": str(tmp_path / "results")})
+    cfg = load_config(
+        None,
+        {
+            **CASES[case](tmp_path),
+            "model.name": "tests.dp_hooks:recording_mlp",
+            "model.options": {"record_dir": str(record)},
+            "model.hidden": 16,
+            "model.depth": 1,
+            "train.epochs": 1,
+            "train.batch_size": 64,
+            "scaling.num_workers": 2,
+            "plan.enabled": False,
+            "storage_path": str(tmp_path / "results"),
+        },
+    )
     task = make_task(cfg.task)
     splits = task.load(cfg.data)
     task.bind(splits.info)
@@ -114,8 +134,10 @@ def test_two_workers_see_disjoint_shards_covering_the_split_and_match_one_proces
     with result.checkpoint.as_directory() as d:
         trained = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)["model"]
     worst = max((trained[k] - v).abs().max().item() for k, v in model.state_dict().items())
-    report(f"{case}: {len(seen[0])} steps of 2 x {len(seen[0][0])} rows, {dropped} row(s) left out by the equal "
-          f"split; largest weight difference to one process on the same rows {worst:.2e}")
+    report(
+        f"{case}: {len(seen[0])} steps of 2 x {len(seen[0][0])} rows, {dropped} row(s) left out by the equal "
+        f"split; largest weight difference to one process on the same rows {worst:.2e}"
+    )
     assert worst < 1e-4, json.dumps({k: (trained[k] - v).abs().max().item() for k, v in model.state_dict().items()})
 
 
@@ -126,12 +148,22 @@ def test_bf16_mixed_with_four_micro_batches_on_two_workers_is_within_a_point_of_
     from shipyard.cli import run_pipeline
 
     digits = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "digits.yaml"
-    common = {**workdir, "tune.enabled": False, "serve.enabled": False, "scaling.num_workers": 2,
-              "train.epochs": 8, "train.lr": 0.003}
+    common = {
+        **workdir,
+        "tune.enabled": False,
+        "serve.enabled": False,
+        "scaling.num_workers": 2,
+        "train.epochs": 8,
+        "train.lr": 0.003,
+    }
     fp32 = run_pipeline(digits, [f"{k}={v}" for k, v in common.items()])
-    mixed = run_pipeline(digits, [f"{k}={v}" for k, v in {**common, "train.precision": "bf16-mixed",
-                                                           "train.grad_accum_steps": 4}.items()])
-    report(f"digits on 2 workers: fp32 test accuracy {fp32['test_accuracy']:.4f}, bf16-mixed with 4 micro-batches "
-          f"{mixed['test_accuracy']:.4f}")
+    mixed = run_pipeline(
+        digits,
+        [f"{k}={v}" for k, v in {**common, "train.precision": "bf16-mixed", "train.grad_accum_steps": 4}.items()],
+    )
+    report(
+        f"digits on 2 workers: fp32 test accuracy {fp32['test_accuracy']:.4f}, bf16-mixed with 4 micro-batches "
+        f"{mixed['test_accuracy']:.4f}"
+    )
     assert fp32["test_accuracy"] > 0.9
     assert abs(mixed["test_accuracy"] - fp32["test_accuracy"]) <= 0.01

@@ -1,4 +1,5 @@
 """The Serve endpoint on a registered model: answers, versions, and 4xx on malformed bodies."""
+
 import json
 import time
 
@@ -8,11 +9,11 @@ import pytest
 import requests
 import torch
 
-from shipyard.track import runs as tracking
 from shipyard.config import load_config
 from shipyard.serve.endpoint import build_app
 from shipyard.serve.ingress import wait_until_routed
 from shipyard.tasks.models import mlp
+from shipyard.track import runs as tracking
 from tests.helpers import free_port, shutdown_serve
 
 pytestmark = pytest.mark.ray
@@ -28,18 +29,33 @@ def endpoint(ray_local, tmp_path_factory):
     torch.manual_seed(0)
     model = mlp(4, 3, hidden=8).eval()
     with mlflow.start_run():
-        version = tracking.log_model(model, np.zeros((2, 4), np.float32), cfg, ["a", "b", "c"],
-                                     ["w", "x", "y", "z"], {"shipyard.data_hash": "test"})
+        version = tracking.log_model(
+            model,
+            np.zeros((2, 4), np.float32),
+            cfg,
+            ["a", "b", "c"],
+            ["w", "x", "y", "z"],
+            {"shipyard.data_hash": "test"},
+        )
         # a second version, which takes the alias: serving by number must still give version 1
         torch.manual_seed(1)
-        v2 = tracking.log_model(mlp(4, 3, hidden=8).eval(), np.zeros((2, 4), np.float32), cfg, ["a", "b", "c"],
-                                ["w", "x", "y", "z"], {"shipyard.data_hash": "test"})
+        v2 = tracking.log_model(
+            mlp(4, 3, hidden=8).eval(),
+            np.zeros((2, 4), np.float32),
+            cfg,
+            ["a", "b", "c"],
+            ["w", "x", "y", "z"],
+            {"shipyard.data_hash": "test"},
+        )
     assert (version, v2) == ("1", "2")
     mlflow.MlflowClient().set_registered_model_alias("tiny", "champion", version)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": "models:/tiny@champion", "tracking_uri": cfg.tracking_uri,
-                         "max_instances": 8}), name="tiny", route_prefix="/")
+    serve.run(
+        build_app({"model": "models:/tiny@champion", "tracking_uri": cfg.tracking_uri, "max_instances": 8}),
+        name="tiny",
+        route_prefix="/",
+    )
     wait_until_routed(f"http://127.0.0.1:{port}")
     yield f"http://127.0.0.1:{port}", model, cfg.tracking_uri
     shutdown_serve()
@@ -61,16 +77,23 @@ def test_health_metadata_and_openapi(endpoint):
     assert "/predict" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
 
 
-@pytest.mark.parametrize("body, status, match", [
-    ({"instances": [[1, 2, 3]]}, 422, "instances[0] has 3 features; the model takes 4 (w, x, y, z) (model tiny v1)"),
-    ({"instances": [{"w": 1, "x": 2, "y": 3}]}, 422, "instances[0]: missing z (the model takes w, x, y, z)"),
-    ({"instances": [[1, 2, "x", 4]]}, 422, "Input should be a valid number"),
-    ({"instances": [[1, 2, "3.5", 4]]}, 422, "Input should be a valid number"),
-    ({"instances": [[1, 2, True, 4]]}, 422, "Input should be a valid number"),
-    ({"instances": []}, 422, "at least 1"),
-    ({"rows": [[1, 2, 3, 4]]}, 422, "instances"),
-    ({"instances": [[1, 2, 3, 4]] * 9}, 413, "9 instances in one request; the limit is 8"),
-])
+@pytest.mark.parametrize(
+    "body, status, match",
+    [
+        (
+            {"instances": [[1, 2, 3]]},
+            422,
+            "instances[0] has 3 features; the model takes 4 (w, x, y, z) (model tiny v1)",
+        ),
+        ({"instances": [{"w": 1, "x": 2, "y": 3}]}, 422, "instances[0]: missing z (the model takes w, x, y, z)"),
+        ({"instances": [[1, 2, "x", 4]]}, 422, "Input should be a valid number"),
+        ({"instances": [[1, 2, "3.5", 4]]}, 422, "Input should be a valid number"),
+        ({"instances": [[1, 2, True, 4]]}, 422, "Input should be a valid number"),
+        ({"instances": []}, 422, "at least 1"),
+        ({"rows": [[1, 2, 3, 4]]}, 422, "instances"),
+        ({"instances": [[1, 2, 3, 4]] * 9}, 413, "9 instances in one request; the limit is 8"),
+    ],
+)
 def test_malformed_bodies_get_4xx_naming_the_problem(endpoint, body, status, match):
     url, _, _ = endpoint
     resp = requests.post(f"{url}/predict", json=body, timeout=30)
@@ -80,13 +103,25 @@ def test_malformed_bodies_get_4xx_naming_the_problem(endpoint, body, status, mat
 
 def test_nan_not_json_and_huge_bodies_are_rejected_and_server_stays_up(endpoint):
     url, _, _ = endpoint
-    nan = requests.post(f"{url}/predict", data='{"instances": [[NaN, 1, 2, 3]]}',
-                        headers={"content-type": "application/json"}, timeout=30)
+    nan = requests.post(
+        f"{url}/predict",
+        data='{"instances": [[NaN, 1, 2, 3]]}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert nan.status_code == 422
-    assert requests.post(f"{url}/predict", data="{not json", headers={"content-type": "application/json"},
-                         timeout=30).status_code == 422
-    big = requests.post(f"{url}/predict", data=json.dumps({"instances": [[0.0] * 4] * 200_000}),
-                        headers={"content-type": "application/json"}, timeout=30)
+    assert (
+        requests.post(
+            f"{url}/predict", data="{not json", headers={"content-type": "application/json"}, timeout=30
+        ).status_code
+        == 422
+    )
+    big = requests.post(
+        f"{url}/predict",
+        data=json.dumps({"instances": [[0.0] * 4] * 200_000}),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert big.status_code == 413
     assert requests.post(f"{url}/predict", json={"instances": [[0, 0, 0, 0]]}, timeout=30).status_code == 200
 
@@ -98,9 +133,13 @@ def test_a_body_streamed_without_end_is_cut_off_at_the_limit_and_memory_stays_fl
     from ray.util.state import list_actors
 
     url, _, _ = endpoint
-    replicas = [psutil.Process(a.pid) for a in list_actors(address=ray.get_runtime_context().gcs_address,
-                                                           filters=[("state", "=", "ALIVE")], limit=1000)
-                if a.class_name.startswith("ServeReplica:tiny:")]
+    replicas = [
+        psutil.Process(a.pid)
+        for a in list_actors(
+            address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=1000
+        )
+        if a.class_name.startswith("ServeReplica:tiny:")
+    ]
     assert replicas
     before = sum(p.memory_info().rss for p in replicas)
     chunk = b"[" + b"0.0," * (1 << 18)  # 1 MiB of an endless JSON array
@@ -111,8 +150,9 @@ def test_a_body_streamed_without_end_is_cut_off_at_the_limit_and_memory_stays_fl
             yield chunk
 
     try:
-        status = requests.post(f"{url}/predict", data=endless(), headers={"content-type": "application/json"},
-                               timeout=60).status_code
+        status = requests.post(
+            f"{url}/predict", data=endless(), headers={"content-type": "application/json"}, timeout=60
+        ).status_code
     except requests.ConnectionError:
         status = None  # the server answered 413 and closed while the client was still sending
     assert status in (413, None)
@@ -148,10 +188,18 @@ def test_a_registered_version_can_be_served_by_number(ray_local, endpoint):
 
     # both apps start at once (a replica's start is mostly imports: the two share the 2 cores), then both are
     # waited for; serve.run would wait for the first before starting the second
-    _run(build_app({"model": "models:/tiny/1", "tracking_uri": tracking_uri}), name="tiny-v1",
-         route_prefix="/v1", _blocking=False)
-    _run(build_app({"model": "models:/tiny@champion", "tracking_uri": tracking_uri}), name="tiny-champion",
-         route_prefix="/champion", _blocking=False)
+    _run(
+        build_app({"model": "models:/tiny/1", "tracking_uri": tracking_uri}),
+        name="tiny-v1",
+        route_prefix="/v1",
+        _blocking=False,
+    )
+    _run(
+        build_app({"model": "models:/tiny@champion", "tracking_uri": tracking_uri}),
+        name="tiny-champion",
+        route_prefix="/champion",
+        _blocking=False,
+    )
     deadline = time.monotonic() + 120
     while {serve.status().applications[n].status for n in ("tiny-v1", "tiny-champion")} != {"RUNNING"}:
         assert time.monotonic() < deadline, serve.status()

@@ -4,6 +4,7 @@ Nothing done is lost, nothing is done twice, and the run ends as accurate as an 
 Each fault lands at a point the test controls, whatever the machine's speed: the runs train the gated MLP
 (tests/fault_hooks.py), which waits at the first step of an epoch the test holds, and each test prints and
 asserts the epoch its fault landed in."""
+
 import json
 import os
 import re
@@ -26,8 +27,13 @@ pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 8
-QUICK = {"train.epochs": EPOCHS, "scaling.num_workers": 2, "tune.enabled": False, "serve.enabled": False,
-         "plan.enabled": False}
+QUICK = {
+    "train.epochs": EPOCHS,
+    "scaling.num_workers": 2,
+    "tune.enabled": False,
+    "serve.enabled": False,
+    "plan.enabled": False,
+}
 
 
 def gated(settings: dict, gate: Gate) -> dict:
@@ -40,8 +46,9 @@ def wait_logged(tracking_uri: str, epoch: int, run: "Pipeline", timeout_s: float
     client = mlflow.MlflowClient(tracking_uri)
     deadline = time.monotonic() + timeout_s
     while True:
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  "tags.`shipyard.kind` = 'train'")
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], "tags.`shipyard.kind` = 'train'"
+        )
         if runs and epoch in train_epochs_logged(tracking_uri, runs[0].info.run_id):
             return
         assert run.alive() and time.monotonic() < deadline, f"epoch {epoch} never logged:\n{run.log[-3000:]}"
@@ -55,8 +62,22 @@ class Pipeline:
         args = [f"{k}={v}" for k, v in settings.items()]
         self.summary = summary
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.digits", *args, "--address", address, "--summary-json", str(summary),
-             *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "pipelines.digits",
+                *args,
+                "--address",
+                address,
+                "--summary-json",
+                str(summary),
+                *extra,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()
@@ -100,8 +121,13 @@ def train_epochs_logged(tracking_uri: str, run_id: str) -> list[float]:
 def training_worker_pids(ray) -> list[int]:
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
-                                       filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    return [
+        a.pid
+        for a in list_actors(
+            address=ray.get_runtime_context().gcs_address,
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        )
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +142,19 @@ def outage(ray_local, hardware_profile, tmp_path_factory):
     gate.hold(3)
     gate.hold(5)
     with MlflowServer(tmp / "server") as server:
-        run = Pipeline(address, gated({"storage_path": str(tmp / "results"), "plan.profile": str(hardware_profile),
-                                       **QUICK, "tracking.uri": server.url}, gate), tmp / "summary.json")
+        run = Pipeline(
+            address,
+            gated(
+                {
+                    "storage_path": str(tmp / "results"),
+                    "plan.profile": str(hardware_profile),
+                    **QUICK,
+                    "tracking.uri": server.url,
+                },
+                gate,
+            ),
+            tmp / "summary.json",
+        )
         run.wait_gate(gate, 3)
         server.stop()
         gate.release(3)
@@ -138,15 +175,17 @@ def test_training_outlives_a_tracking_server_outage_and_its_metrics_arrive(outag
     assert sorted(set(outage["epochs"])) == list(range(1, EPOCHS + 1)), outage["epochs"]  # the outage's too
     assert len(outage["val_accuracy"]) == EPOCHS
     # delivered by rank 0's queue once the server was back, or (had training ended first) by the driver
-    assert re.search(r"MLflow tracking server back after|delivered \d+ MLflow calls that training queued",
-                     outage["log"]), outage["log"][-3000:]
+    assert re.search(
+        r"MLflow tracking server back after|delivered \d+ MLflow calls that training queued", outage["log"]
+    ), outage["log"][-3000:]
     assert "LOST" not in outage["log"]
     state = torch.load(Path(outage["summary"]["checkpoint"]) / "state.pt", weights_only=True)
     assert state["epoch"] == EPOCHS - 1 and outage["summary"]["test_accuracy"] > 0.8
 
 
-def test_a_killed_training_worker_restarts_from_its_last_checkpoint_and_ends_as_accurate(ray_local, workdir,
-                                                                                         outage, tmp_path):
+def test_a_killed_training_worker_restarts_from_its_last_checkpoint_and_ends_as_accurate(
+    ray_local, workdir, outage, tmp_path
+):
     address = ray_local.get_runtime_context().gcs_address
     calm = outage["summary"]  # the same seed, data, workers and epochs, and no worker lost
     gate = Gate(tmp_path / "gate")
@@ -165,8 +204,10 @@ def test_a_killed_training_worker_restarts_from_its_last_checkpoint_and_ends_as_
     summary = hit.finish()
 
     resumed_after = int(re.search(r"resuming after epoch (\d+)/", hit.log)[1])
-    report(f"worker killed during epoch {killed_in}/{EPOCHS}; resumed after epoch {resumed_after}; test accuracy "
-          f"{summary['test_accuracy']:.4f} (undisturbed {calm['test_accuracy']:.4f})")
+    report(
+        f"worker killed during epoch {killed_in}/{EPOCHS}; resumed after epoch {resumed_after}; test accuracy "
+        f"{summary['test_accuracy']:.4f} (undisturbed {calm['test_accuracy']:.4f})"
+    )
     assert killed_in == 4 and resumed_after == 3  # only the epoch in flight is redone
     assert len(restarted) == 2 and set(restarted).isdisjoint(workers)  # a new worker group did the rest
     assert summary["test_accuracy"] == pytest.approx(calm["test_accuracy"], abs=0.01)
@@ -200,11 +241,20 @@ def test_a_pipeline_killed_while_training_resumes_without_redoing_work(ray_local
     gate = Gate(tmp_path / "gate")
     gate.hold(3, world=2)  # the final training's 2 workers; the search's one-process trials pass
     gate.hold(6, world=2)
-    settings = gated({**workdir, **QUICK, "tune.enabled": True, "tune.num_samples": 2, "tune.grace_period": 2,
-                      "tune.max_concurrent_trials": 2}, gate)
+    settings = gated(
+        {
+            **workdir,
+            **QUICK,
+            "tune.enabled": True,
+            "tune.num_samples": 2,
+            "tune.grace_period": 2,
+            "tune.max_concurrent_trials": 2,
+        },
+        gate,
+    )
     first = Pipeline(address, settings, tmp_path / "summary.json")
     first.wait_gate(gate, 3, world=2)
-    run_dir, = Path(workdir["storage_path"]).glob("digits-train-*")
+    (run_dir,) = Path(workdir["storage_path"]).glob("digits-train-*")
     deadline = time.monotonic() + 60
     while _snapshot_epoch(run_dir) != 2:  # the controller registers epoch 2 a poll after the worker saved it
         assert time.monotonic() < deadline, f"Ray Train's snapshot never named epoch 2: {_snapshot_epoch(run_dir)}"
@@ -224,16 +274,21 @@ def test_a_pipeline_killed_while_training_resumes_without_redoing_work(ray_local
     for folder in lagging.glob("checkpoint_*"):  # Ray Train's retention deleted them after epoch 2
         if not (run_dir / folder.name).exists():
             shutil.copytree(folder, run_dir / folder.name)
-    report(f"driver killed during epoch {killed_in}/{EPOCHS}; finished epochs in storage: {newest_epoch}; "
-          f"Ray Train's snapshot names epoch {_snapshot_epoch(run_dir)}")
+    report(
+        f"driver killed during epoch {killed_in}/{EPOCHS}; finished epochs in storage: {newest_epoch}; "
+        f"Ray Train's snapshot names epoch {_snapshot_epoch(run_dir)}"
+    )
     assert killed_in == 6 and newest_epoch == 5 and _snapshot_epoch(run_dir) == 2
 
     gate.release(6)
     second = Pipeline(address, settings, tmp_path / "summary.json", "--resume")
     summary = second.finish()
     assert "resuming the search saved at" in second.log
-    assert re.search(r"resuming after epoch 5/8 from checkpoint_\S+: the newest intact checkpoint in storage; "
-                     r"Ray Train's record names epoch 2, 3 finished epoch\(s\) behind", second.log), second.log[-3000:]
+    assert re.search(
+        r"resuming after epoch 5/8 from checkpoint_\S+: the newest intact checkpoint in storage; "
+        r"Ray Train's record names epoch 2, 3 finished epoch\(s\) behind",
+        second.log,
+    ), second.log[-3000:]
 
     client = mlflow.MlflowClient(workdir["tracking.uri"], registry_uri=workdir["tracking.uri"])
     experiment = client.get_experiment_by_name("shipyard-digits").experiment_id
@@ -263,27 +318,40 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_a_full_disk_fails_clearly_and_resume_goes_on_from_an_intact_checkpoint(ray_local, workdir, tmp_path,
-                                                                               small_disk):
+def test_a_full_disk_fails_clearly_and_resume_goes_on_from_an_intact_checkpoint(
+    ray_local, workdir, tmp_path, small_disk
+):
     address = ray_local.get_runtime_context().gcs_address
-    settings = {**workdir, **QUICK, "scaling.num_workers": 1, "train.epochs": 12, "train.max_failures": 1,
-                "storage_path": str(small_disk / "results")}
+    settings = {
+        **workdir,
+        **QUICK,
+        "scaling.num_workers": 1,
+        "train.epochs": 12,
+        "train.max_failures": 1,
+        "storage_path": str(small_disk / "results"),
+    }
     full = Pipeline(address, settings, tmp_path / "summary.json")
     full.proc.wait(timeout=300)
     full.reader.join(timeout=10)
     assert full.proc.returncode == 2, full.log[-3000:]
-    assert re.search(r"ERROR shipyard: training run \S+ failed: the disk holding storage_path .* is full\. The "
-                     r"checkpoints saved so far are intact there", full.log), full.log[-3000:]
+    assert re.search(
+        r"ERROR shipyard: training run \S+ failed: the disk holding storage_path .* is full\. The "
+        r"checkpoints saved so far are intact there",
+        full.log,
+    ), full.log[-3000:]
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # space freed
 
     resumed = Pipeline(address, settings, tmp_path / "summary.json", "--resume")
     summary = resumed.finish()
-    assert re.search(r"resuming after epoch \d+/12 from checkpoint_\S+: the newest intact checkpoint in storage",
-                     resumed.log), resumed.log[-3000:]
+    assert re.search(
+        r"resuming after epoch \d+/12 from checkpoint_\S+: the newest intact checkpoint in storage", resumed.log
+    ), resumed.log[-3000:]
     client = mlflow.MlflowClient(workdir["tracking.uri"], registry_uri=workdir["tracking.uri"])
     experiment = client.get_experiment_by_name("shipyard-digits").experiment_id
     assert sorted(r.data.tags.get("shipyard.kind") for r in client.search_runs([experiment], "")) == [
-        "pipeline", "train"]
+        "pipeline",
+        "train",
+    ]
     epochs = train_epochs_logged(workdir["tracking.uri"], summary["train_run_id"])
     assert sorted(set(epochs)) == list(range(1, 13)) and epochs.count(1) == 1, epochs
     assert summary["model_version"] == "1" and summary["test_accuracy"] > 0.9

@@ -1,5 +1,6 @@
 """Image folders end to end: the digits set as PNG class folders named by words, trained and served; training's
 and serving's decoding give identical tensors; an undecodable file stops the run with one error naming it."""
+
 import base64
 import io
 import shutil
@@ -31,9 +32,17 @@ def digit_pngs(tmp_path_factory) -> Path:
 
 
 def test_digit_pngs_train_to_95_percent_and_the_endpoint_names_the_class_of_a_base64_png(
-        ray_local, workdir, digit_pngs, serve_port):
-    settings = {**workdir, "data.path": digit_pngs, "data.image_size": 8, "data.channels": 1,
-                "tune.enabled": False, "train.epochs": 10, "serve.port": serve_port}
+    ray_local, workdir, digit_pngs, serve_port
+):
+    settings = {
+        **workdir,
+        "data.path": digit_pngs,
+        "data.image_size": 8,
+        "data.channels": 1,
+        "tune.enabled": False,
+        "train.epochs": 10,
+        "serve.port": serve_port,
+    }
     summary = run_pipeline(IMAGES, [f"{k}={v}" for k, v in settings.items()], keep_serving=True)
     try:
         report(f"digit PNGs: test accuracy {summary['test_accuracy']:.4f}, endpoint {summary['endpoint_accuracy']:.4f}")
@@ -42,16 +51,16 @@ def test_digit_pngs_train_to_95_percent_and_the_endpoint_names_the_class_of_a_ba
         assert all(a in WORDS for a in summary["endpoint_example"]["response"]["predictions"])
         url = summary["endpoint"]
         files = {w: sorted((digit_pngs / w).glob("*.png"))[:3] for w in ("three", "seven")}
-        body = {"instances": [{"b64": base64.b64encode(f.read_bytes()).decode()} for fs in files.values()
-                              for f in fs]}
+        body = {"instances": [{"b64": base64.b64encode(f.read_bytes()).decode()} for fs in files.values() for f in fs]}
         answer = requests.post(f"{url}/predict", json=body, timeout=30)
         assert answer.status_code == 200, answer.text
         predicted = answer.json()["predictions"]
         assert sum(p == w for p, w in zip(predicted, ["three"] * 3 + ["seven"] * 3)) >= 5, predicted
         meta = requests.get(f"{url}/metadata", timeout=30).json()
         assert meta["classes"] == sorted(WORDS), meta
-        bad = requests.post(f"{url}/predict", json={"instances": [{"b64": base64.b64encode(b"GIF89a").decode()}]},
-                            timeout=30)
+        bad = requests.post(
+            f"{url}/predict", json={"instances": [{"b64": base64.b64encode(b"GIF89a").decode()}]}, timeout=30
+        )
         assert bad.status_code == 422 and "instances[0].b64 is not a PNG or JPEG image" in bad.text
         assert requests.post(f"{url}/predict", json=body, timeout=30).status_code == 200  # still up
     finally:
@@ -65,16 +74,25 @@ def test_training_and_serving_decode_a_file_to_identical_tensors(ray_local, tmp_
 
     rng = np.random.default_rng(1)
     files = []
-    for k, cls in enumerate(("cat", "dog")):
+    for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
-        for i, (size, mode, fmt) in enumerate([((13, 9), "RGB", "PNG"), ((7, 11), "L", "PNG"),
-                                               ((16, 16), "RGB", "JPEG"), ((5, 5), "L", "JPEG")] * 3):
+        for i, (size, mode, fmt) in enumerate(
+            [((13, 9), "RGB", "PNG"), ((7, 11), "L", "PNG"), ((16, 16), "RGB", "JPEG"), ((5, 5), "L", "JPEG")] * 3
+        ):
             shape = size[::-1] + ((3,) if mode == "RGB" else ())
             f = tmp_path / cls / f"{i}.{fmt.lower()}"
             Image.fromarray(rng.integers(0, 256, size=shape).astype(np.uint8), mode).save(f, fmt)
             files.append(f)
-    cfg = load_config(IMAGES, {"data.path": str(tmp_path), "data.image_size": 6, "data.channels": 3,
-                               "data.val_fraction": 0.3, "data.test_fraction": 0.3})
+    cfg = load_config(
+        IMAGES,
+        {
+            "data.path": str(tmp_path),
+            "data.image_size": 6,
+            "data.channels": 3,
+            "data.val_fraction": 0.3,
+            "data.test_fraction": 0.3,
+        },
+    )
     task = make_task(cfg.task)
     splits = task.load(cfg.data)
     trained_on = np.concatenate([to_numpy(s)[0] for s in (splits.train, splits.val, splits.test)])
@@ -127,7 +145,14 @@ def test_a_request_image_over_the_pixel_limit_is_refused_from_its_header():
     buf = io.BytesIO()
     Image.new("L", (5000, 5000)).save(buf, "PNG")
     assert len(buf.getvalue()) < 100_000
-    task = task_of({"task": "image_classification", "input_shape": [1, 8, 8], "output_width": 2,
-                    "target": "class folder", "classes": ["a", "b"]})
+    task = task_of(
+        {
+            "task": "image_classification",
+            "input_shape": [1, 8, 8],
+            "output_width": 2,
+            "target": "class folder",
+            "classes": ["a", "b"],
+        }
+    )
     with pytest.raises(RequestError, match=r"instances\[0\].b64: image of 5000 x 5000 pixels; the limit is 16,777,216"):
         task.parse_instances([{"b64": base64.b64encode(buf.getvalue()).decode()}])

@@ -1,5 +1,6 @@
 """A pipeline kept serving (--keep-serving, on the local Ray it started) stops on SIGTERM as a service manager
 stops it: one line saying the endpoint was stopped, no Ray signal dump, exit 0, and no process of its left."""
+
 import re
 import signal
 import subprocess
@@ -33,10 +34,24 @@ def _alive(pids: set[int]) -> set[int]:
 def test_sigterm_stops_a_kept_endpoint_with_one_line_and_no_process_left(workdir, tmp_path, ray_local):
     # ray_local: the session's Ray stays up beside the pipeline's own, as on a machine shared with other users
     port = free_port()
-    args = [f"{k}={v}" for k, v in {**workdir, "tune.enabled": False, "plan.enabled": False, "train.epochs": 2,
-                                    "scaling.num_workers": 1, "serve.port": port}.items()]
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.digits", *args, "--keep-serving"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [
+        f"{k}={v}"
+        for k, v in {
+            **workdir,
+            "tune.enabled": False,
+            "plan.enabled": False,
+            "train.epochs": 2,
+            "scaling.num_workers": 1,
+            "serve.port": port,
+        }.items()
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.digits", *args, "--keep-serving"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
@@ -62,8 +77,9 @@ def test_sigterm_stops_a_kept_endpoint_with_one_line_and_no_process_left(workdir
     after = "".join(lines[before:])
     report(f"after SIGTERM: {after.strip()!r}")
     assert "SIGTERM received" not in after and "Traceback" not in after, after
-    assert len(re.findall(r"SIGTERM: stopped the endpoint at http://127\.0\.0\.1:\d+ and the Ray it ran on",
-                          after)) == 1, after
+    assert (
+        len(re.findall(r"SIGTERM: stopped the endpoint at http://127\.0\.0\.1:\d+ and the Ray it ran on", after)) == 1
+    ), after
     deadline = time.monotonic() + 60  # Ray's processes exit a moment after the driver
     while _alive(ours) and time.monotonic() < deadline:
         time.sleep(0.2)

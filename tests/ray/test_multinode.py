@@ -1,5 +1,6 @@
 """The pipeline unchanged on a real two-node Ray cluster (two `ray start` nodes on this machine) with a real
 MLflow server, submitted with `ray job submit` as a user would; and what listens where while it runs."""
+
 import json
 import threading
 import time
@@ -30,11 +31,20 @@ def job(cluster, mlflow_server, hardware_profile, tmp_path_factory):
     """The digits pipeline through `ray job submit --working-dir .`, its endpoint left up on the cluster."""
     out = tmp_path_factory.mktemp("job")
     serve_port = free_port()
-    entry = ["python", "-m", "pipelines.digits", f"tracking.uri={mlflow_server}",
-             f"storage_path={out / 'results'}", f"plan.profile={hardware_profile}",
-             *(f"{k}={v}" for k, v in TINY.items()),
-             "scaling.placement_strategy=STRICT_SPREAD",  # one worker per node, or none
-             f"serve.port={serve_port}", "--keep-serving", "--summary-json", str(out / "summary.json")]
+    entry = [
+        "python",
+        "-m",
+        "pipelines.digits",
+        f"tracking.uri={mlflow_server}",
+        f"storage_path={out / 'results'}",
+        f"plan.profile={hardware_profile}",
+        *(f"{k}={v}" for k, v in TINY.items()),
+        "scaling.placement_strategy=STRICT_SPREAD",  # one worker per node, or none
+        f"serve.port={serve_port}",
+        "--keep-serving",
+        "--summary-json",
+        str(out / "summary.json"),
+    ]
     rc, log = cluster.submit(entry, working_dir=ROOT)
     assert rc == 0, log[-5000:]
     return {"summary": json.loads((out / "summary.json").read_text()), "log": log, "serve_port": serve_port}
@@ -50,12 +60,15 @@ def test_pipeline_trains_on_both_nodes_registers_and_serves(cluster, mlflow_serv
     assert json.loads(train_run.data.tags["shipyard.worker_nodes"]) == {n: 1 for n in cluster.node_ids()}
     assert train_run.data.tags["shipyard.num_nodes"] == "2"
     # registered in the shared server's registry, with the lineage of this run
-    version = MlflowClient(mlflow_server, registry_uri=mlflow_server).get_model_version(summary["model_name"], summary["model_version"])
+    version = MlflowClient(mlflow_server, registry_uri=mlflow_server).get_model_version(
+        summary["model_name"], summary["model_version"]
+    )
     assert version.tags["shipyard.data_hash"] == summary["data_hash"]
     assert summary["endpoint_accuracy"] == pytest.approx(summary["test_accuracy"], abs=0.005)
     # the endpoint outlives the job: it answers the test process, not only the job's driver
-    answer = requests.post(f"http://127.0.0.1:{job['serve_port']}/predict", json={"instances": [[0.0] * 64]},
-                           timeout=30)
+    answer = requests.post(
+        f"http://127.0.0.1:{job['serve_port']}/predict", json={"instances": [[0.0] * 64]}, timeout=30
+    )
     assert answer.status_code == 200 and answer.json()["model_version"] == str(summary["model_version"])
 
 
@@ -91,8 +104,11 @@ def test_shipyards_ports_on_loopback_and_rays_refuse_clients_without_the_token(c
                 seen[(name, port)] = probe_without_token(node_ip, port)
     # Ray serves Prometheus metrics without a token, read-only (no setting binds them to loopback): the
     # autoscaler's, the dashboard's and each node agent's exporter, nothing else
-    metrics_ports = {int(cluster.env["AUTOSCALER_METRIC_PORT"]), int(cluster.env["DASHBOARD_METRIC_PORT"]),
-                     *cluster.metrics_export_ports}
+    metrics_ports = {
+        int(cluster.env["AUTOSCALER_METRIC_PORT"]),
+        int(cluster.env["DASHBOARD_METRIC_PORT"]),
+        *cluster.metrics_export_ports,
+    }
     for (name, port), verdict in seen.items():
         if port in metrics_ports:
             assert verdict == "metrics", (name, port, verdict)
@@ -102,8 +118,8 @@ def test_shipyards_ports_on_loopback_and_rays_refuse_clients_without_the_token(c
 
 
 def test_attaching_with_the_wrong_token_is_refused_at_once(cluster, monkeypatch):
-    from shipyard.errors import PlatformError
     from shipyard.cluster.attach import check_cluster_address, gcs_accepts_token
+    from shipyard.errors import PlatformError
 
     assert gcs_accepts_token(cluster.address, token=cluster.token) is True
     monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
@@ -111,8 +127,7 @@ def test_attaching_with_the_wrong_token_is_refused_at_once(cluster, monkeypatch)
         check_cluster_address(cluster.address)
 
 
-def test_elastic_training_shrinks_when_a_node_dies_and_grows_back_when_it_returns(cluster, mlflow_server,
-                                                                                tmp_path):
+def test_elastic_training_shrinks_when_a_node_dies_and_grows_back_when_it_returns(cluster, mlflow_server, tmp_path):
     """Last in this module: it kills the worker node (and brings it back). The run trains the gated MLP
     (tests/fault_hooks.py), held at the first step of epoch 4 until the group has shrunk and grown back, so every
     resize lands during epoch 4 of 8 however fast the machine trains."""
@@ -126,16 +141,35 @@ def test_elastic_training_shrinks_when_a_node_dies_and_grows_back_when_it_return
     gate = Gate(tmp_path / "gate")
     gate.hold(4)
     # the endpoint the job left up holds CPUs; without it each node fits one worker of 2 CPUs: 2 -> 1 -> 2
-    subprocess.run([str(Path(sys.executable).with_name("serve")), "shutdown", "-a", cluster.dashboard_url, "-y"],
-                   env=cluster.env, capture_output=True, timeout=120)
-    cmd = [sys.executable, "-m", "pipelines.digits", "--address", cluster.address, f"tracking.uri={mlflow_server}",
-           f"storage_path={tmp_path / 'results'}", "tune.enabled=false", "serve.enabled=false", "plan.enabled=false",
-           f"train.epochs={epochs}", "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=2",
-           "model.name=tests.fault_hooks:gated_mlp", f"model.options={gate.options}",
-           "scaling.resize_check_s=2", "train.max_failures=3", "--summary-json", str(tmp_path / "summary.json")]
+    subprocess.run(
+        [str(Path(sys.executable).with_name("serve")), "shutdown", "-a", cluster.dashboard_url, "-y"],
+        env=cluster.env,
+        capture_output=True,
+        timeout=120,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.digits",
+        "--address",
+        cluster.address,
+        f"tracking.uri={mlflow_server}",
+        f"storage_path={tmp_path / 'results'}",
+        "tune.enabled=false",
+        "serve.enabled=false",
+        "plan.enabled=false",
+        f"train.epochs={epochs}",
+        "scaling.num_workers=[1,2]",
+        "scaling.cpus_per_worker=2",
+        "model.name=tests.fault_hooks:gated_mlp",
+        f"model.options={gate.options}",
+        "scaling.resize_check_s=2",
+        "train.max_failures=3",
+        "--summary-json",
+        str(tmp_path / "summary.json"),
+    ]
     lines: list[str] = []
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
 
@@ -143,8 +177,9 @@ def test_elastic_training_shrinks_when_a_node_dies_and_grows_back_when_it_return
         return [int(n) for n in re.findall(r"training on (\d+) worker\(s\)", "".join(lines))]
 
     def at_epoch_4(world: int, seen: set[int]) -> dict:  # a group of `world` workers held at epoch 4
-        return gate.wait(4, lambda: proc.poll() is None, world=world, exclude_pids=seen, timeout_s=180,
-                         what=lambda: "".join(lines))
+        return gate.wait(
+            4, lambda: proc.poll() is None, world=world, exclude_pids=seen, timeout_s=180, what=lambda: "".join(lines)
+        )
 
     try:
         first = at_epoch_4(2, set())
@@ -164,11 +199,14 @@ def test_elastic_training_shrinks_when_a_node_dies_and_grows_back_when_it_return
         reader.join(timeout=10)
     log = "".join(lines)
     assert proc.returncode == 0, log[-4000:]
-    report(f"elastic: worker groups {groups()}; node killed during epoch 4/{epochs}, shrank and grew back during "
-          f"epoch 4/{epochs} (epochs begun by then: {landed})")
+    report(
+        f"elastic: worker groups {groups()}; node killed during epoch 4/{epochs}, shrank and grew back during "
+        f"epoch 4/{epochs} (epochs begun by then: {landed})"
+    )
     assert landed == [1, 2, 3, 4] and grown["world"] == 2 and groups()[0] == groups()[-1] == 2 and 1 in groups()
     summary = json.loads((tmp_path / "summary.json").read_text())
-    epochs_done = [m.value for m in MlflowClient(mlflow_server).get_metric_history(summary["train_run_id"],
-                                                                                    "epochs_done")]
+    epochs_done = [
+        m.value for m in MlflowClient(mlflow_server).get_metric_history(summary["train_run_id"], "epochs_done")
+    ]
     assert sorted(set(epochs_done)) == list(range(1, epochs + 1))
     assert summary["test_accuracy"] > 0.9

@@ -1,4 +1,5 @@
 """End to end on a local Ray: data -> tune -> train -> register/promote -> serve, checked in MLflow."""
+
 import json
 from pathlib import Path
 
@@ -7,7 +8,6 @@ import pytest
 import torch
 
 from shipyard.cli import run_pipeline
-
 from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,8 +34,15 @@ def test_digits_promotes_only_better_models_and_serves_the_champion(ray_local, w
     summary_path = tmp_path / "summary.json"
     good = run_pipeline(DIGITS, overrides({**TINY, **workdir, "serve.port": serve_port}), summary_json=summary_path)
     assert json.loads(summary_path.read_text())["model_version"] == "2"
-    for key in ("test_accuracy", "model_name", "model_version", "promoted", "endpoint", "stage_seconds",
-                "parent_run_id"):
+    for key in (
+        "test_accuracy",
+        "model_name",
+        "model_version",
+        "promoted",
+        "endpoint",
+        "stage_seconds",
+        "parent_run_id",
+    ):
         assert key in good
     assert good["promoted"] and good["test_accuracy"] > max(0.85, first["test_accuracy"])
     assert good["previous_champion_accuracy"] == pytest.approx(first["test_accuracy"])
@@ -60,8 +67,15 @@ def test_digits_promotes_only_better_models_and_serves_the_champion(ray_local, w
     assert len(trials) == 2 and {r.data.tags["shipyard.kind"] for r in trials} == {"trial"}
     history = client.get_metric_history(train_run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [0, 1, 2]  # one point per epoch, logged by rank 0 only
-    for key in ("train_loss", "val_loss", "epoch_time_s", "samples_per_s", "step_time_ms", "data_wait_ms",
-                "predicted_step_time_ms"):
+    for key in (
+        "train_loss",
+        "val_loss",
+        "epoch_time_s",
+        "samples_per_s",
+        "step_time_ms",
+        "data_wait_ms",
+        "predicted_step_time_ms",
+    ):
         assert len(client.get_metric_history(train_run.info.run_id, key)) == 3
     # the plan, made before training from the session's calibrated profile, is beside the measurement
     predicted = float(train_run.data.params["plan.predicted_step_time_ms"])
@@ -74,8 +88,14 @@ def test_digits_promotes_only_better_models_and_serves_the_champion(ray_local, w
 
     champion = client.get_model_version_by_alias("digits", "champion")
     assert str(champion.version) == "2"
-    for tag in ("shipyard.data_hash", "shipyard.git_commit", "shipyard.config", "shipyard.parent_run_id",
-                "shipyard.train_run_id", "shipyard.split"):
+    for tag in (
+        "shipyard.data_hash",
+        "shipyard.git_commit",
+        "shipyard.config",
+        "shipyard.parent_run_id",
+        "shipyard.train_run_id",
+        "shipyard.split",
+    ):
         assert champion.tags[tag]
     assert champion.tags["shipyard.data_hash"] == good["data_hash"]
     assert champion.tags["shipyard.train_run_id"] == train_run.info.run_id

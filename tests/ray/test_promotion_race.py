@@ -7,6 +7,7 @@ tests/unit/test_promotion.py; this checks it on the real registry, through real 
 
 The worker side runs as `python tests/ray/test_promotion_race.py <tracking uri> <version> <folder>`.
 """
+
 import json
 import os
 import subprocess
@@ -57,8 +58,8 @@ def race(mlflow_server, tmp_path_factory):
     import mlflow
     import torch
 
-    from shipyard.track import runs as tracking
     from shipyard.config import load_config
+    from shipyard.track import runs as tracking
 
     x, y, x_test, y_test = _digits()
     folder = tmp_path_factory.mktemp("race")
@@ -74,9 +75,14 @@ def race(mlflow_server, tmp_path_factory):
                 model = _train(seed, steps, x, y)
                 with torch.no_grad():
                     acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
-                version = tracking.log_model(model, x_test[:5], cfg, list(range(10)),
-                                             [f"p{i}" for i in range(64)],
-                                             {"shipyard.data_hash": "digits", "shipyard.split": "race"})
+                version = tracking.log_model(
+                    model,
+                    x_test[:5],
+                    cfg,
+                    list(range(10)),
+                    [f"p{i}" for i in range(64)],
+                    {"shipyard.data_hash": "digits", "shipyard.split": "race"},
+                )
                 accuracy[version] = acc
         torch.set_num_threads(threads)
         _publish(folder / "accuracy.json", accuracy)
@@ -91,8 +97,9 @@ def race(mlflow_server, tmp_path_factory):
 def _start_worker(uri: str, version: str, folder: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), str(ROOT)])}
     with open(folder / f"worker-{version}.log", "w") as out:
-        return subprocess.Popen([sys.executable, __file__, uri, version, str(folder)], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, __file__, uri, version, str(folder)], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def _publish(path: Path, obj) -> None:
@@ -147,7 +154,7 @@ def test_concurrent_promotions_leave_the_best_version_champion_every_round(race)
         where = f"round {n} (champion v{champion}, racing {racing}): {done}"
         assert str(model.aliases["champion"]) == best, where
         recorded = json.loads(model.tags[HISTORY_TAG])
-        assert recorded[:len(history)] == history and recorded[-1] == best, (recorded, where)
+        assert recorded[: len(history)] == history and recorded[-1] == best, (recorded, where)
         for v in ("1", "2", "3", "4"):
             tags = client.get_model_version(NAME, v).tags
             assert tags.get(PROMOTION_TAG) != "pending" and CLAIM_TAG not in tags, (v, tags, where)
@@ -164,8 +171,10 @@ def test_concurrent_promotions_leave_the_best_version_champion_every_round(race)
 
 
 def _logs(folder, workers) -> str:
-    return "\n".join(f"--- worker v{v} (exit {p.poll()}):\n{(folder / f'worker-{v}.log').read_text()[-3000:]}"
-                     for v, p in workers.items())
+    return "\n".join(
+        f"--- worker v{v} (exit {p.poll()}):\n{(folder / f'worker-{v}.log').read_text()[-3000:]}"
+        for v, p in workers.items()
+    )
 
 
 def worker(uri: str, version: str, folder: Path) -> None:
@@ -174,8 +183,8 @@ def worker(uri: str, version: str, folder: Path) -> None:
 
     import mlflow
 
-    from shipyard.track import runs as tracking
     from shipyard.tasks import task_of
+    from shipyard.track import runs as tracking
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s v" + version + " %(name)s: %(message)s")
     mlflow.set_tracking_uri(uri)
@@ -192,8 +201,15 @@ def worker(uri: str, version: str, folder: Path) -> None:
         return json.loads(path.read_text())
 
     accuracy = wait_for(folder / "accuracy.json")[version]
-    classify = task_of({"task": "classification", "input_shape": [64], "output_width": 10, "target": "label",
-                        "classes": list(range(10))})
+    classify = task_of(
+        {
+            "task": "classification",
+            "input_shape": [64],
+            "output_width": 10,
+            "target": "label",
+            "classes": list(range(10)),
+        }
+    )
     for n in range(len(ROUNDS) + 1):
         go = wait_for(folder / f"go-{n}.json")
         if go.get("stop"):
@@ -202,8 +218,10 @@ def worker(uri: str, version: str, folder: Path) -> None:
             continue
         time.sleep(max(0.0, go["at"] - time.time()))
         decision, champion_acc = tracking.promote_if_better(NAME, version, accuracy, x_test, y_test, classify)
-        _publish(folder / f"done-{n}-{version}.json", {"promote": decision.promote, "reason": decision.reason,
-                                                         "champion_accuracy": champion_acc})
+        _publish(
+            folder / f"done-{n}-{version}.json",
+            {"promote": decision.promote, "reason": decision.reason, "champion_accuracy": champion_acc},
+        )
 
 
 if __name__ == "__main__":

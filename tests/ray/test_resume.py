@@ -4,6 +4,7 @@ finished trials are not rerun, unfinished ones go on from their checkpoint, and 
 The kill lands at a point the test controls: the trials train the gated MLP (tests/fault_hooks.py); the first
 trial to reach epoch 3 passes and finishes, every later one waits there, so when the test kills the driver one
 trial has finished and the others are held mid-way (epoch 3 of N), however fast the machine is."""
+
 import json
 import os
 import re
@@ -26,18 +27,36 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def pipeline(address, workdir, summary, settings, *extra):
-    args = [f"{k}={v}" for k, v in {**workdir, **settings}.items()] + ["model.name=tests.fault_hooks:gated_mlp",
-        "tune.grace_period=4", "tune.reduction_factor=2", "serve.enabled=false", "scaling.num_workers=1"]
-    cmd = [sys.executable, "-m", "pipelines.digits", *args, "--address", address, "--summary-json", str(summary),
-           *extra]
+    args = [f"{k}={v}" for k, v in {**workdir, **settings}.items()] + [
+        "model.name=tests.fault_hooks:gated_mlp",
+        "tune.grace_period=4",
+        "tune.reduction_factor=2",
+        "serve.enabled=false",
+        "scaling.num_workers=1",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.digits",
+        *args,
+        "--address",
+        address,
+        "--summary-json",
+        str(summary),
+        *extra,
+    ]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("settings", [
-    {"train.epochs": 10, "tune.num_samples": 4},
-    # trials as 2-worker Train jobs, one at a time: they resume from their Train job's own checkpoint
-    {"train.epochs": 8, "tune.num_samples": 3, "tune.workers_per_trial": 2, "tune.cpus_per_trial": 2},
-], ids=["one-process-trials", "two-worker-trials"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"train.epochs": 10, "tune.num_samples": 4},
+        # trials as 2-worker Train jobs, one at a time: they resume from their Train job's own checkpoint
+        {"train.epochs": 8, "tune.num_samples": 3, "tune.workers_per_trial": 2, "tune.cpus_per_trial": 2},
+    ],
+    ids=["one-process-trials", "two-worker-trials"],
+)
 def test_killed_search_resumes_without_rerunning_or_duplicating(ray_local, workdir, tmp_path, settings):
     address = ray_local.get_runtime_context().gcs_address
     summary = tmp_path / "summary.json"
@@ -64,8 +83,10 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_local, workd
     first.wait(timeout=30)
     reader.join(timeout=10)
     held = [a for a in gate.arrivals(3)][1:]  # all but the first arrival waited at epoch 3
-    report(f"driver killed with trial {finished} finished and {len(held)} trial(s) held during epoch 3/"
-          f"{settings['train.epochs']}")
+    report(
+        f"driver killed with trial {finished} finished and {len(held)} trial(s) held during epoch 3/"
+        f"{settings['train.epochs']}"
+    )
     assert held and not gate.arrivals(4)[1:], gate.arrivals()  # only the passed trial went beyond epoch 3
     assert not summary.exists()
     gate.release(3)

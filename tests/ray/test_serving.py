@@ -3,6 +3,7 @@
 Three small versions of one registered model on one Serve instance. Tests that change the app's model or its
 settings deploy their own Serve app; the tests that only send requests to a default app share one (`plain`).
 """
+
 import contextlib
 import os
 import sys
@@ -19,14 +20,14 @@ import schemathesis
 import torch
 from hypothesis import HealthCheck, settings
 
-from shipyard.track import registry
-from shipyard.track import runs as tracking
 from shipyard.cli import main as shipyard_main
 from shipyard.config import load_config
 from shipyard.serve.endpoint import build_app
 from shipyard.serve.ingress import wait_until_routed
-from shipyard.tasks.models import mlp
 from shipyard.tasks import task_of
+from shipyard.tasks.models import mlp
+from shipyard.track import registry
+from shipyard.track import runs as tracking
 from tests.helpers import free_port, raylet_processes, shutdown_serve
 
 pytestmark = pytest.mark.ray
@@ -44,8 +45,9 @@ def registry_uri(ray_local, tmp_path_factory):
     with mlflow.start_run():
         for seed in (0, 1, 2):
             torch.manual_seed(seed)
-            tracking.log_model(mlp(4, 3, hidden=8).eval(), np.zeros((2, 4), np.float32), cfg, ["a", "b", "c"],
-                               ["w", "x", "y", "z"], {})
+            tracking.log_model(
+                mlp(4, 3, hidden=8).eval(), np.zeros((2, 4), np.float32), cfg, ["a", "b", "c"], ["w", "x", "y", "z"], {}
+            )
     registry.set_champion("svc", "1", "test fixture")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -57,8 +59,9 @@ def _run_app(registry_uri, name, **args) -> str:
     from ray import serve
 
     uri, base = registry_uri
-    serve.run(build_app({"model": "models:/svc@champion", "tracking_uri": uri, **args}), name=name,
-              route_prefix=f"/{name}")
+    serve.run(
+        build_app({"model": "models:/svc@champion", "tracking_uri": uri, **args}), name=name, route_prefix=f"/{name}"
+    )
     wait_until_routed(f"{base}/{name}")
     return f"{base}/{name}"
 
@@ -166,7 +169,7 @@ def test_moving_the_alias_under_load_switches_versions_with_no_failed_request(re
     assert versions[0] == "1" and versions[-1] == "2"
     # once every replica swapped, v1 never answers again (each replica swaps once, atomically)
     last_v1 = max(i for i, v in enumerate(versions) if v == "1")
-    assert set(versions[last_v1 + 1:]) == {"2"} and len(versions) - last_v1 > 50
+    assert set(versions[last_v1 + 1 :]) == {"2"} and len(versions) - last_v1 > 50
 
 
 def test_promote_and_rollback_commands_move_the_alias_and_the_endpoint_follows(registry_uri, deploy, capsys):
@@ -189,8 +192,7 @@ def test_canary_answers_its_share_and_every_answer_names_its_version(deploy):
     meta = requests.get(f"{url}/metadata", timeout=REQUEST_TIMEOUT_S).json()
     assert meta["model_version"] == "1" and meta["canary"] == {"model_version": "2", "share": 0.3}
     with requests.Session() as s:
-        versions = Counter(s.post(f"{url}/predict", json=ROW, timeout=30).json()["model_version"]
-                           for _ in range(600))
+        versions = Counter(s.post(f"{url}/predict", json=ROW, timeout=30).json()["model_version"] for _ in range(600))
     assert set(versions) == {"1", "2"}
     # binomial(600, 0.3): sd 0.019; 0.3 +- 0.08 is beyond 4 sd
     assert abs(versions["2"] / 600 - 0.3) < 0.08, versions
@@ -252,8 +254,7 @@ def test_hand_written_bad_requests_get_4xx_and_the_app_keeps_answering(plain):
             yield b"[0.0, 0.0, 0.0, 0.0]," * 10
         yield b"[0, 0, 0, 0]]}"
 
-    big = requests.post(f"{url}/predict", data=chunked_body(), headers={"content-type": "application/json"},
-                        timeout=60)
+    big = requests.post(f"{url}/predict", data=chunked_body(), headers={"content-type": "application/json"}, timeout=60)
     assert big.status_code == 413 and "limit" in big.text
     assert requests.post(f"{url}/predict", json=ROW, timeout=30).status_code == 200
 
@@ -296,12 +297,20 @@ def test_every_port_of_the_fast_ingress_listens_on_loopback(plain):
     url = plain
     assert requests.post(f"{url}/predict", json=ROW, timeout=30).status_code == 200
     port = int(url.split(":")[2].split("/")[0])
-    haproxies = [p for p in psutil.process_iter(["name", "cmdline", "environ"])
-                 if p.info["name"] == "haproxy" and os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]
-                 in (p.info["environ"] or {}).get("RAY_SERVE_HAPROXY_STATS_PORT", "")]
+    haproxies = [
+        p
+        for p in psutil.process_iter(["name", "cmdline", "environ"])
+        if p.info["name"] == "haproxy"
+        and os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]
+        in (p.info["environ"] or {}).get("RAY_SERVE_HAPROXY_STATS_PORT", "")
+    ]
     assert haproxies, "no HAProxy of this Ray: fast ingress is off"
-    listening = {(c.laddr.ip, c.laddr.port) for p in haproxies for c in p.net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN}
+    listening = {
+        (c.laddr.ip, c.laddr.port)
+        for p in haproxies
+        for c in p.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
     assert ("127.0.0.1", port) in listening
     assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
     assert len(listening) >= 3  # the Serve port, stats, Prometheus
@@ -330,8 +339,12 @@ def test_serve_deploy_reconfigures_in_place_or_rolls_without_a_failed_request(ra
     def deploy(step: int) -> None:
         path = tmp / f"serve_{step}.yaml"
         path.write_text(yaml.safe_dump(config))
-        subprocess.run([str(Path(sys.executable).with_name("serve")), "deploy", str(path), "-a", dashboard],
-                       check=True, env={**os.environ, "RAY_AUTH_MODE": "token"}, timeout=120)
+        subprocess.run(
+            [str(Path(sys.executable).with_name("serve")), "deploy", str(path), "-a", dashboard],
+            check=True,
+            env={**os.environ, "RAY_AUTH_MODE": "token"},
+            timeout=120,
+        )
 
     def replica() -> str:
         r = requests.get(f"{url}/metadata", timeout=REQUEST_TIMEOUT_S)
@@ -378,12 +391,25 @@ def test_serve_run_cli_serves_the_registry_model_through_fast_ingress(registry_u
     uri, _ = registry_uri
     if any(c.laddr.port == 8000 for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN):
         pytest.skip("port 8000 (Serve's default for `serve run`) is taken on this machine")
-    env = {k: v for k, v in os.environ.items()  # a fresh shell: none of this test session's Ray settings
-           if not k.startswith(("RAY_SERVE_", "SHIPYARD_HAPROXY", "RAY_ADDRESS"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()  # a fresh shell: none of this test session's Ray settings
+        if not k.startswith(("RAY_SERVE_", "SHIPYARD_HAPROXY", "RAY_ADDRESS"))
+    }
     log = (tmp_path / "serve_run.log").open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", "serving.app:build_app",
-                             "model=models:/svc@champion", f"tracking_uri={uri}"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("serve")),
+            "run",
+            "serving.app:build_app",
+            "model=models:/svc@champion",
+            f"tracking_uri={uri}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline, answer = time.monotonic() + 120, None
         while time.monotonic() < deadline and proc.poll() is None:
@@ -396,13 +422,17 @@ def test_serve_run_cli_serves_the_registry_model_through_fast_ingress(registry_u
             time.sleep(1)
         assert answer is not None and answer.status_code == 200, (tmp_path / "serve_run.log").read_text()[-3000:]
         assert answer.json()["model_version"] == "1"
-        listeners = [c for c in psutil.net_connections("tcp")
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port == 8000]
+        listeners = [
+            c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == 8000
+        ]
         assert [psutil.Process(c.pid).name() for c in listeners] == ["haproxy"]
         assert listeners[0].laddr.ip == "127.0.0.1"
     finally:
-        family = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))] \
-            if proc.poll() is None else [proc.pid]
+        family = (
+            [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+            if proc.poll() is None
+            else [proc.pid]
+        )
         raylets = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).name() == "raylet"]
         ray_procs = set(family) | {pid for r in raylets for pid in raylet_processes(r)}
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: serve run shuts Serve and its Ray down
@@ -419,9 +449,13 @@ def replica_pids(app: str) -> list[int]:
     from ray.util.state import list_actors
 
     # the address: another Ray on this machine (a parallel session) makes an address-less call ambiguous
-    return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address,
-                                       filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name.startswith(f"ServeReplica:{app}:")]
+    return [
+        a.pid
+        for a in list_actors(
+            address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=1000
+        )
+        if a.class_name.startswith(f"ServeReplica:{app}:")
+    ]
 
 
 def test_a_killed_replica_under_load_costs_no_request_and_is_replaced(deploy):
@@ -443,8 +477,10 @@ def test_a_killed_replica_under_load_costs_no_request_and_is_replaced(deploy):
         replaced_at = len(load.answers)
         load.wait_answers(1000)  # steady load on the replacement too
     ok = len(load.answers) - len(load.failed())
-    print(f"replica {before[0]} killed under load after answer {killed_at}, replaced by answer {replaced_at}: "
-          f"{ok}/{len(load.answers)} requests answered 200; failed: {load.failed()[:5]}")
+    print(
+        f"replica {before[0]} killed under load after answer {killed_at}, replaced by answer {replaced_at}: "
+        f"{ok}/{len(load.answers)} requests answered 200; failed: {load.failed()[:5]}"
+    )
     assert len(load.answers) > 2000  # at 99.9 %, up to 2 failures allowed: a request cut after its headers
     assert ok / len(load.answers) >= 0.999, load.failed()[:5]
     assert len(now) == 2 and before[0] not in now and running == 2  # back to 2 replicas
@@ -501,23 +537,30 @@ def test_a_model_with_a_planted_pickle_is_refused_without_running_it(registry_ur
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     with mlflow.start_run():  # a pickle-format model, as `mlflow.pytorch.log_model` still allows
-        mlflow.pytorch.log_model(Planted(marker), name="model", serialization_format="pickle",
-                                 signature=infer_signature(x, np.zeros((2, 3), np.float32)),
-                                 registered_model_name="planted",
-                                 pip_requirements=["torch"])  # inferring them would load (and run) it here
+        mlflow.pytorch.log_model(
+            Planted(marker),
+            name="model",
+            serialization_format="pickle",
+            signature=infer_signature(x, np.zeros((2, 3), np.float32)),
+            registered_model_name="planted",
+            pip_requirements=["torch"],
+        )  # inferring them would load (and run) it here
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     for name, folder in _hostile_copies(uri, marker, tmp_path).items():
         client.create_registered_model(name)
         client.create_model_version(name, source=str(folder))
     assert not marker.exists()
-    for name, match in [("planted", r"not a torch.export model .*data/ holds \['model.pth'.*refuses it"),
-                        ("planted-pt2", r"refused: .*evil.pt.* is not a pickle-free payload"),
-                        ("redirect", r"not a torch.export model \(MLmodel: model_data='other'")]:
+    for name, match in [
+        ("planted", r"not a torch.export model .*data/ holds \['model.pth'.*refuses it"),
+        ("planted-pt2", r"refused: .*evil.pt.* is not a pickle-free payload"),
+        ("redirect", r"not a torch.export model \(MLmodel: model_data='other'"),
+    ]:
         with pytest.raises(ServingError, match=match):
             registry.load(name, "1")
         # the promotion gate goes through the same loader
-        classify = task_of({"task": "classification", "input_shape": [4], "output_width": 3, "target": "label",
-                            "classes": [0, 1, 2]})
+        classify = task_of(
+            {"task": "classification", "input_shape": [4], "output_width": 3, "target": "label", "classes": [0, 1, 2]}
+        )
         assert tracking.score_version(name, "1", x, np.zeros(2, np.int64), classify) is None
     assert not marker.exists()  # nothing of them ran
     assert registry.load("svc", "1").num_features == 4  # while a model the pipeline logged loads

@@ -1,4 +1,5 @@
 """A CSV/parquet file never seen in the repo, end to end, and bad files rejected with clear errors."""
+
 from pathlib import Path
 
 import mlflow
@@ -11,7 +12,6 @@ from shipyard.cli import run_pipeline
 from shipyard.config import load_config
 from shipyard.data.tables import load_table
 from shipyard.errors import DataError
-
 from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,17 +26,23 @@ def make_table(n=600, seed=0) -> pd.DataFrame:
     return df
 
 
-def test_tabular_csv_end_to_end_serves_string_labels_against_a_real_mlflow_server(ray_local, mlflow_server,
-                                                                                   tmp_path, serve_port,
-                                                                                   hardware_profile):
+def test_tabular_csv_end_to_end_serves_string_labels_against_a_real_mlflow_server(
+    ray_local, mlflow_server, tmp_path, serve_port, hardware_profile
+):
     """One pipeline run (search, training, registry, endpoint) on a file never seen in the repo, tracked by a real
     `mlflow server` (HTTP) rather than a sqlite file: the checks of both on one run."""
     path = tmp_path / "flowers.csv"
     make_table().to_csv(path, index=False)
-    settings = {**TINY, "tracking.uri": mlflow_server, "storage_path": tmp_path / "results", "serve.port": serve_port,
-                "plan.profile": hardware_profile}
-    summary = run_pipeline(TABULAR, [f"data.path={path}", "data.label=species",
-                                     *[f"{k}={v}" for k, v in settings.items()]])
+    settings = {
+        **TINY,
+        "tracking.uri": mlflow_server,
+        "storage_path": tmp_path / "results",
+        "serve.port": serve_port,
+        "plan.profile": hardware_profile,
+    }
+    summary = run_pipeline(
+        TABULAR, [f"data.path={path}", "data.label=species", *[f"{k}={v}" for k, v in settings.items()]]
+    )
     assert summary["model_name"] == "tabular-flowers" and summary["promoted"]  # named after the file
     assert summary["test_accuracy"] > 0.6
     assert summary["endpoint_example"]["response"]["predictions"][0] in {"setosa", "versicolor", "virginica"}
@@ -58,15 +64,24 @@ def test_parquet_split_is_reproducible(ray_local, tmp_path):
     assert rows[0] == rows[1]  # the same rows, whatever order the blocks came in
 
 
-@pytest.mark.parametrize("mutate, label, match", [
-    (lambda df: df, "kind", r"column 'kind' not in .*; its columns are: f0"),
-    (lambda df: df.assign(f0=[f"note {i}" for i in range(len(df))]), "species",
-     r"text column 'f0' has \d+ distinct values in \d+ training rows: free text or an identifier"),
-    (lambda df: df.assign(f1=np.where(np.arange(len(df)) % 7 == 0, np.nan, df.f1)), "species",
-     r"86 row\(s\) with missing or infinite values in feature columns f1 \(the first on line 2\)"),
-    (lambda df: df.iloc[:0], "species", r"bad.csv has no data rows"),
-    (lambda df: df.assign(species="setosa"), "species", r"every row has the label 'setosa' in column 'species'"),
-])
+@pytest.mark.parametrize(
+    "mutate, label, match",
+    [
+        (lambda df: df, "kind", r"column 'kind' not in .*; its columns are: f0"),
+        (
+            lambda df: df.assign(f0=[f"note {i}" for i in range(len(df))]),
+            "species",
+            r"text column 'f0' has \d+ distinct values in \d+ training rows: free text or an identifier",
+        ),
+        (
+            lambda df: df.assign(f1=np.where(np.arange(len(df)) % 7 == 0, np.nan, df.f1)),
+            "species",
+            r"86 row\(s\) with missing or infinite values in feature columns f1 \(the first on line 2\)",
+        ),
+        (lambda df: df.iloc[:0], "species", r"bad.csv has no data rows"),
+        (lambda df: df.assign(species="setosa"), "species", r"every row has the label 'setosa' in column 'species'"),
+    ],
+)
 def test_bad_files_get_one_clear_error(ray_local, tmp_path, mutate, label, match):
     path = tmp_path / "bad.csv"
     mutate(make_table()).to_csv(path, index=False)

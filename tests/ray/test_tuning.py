@@ -1,15 +1,16 @@
 """Ray Tune over the training loop: every scheduler and search algorithm, num_samples, concurrency, and the
 MLflow tree (one search run, one child run per trial, each with its outcome)."""
+
 import json
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from shipyard.track import runs as tracking
 from shipyard.config import load_config
 from shipyard.data.tables import load_table
 from shipyard.errors import TrainingError
+from shipyard.track import runs as tracking
 from shipyard.tune.search import search
 
 pytestmark = pytest.mark.ray
@@ -33,8 +34,17 @@ def run_search(cfg, splits, name):
 
 
 def test_one_trial_at_a_time_and_every_sample_runs(digits, workdir):
-    cfg = load_config(None, {**workdir, "train.epochs": 2, "tune.num_samples": 3, "tune.max_concurrent_trials": 1,
-                             "tune.scheduler": "fifo", "tune.space": SPACE})
+    cfg = load_config(
+        None,
+        {
+            **workdir,
+            "train.epochs": 2,
+            "tune.num_samples": 3,
+            "tune.max_concurrent_trials": 1,
+            "tune.scheduler": "fifo",
+            "tune.space": SPACE,
+        },
+    )
     summary, runs = run_search(cfg, digits, "serial")
     assert summary.trials == 3 and len(runs) == 3
     spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
@@ -46,28 +56,44 @@ def test_one_trial_at_a_time_and_every_sample_runs(digits, workdir):
 
 
 def test_asha_stops_weak_trials_at_rungs(digits, workdir):
-    cfg = load_config(None, {**workdir, "train.epochs": 6, "tune.num_samples": 4, "tune.grace_period": 1,
-                             "tune.reduction_factor": 2, "tune.space": {"train.lr": {"loguniform": [1e-5, 1e-2]}}})
+    cfg = load_config(
+        None,
+        {
+            **workdir,
+            "train.epochs": 6,
+            "tune.num_samples": 4,
+            "tune.grace_period": 1,
+            "tune.reduction_factor": 2,
+            "tune.space": {"train.lr": {"loguniform": [1e-5, 1e-2]}},
+        },
+    )
     summary, runs = run_search(cfg, digits, "asha")
     assert len(runs) == 4
     stopped = [r for r in runs if r.data.tags["shipyard.trial_status"].startswith("stopped at rung")]
     assert stopped and all(r.info.status == "KILLED" for r in stopped)
     # rungs at epochs 1, 2, 4: a trial may stop at any of them, and the summary counts the same outcomes
     assert sum(v for k, v in summary.trial_status.items() if k.startswith("stopped at rung")) == len(stopped)
-    assert {k for k in summary.trial_status} <= {"completed", "stopped at rung 1", "stopped at rung 2",
-                                                 "stopped at rung 3"}
+    assert {k for k in summary.trial_status} <= {
+        "completed",
+        "stopped at rung 1",
+        "stopped at rung 2",
+        "stopped at rung 3",
+    }
     assert 0 < summary.best_overrides["train.lr"] <= 1e-2
 
 
-@pytest.mark.parametrize("overrides", [
-    # pbt: test_pbt_on_the_digits_space_clones_trials_of_the_same_width runs it on the digits config's own space
-    # hyperband: test_hyperband_stops_trials_of_the_later_brackets makes these checks on its 5-trial search
-    {"tune.scheduler": "asha", "tune.search": "optuna", "tune.grace_period": 1},
-    {"tune.scheduler": "fifo", "tune.space": {"train.lr": {"grid": [1e-3, 3e-3]}}},
-], ids=["optuna-tpe", "grid"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # pbt: test_pbt_on_the_digits_space_clones_trials_of_the_same_width runs it on the digits config's own space
+        # hyperband: test_hyperband_stops_trials_of_the_later_brackets makes these checks on its 5-trial search
+        {"tune.scheduler": "asha", "tune.search": "optuna", "tune.grace_period": 1},
+        {"tune.scheduler": "fifo", "tune.space": {"train.lr": {"grid": [1e-3, 3e-3]}}},
+    ],
+    ids=["optuna-tpe", "grid"],
+)
 def test_every_scheduler_and_search_algorithm_runs(digits, workdir, overrides):
-    cfg = load_config(None, {**workdir, "train.epochs": 3, "tune.num_samples": 2, "tune.space": SPACE,
-                             **overrides})
+    cfg = load_config(None, {**workdir, "train.epochs": 3, "tune.num_samples": 2, "tune.space": SPACE, **overrides})
     summary, runs = run_search(cfg, digits, overrides["tune.scheduler"])
     expected = 2 * (len(overrides["tune.space"]["train.lr"]["grid"]) if "grid" in str(overrides) else 1)
     assert summary.trials == expected and len(runs) == expected  # one MLflow child per trial, no duplicates
@@ -85,9 +111,19 @@ def test_pbt_on_the_digits_space_clones_trials_of_the_same_width(digits, workdir
     # model.hidden) = (0.0033, 256), (0.0051, 256), (0.00098, 64), (0.0069, 64): the third learns 3-7x slower and is
     # the lowest at most of its perturbations (with seed 0, two equally slow learners took turns at the bottom and
     # cloned once in a run). 10 epochs: 4-5 exploits in each of 3 runs, in each a trial that changed width.
-    cfg = load_config(ROOT / "pipelines/configs/digits.yaml", {
-        **workdir, "tune.scheduler": "pbt", "tune.perturbation_interval": 1, "tune.num_samples": 4,
-        "tune.max_concurrent_trials": 4, "tune.cpus_per_trial": 0.5, "tune.seed": 7, "train.epochs": 10})
+    cfg = load_config(
+        ROOT / "pipelines/configs/digits.yaml",
+        {
+            **workdir,
+            "tune.scheduler": "pbt",
+            "tune.perturbation_interval": 1,
+            "tune.num_samples": 4,
+            "tune.max_concurrent_trials": 4,
+            "tune.cpus_per_trial": 0.5,
+            "tune.seed": 7,
+            "train.epochs": 10,
+        },
+    )
     assert set(cfg.tune.space) == {"train.lr", "model.hidden"}
     summary, runs = run_search(cfg, digits, "pbt")
     assert summary.trials == 4 and len(runs) == 4
@@ -95,8 +131,10 @@ def test_pbt_on_the_digits_space_clones_trials_of_the_same_width(digits, workdir
     assert {r.data.tags["shipyard.trial_status"] for r in runs} == {"completed"}
     # Tune's record of each exploit: pbt_policy_<target trial id>.txt, one JSON line per exploit that led to it:
     # [target tag, source tag, target iteration, source iteration, source config, target's new config]
-    policies = {p.stem.removeprefix("pbt_policy_"): [json.loads(line) for line in p.read_text().splitlines()]
-                for p in Path(summary.experiment_path).glob("pbt_policy_*.txt")}
+    policies = {
+        p.stem.removeprefix("pbt_policy_"): [json.loads(line) for line in p.read_text().splitlines()]
+        for p in Path(summary.experiment_path).glob("pbt_policy_*.txt")
+    }
     assert policies, "no trial continued from another's checkpoint"
     final = {h.trial_id: h.config for h in summary.histories}
     client = mlflow.MlflowClient(cfg.tracking_uri)
@@ -112,20 +150,39 @@ def test_pbt_on_the_digits_space_clones_trials_of_the_same_width(digits, workdir
 
 def test_a_search_whose_trials_mostly_errored_fails_naming_the_first_error_and_the_logs(digits, workdir):
     # a transformer's width must be a multiple of its 4 heads: the two trials of width 30 error as they build it
-    cfg = load_config(None, {**workdir, "train.epochs": 1, "tune.num_samples": 1, "tune.scheduler": "fifo",
-                             "model.name": "transformer", "tune.space": {"model.hidden": {"grid": [32, 30, 30]}}})
+    cfg = load_config(
+        None,
+        {
+            **workdir,
+            "train.epochs": 1,
+            "tune.num_samples": 1,
+            "tune.scheduler": "fifo",
+            "model.name": "transformer",
+            "tune.space": {"model.hidden": {"grid": [32, 30, 30]}},
+        },
+    )
     with pytest.raises(TrainingError) as err:
         run_search(cfg, digits, "errored")
     message = str(err.value)
-    assert message.startswith("the search failed: 2 of 3 trials errored; the first: ConfigError: "
-                              "model.name=transformer: model.hidden (30) must be a multiple of model.options.heads (4)")
+    assert message.startswith(
+        "the search failed: 2 of 3 trials errored; the first: ConfigError: "
+        "model.name=transformer: model.hidden (30) must be a multiple of model.options.heads (4)"
+    )
     assert f"Trial logs: {Path(cfg.storage_dir) / 'errored'}" in message
 
 
 def test_hyperband_stops_trials_of_the_later_brackets(digits, workdir):
     # max_t 3, reduction 3: bracket 1 runs 2 trials to 3 epochs, bracket 2 starts 3 trials and keeps 1 after epoch 1
-    cfg = load_config(None, {**workdir, "train.epochs": 3, "tune.num_samples": 5, "tune.scheduler": "hyperband",
-                             "tune.space": {"train.lr": {"loguniform": [1e-5, 1e-2]}}})
+    cfg = load_config(
+        None,
+        {
+            **workdir,
+            "train.epochs": 3,
+            "tune.num_samples": 5,
+            "tune.scheduler": "hyperband",
+            "tune.space": {"train.lr": {"loguniform": [1e-5, 1e-2]}},
+        },
+    )
     summary, runs = run_search(cfg, digits, "hyperband")
     assert summary.trials == 5 and len(runs) == 5
     statuses = sorted(r.data.tags["shipyard.trial_status"] for r in runs)
@@ -137,8 +194,18 @@ def test_hyperband_stops_trials_of_the_later_brackets(digits, workdir):
 
 
 def test_trials_as_two_worker_train_jobs_with_plots_and_pruned_checkpoints(digits, workdir):
-    cfg = load_config(None, {**workdir, "train.epochs": 3, "tune.num_samples": 2, "tune.workers_per_trial": 2,
-                             "tune.cpus_per_trial": 2, "tune.keep_checkpoints": 1, "tune.space": SPACE})
+    cfg = load_config(
+        None,
+        {
+            **workdir,
+            "train.epochs": 3,
+            "tune.num_samples": 2,
+            "tune.workers_per_trial": 2,
+            "tune.cpus_per_trial": 2,
+            "tune.keep_checkpoints": 1,
+            "tune.space": SPACE,
+        },
+    )
     summary, runs = run_search(cfg, digits, "ddp")
     assert summary.trials == 2 and len(runs) == 2
     spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
@@ -156,8 +223,17 @@ def test_trials_as_two_worker_train_jobs_with_plots_and_pruned_checkpoints(digit
 
 
 def test_checkpoints_beyond_the_best_k_are_deleted_but_never_the_best_trials(digits, workdir):
-    cfg = load_config(None, {**workdir, "train.epochs": 4, "tune.num_samples": 4, "tune.scheduler": "fifo",
-                             "tune.keep_checkpoints": 2, "tune.space": SPACE})
+    cfg = load_config(
+        None,
+        {
+            **workdir,
+            "train.epochs": 4,
+            "tune.num_samples": 4,
+            "tune.scheduler": "fifo",
+            "tune.keep_checkpoints": 2,
+            "tune.space": SPACE,
+        },
+    )
     summary, _ = run_search(cfg, digits, "keep")
     kept = sorted(str(p) for p in Path(summary.experiment_path).glob("*/checkpoint_*"))
     assert summary.best_checkpoint in kept and 1 <= len(kept) <= 3 and summary.checkpoints_kept == len(kept)

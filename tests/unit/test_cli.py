@@ -11,8 +11,12 @@ def run(*args):
 
 
 def test_help_on_every_command():
-    for args in (["-m", "shipyard", "--help"], ["-m", "shipyard", "run", "--help"],
-                 ["-m", "pipelines.digits", "--help"], ["-m", "pipelines.tabular", "--help"]):
+    for args in (
+        ["-m", "shipyard", "--help"],
+        ["-m", "shipyard", "run", "--help"],
+        ["-m", "pipelines.digits", "--help"],
+        ["-m", "pipelines.tabular", "--help"],
+    ):
         out = run(*args)
         assert out.returncode == 0, out.stderr
         assert "usage:" in out.stdout
@@ -47,13 +51,15 @@ def test_resume_without_an_unfinished_run_fails_before_ray(tmp_path):
 def test_resume_refuses_a_changed_config_naming_the_key_and_the_value_to_pass(tmp_path):
     import mlflow
 
-    from shipyard.track import runs as tracking
     from shipyard.config import load_config
+    from shipyard.track import runs as tracking
 
     cfg = load_config(ROOT / "pipelines/configs/digits.yaml", {"tracking.uri": f"sqlite:///{tmp_path}/m.db"})
     tracking.setup(cfg)
-    with mlflow.start_run(run_name="digits-20260101-000000", tags={
-            "shipyard.kind": "pipeline", "shipyard.pipeline": "digits", "shipyard.stamp": "20260101-000000"}):
+    with mlflow.start_run(
+        run_name="digits-20260101-000000",
+        tags={"shipyard.kind": "pipeline", "shipyard.pipeline": "digits", "shipyard.stamp": "20260101-000000"},
+    ):
         tracking.log_config(cfg)
     client = mlflow.MlflowClient(cfg.tracking_uri)
     run_id = client.search_runs([mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0].info.run_id
@@ -75,8 +81,14 @@ def test_wrong_cluster_address_fails_with_what_to_fix(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "nothing answers at Ray address 127.0.0.1:9" in out.stderr and "ray start --head" in out.stderr
     env = {**os.environ, "RAY_ADDRESS": "no-port-here"}
-    out = subprocess.run([sys.executable, "-m", "pipelines.digits", tracking], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.digits", tracking],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 2 and "Ray address 'no-port-here' is not host:port" in out.stderr
     with socket.create_server(("127.0.0.1", 0)) as not_ray:  # answers TCP, speaks no gRPC: e.g. a dashboard port
         port = not_ray.getsockname()[1]

@@ -3,6 +3,7 @@
 Broken files are the shipped ones loaded, changed in one place and dumped to tmp_path, so the tests follow the
 real files. Nothing starts: no Ray, no SSH, no cloud call.
 """
+
 import copy
 import logging
 from pathlib import Path
@@ -13,8 +14,11 @@ import yaml
 from shipyard.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-LOCAL, AWS, KUBERAY = ROOT / "cluster.yaml", ROOT / "platform" / "cluster-aws.yaml", \
-    ROOT / "platform" / "kuberay" / "raycluster.yaml"
+LOCAL, AWS, KUBERAY = (
+    ROOT / "cluster.yaml",
+    ROOT / "platform" / "cluster-aws.yaml",
+    ROOT / "platform" / "kuberay" / "raycluster.yaml",
+)
 
 
 def shipped(path: Path) -> dict:
@@ -73,8 +77,10 @@ def test_typo_key_names_the_key_and_the_fix(tmp_path, capsys):
     cfg["max_wrokers"] = cfg.pop("max_workers")
     rc, out = check_edited(tmp_path, capsys, cfg)
     assert rc == 2
-    assert ("max_wrokers: not a field of a Ray cluster file (Additional properties are not allowed ('max_wrokers' "
-            "was unexpected)); did you mean max_workers?") in out
+    assert (
+        "max_wrokers: not a field of a Ray cluster file (Additional properties are not allowed ('max_wrokers' "
+        "was unexpected)); did you mean max_workers?"
+    ) in out
 
 
 def test_schema_errors_in_an_aws_node_type(tmp_path, capsys):
@@ -110,7 +116,8 @@ def test_install_without_the_project_on_the_nodes(tmp_path, capsys):
 def test_auth_mode_disabled(tmp_path, capsys):
     cfg = shipped(LOCAL)
     cfg["worker_start_ray_commands"][1] = cfg["worker_start_ray_commands"][1].replace(
-        "RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled")
+        "RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"
+    )
     rc, out = check_edited(tmp_path, capsys, cfg)
     assert rc == 2
     assert "worker_start_ray_commands[1]: RAY_AUTH_MODE=disabled turns Ray token authentication off" in out
@@ -125,8 +132,9 @@ def test_ray_start_without_token_mode(tmp_path, capsys):
 
 def test_token_mode_exported_earlier_in_the_command_counts(tmp_path, capsys):
     cfg = shipped(LOCAL)
-    cfg["head_start_ray_commands"][1] = "export RAY_AUTH_MODE=token && " + \
-        cfg["head_start_ray_commands"][1].replace("RAY_AUTH_MODE=token ", "")
+    cfg["head_start_ray_commands"][1] = "export RAY_AUTH_MODE=token && " + cfg["head_start_ray_commands"][1].replace(
+        "RAY_AUTH_MODE=token ", ""
+    )
     assert check_edited(tmp_path, capsys, cfg)[0] == 0
 
 
@@ -140,7 +148,8 @@ def test_no_token_for_the_nodes(tmp_path, capsys):
 def test_dashboard_on_all_interfaces_needs_allow_public(tmp_path, capsys):
     cfg = shipped(LOCAL)
     cfg["head_start_ray_commands"][1] = cfg["head_start_ray_commands"][1].replace(
-        "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0")
+        "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"
+    )
     rc, out = check_edited(tmp_path, capsys, cfg)
     assert rc == 2 and "error: head_start_ray_commands[1]: listens on all interfaces" in out
     rc, out = check_edited(tmp_path, capsys, cfg, "--allow-public")
@@ -204,15 +213,21 @@ def test_kuberay_version_and_dashboard_default(tmp_path, capsys):
     del cfg["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"]
     rc, out = check_edited(tmp_path, capsys, cfg)
     assert rc == 2 and "spec.rayVersion: '2.59.0', but Shipyard runs Ray" in out
-    assert "spec.headGroupSpec.rayStartParams.dashboard-host: not set, and KubeRay then starts the dashboard on " \
-           "0.0.0.0" in out
+    assert (
+        "spec.headGroupSpec.rayStartParams.dashboard-host: not set, and KubeRay then starts the dashboard on "
+        "0.0.0.0" in out
+    )
 
 
 def test_rayservice_serve_config_is_validated(tmp_path, capsys):
     cluster = shipped(KUBERAY)
     serve = {"http_options": {"host": "0.0.0.0"}, "applications": [{"name": "digits", "import_pth": "x:y"}]}
-    service = {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": "shipyard"},
-               "spec": {"serveConfigV2": yaml.safe_dump(serve), "rayClusterConfig": cluster["spec"]}}
+    service = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": "shipyard"},
+        "spec": {"serveConfigV2": yaml.safe_dump(serve), "rayClusterConfig": cluster["spec"]},
+    }
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "shipyard-ray-token"}}
     rc, out = check_edited(tmp_path, capsys, yaml.safe_dump(secret) + "---\n" + yaml.safe_dump(service))
     assert rc == 2
@@ -268,8 +283,11 @@ def test_rays_own_log_lines_become_findings(tmp_path, capsys):
     handler.emit = seen.append
     logging.getLogger("ray").addHandler(handler)
     try:
-        rc, out = check_edited(tmp_path, capsys, {"cluster_name": "x", "max_workers": 1,
-                                                  "provider": {"type": "external", "module": "x.Provider"}})
+        rc, out = check_edited(
+            tmp_path,
+            capsys,
+            {"cluster_name": "x", "max_workers": 1, "provider": {"type": "external", "module": "x.Provider"}},
+        )
     finally:
         logging.getLogger("ray").removeHandler(handler)
     assert "warning: Ray: Dropping the empty legacy field head_node" in out
@@ -307,18 +325,27 @@ def test_kuberay_stock_image_without_an_install_fails(tmp_path, capsys):
     for group in groups:  # a custom image is taken to have Shipyard baked in: a warning
         group["template"]["spec"]["containers"][0]["image"] = "registry.example.com/shipyard:1"
     rc, out = check_edited(tmp_path, capsys, cfg)
-    assert rc == 0 and "warning: spec.workerGroupSpecs[0].template.spec.containers[0]: nothing in command/args " \
-                       "installs Shipyard, so registry.example.com/shipyard:1" in out
+    assert (
+        rc == 0
+        and "warning: spec.workerGroupSpecs[0].template.spec.containers[0]: nothing in command/args "
+        "installs Shipyard, so registry.example.com/shipyard:1"
+        in out
+    )
 
 
-@pytest.mark.parametrize("command, expected", [
-    ("make -C /opt/other install", "nothing brings the project to the nodes for `make -C /opt/other install`: it "
-                                   "installs from /opt/other"),
-    ("pip install shipyard", "setup_commands: no command installs Shipyard on the nodes"),
-    ("make -C ~/shipyard install", None),
-    ("~/shipyard/scripts/install.sh", None),
-    ("git clone https://github.com/org/shipyard.git /opt/sy && make -C /opt/sy install", None),
-])
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        (
+            "make -C /opt/other install",
+            "nothing brings the project to the nodes for `make -C /opt/other install`: it installs from /opt/other",
+        ),
+        ("pip install shipyard", "setup_commands: no command installs Shipyard on the nodes"),
+        ("make -C ~/shipyard install", None),
+        ("~/shipyard/scripts/install.sh", None),
+        ("git clone https://github.com/org/shipyard.git /opt/sy && make -C /opt/sy install", None),
+    ],
+)
 def test_only_the_projects_own_install_counts(tmp_path, capsys, command, expected):
     cfg = shipped(LOCAL)
     cfg["setup_commands"] = [command]
@@ -330,6 +357,10 @@ def test_aws_node_type_without_image_id_warns(tmp_path, capsys):
     cfg = shipped(AWS)
     del cfg["available_node_types"]["gpu_worker"]["node_config"]["ImageId"]
     rc, out = check_edited(tmp_path, capsys, cfg)
-    assert rc == 0 and "warning: available_node_types.gpu_worker.node_config.ImageId: not set, so Ray launches " \
-                       "its default AMI (Deep Learning AMI, Ubuntu 18.04, Python 3.6)" in out
+    assert (
+        rc == 0
+        and "warning: available_node_types.gpu_worker.node_config.ImageId: not set, so Ray launches "
+        "its default AMI (Deep Learning AMI, Ubuntu 18.04, Python 3.6)"
+        in out
+    )
     assert "available_node_types.head.node_config.ImageId: YOUR_UBUNTU_2204_GPU_AMI is a placeholder" in out

@@ -20,8 +20,9 @@ def test_every_shipped_config_loads(path):
 
 
 def test_cli_overrides_are_typed_and_applied():
-    cfg = load_config(ROOT / "pipelines/configs/digits.yaml", ["train.lr=0.01", "tune.num_samples=4",
-                                                               "tune.enabled=false"])
+    cfg = load_config(
+        ROOT / "pipelines/configs/digits.yaml", ["train.lr=0.01", "tune.num_samples=4", "tune.enabled=false"]
+    )
     assert cfg.train.lr == 0.01 and cfg.tune.num_samples == 4 and cfg.tune.enabled is False
 
 
@@ -79,12 +80,18 @@ def test_apply_overrides_returns_new_validated_config():
     assert cfg.model.hidden == 32 and base.model.hidden != 32
 
 
-@pytest.mark.parametrize("space, match", [
-    ({"train.lrr": {"loguniform": [1e-4, 1e-2]}}, r"^unknown key 'train.lrr' in tune.space; did you mean 'train.lr'"),
-    ({"train.lr": {"gaussian": [0, 1]}}, r"tune.space.train.lr.gaussian"),
-    ({"train.lr": {"loguniform": [1e-2, 1e-4]}}, r"tune.space.train.lr.loguniform: low 0.01 must be below high"),
-    ({"model.hidden": {"choice": [32, -1]}}, r"model.hidden"),
-])
+@pytest.mark.parametrize(
+    "space, match",
+    [
+        (
+            {"train.lrr": {"loguniform": [1e-4, 1e-2]}},
+            r"^unknown key 'train.lrr' in tune.space; did you mean 'train.lr'",
+        ),
+        ({"train.lr": {"gaussian": [0, 1]}}, r"tune.space.train.lr.gaussian"),
+        ({"train.lr": {"loguniform": [1e-2, 1e-4]}}, r"tune.space.train.lr.loguniform: low 0.01 must be below high"),
+        ({"model.hidden": {"choice": [32, -1]}}, r"model.hidden"),
+    ],
+)
 def test_bad_search_space_fails_before_ray_naming_the_key(space, match):
     with pytest.raises(ConfigError, match=match):
         check_space(load_config(None, {"tune.space": space}))
@@ -97,8 +104,14 @@ def test_model_is_named_after_the_data_file_unless_set():
 
 
 def test_yaml_reads_scientific_notation_as_floats_and_nothing_else_changes():
-    assert parse_overrides(["x=5e-4", "y=1e5", "z=1_000", "v=1.2.3", "w=e5", "n=7"]) == \
-        {"x": 5e-4, "y": 1e5, "z": 1000, "v": "1.2.3", "w": "e5", "n": 7}
+    assert parse_overrides(["x=5e-4", "y=1e5", "z=1_000", "v=1.2.3", "w=e5", "n=7"]) == {
+        "x": 5e-4,
+        "y": 1e5,
+        "z": 1000,
+        "v": "1.2.3",
+        "w": "e5",
+        "n": 7,
+    }
     assert _yaml_load("space: {loguniform: [1e-5, 1e-2]}") == {"space": {"loguniform": [1e-5, 1e-2]}}
 
 

@@ -6,8 +6,15 @@ import pyarrow as pa
 import pytest
 
 from shipyard.config import DataConfig
-from shipyard.data.tables import (_csv_convert, _explain_csv, _feature_columns, _first_missing, _missing,
-                           check_source, split_of)
+from shipyard.data.tables import (
+    _csv_convert,
+    _explain_csv,
+    _feature_columns,
+    _first_missing,
+    _missing,
+    check_source,
+    split_of,
+)
 from shipyard.errors import DataError
 
 
@@ -28,8 +35,12 @@ def test_split_does_not_depend_on_row_order_or_blocks():
     df = frame()
     whole = pd.Series(split_of(df, 3, 0.2, 0.2), index=df.index)
     shuffled = df.sample(frac=1, random_state=1)
-    parts = pd.concat([pd.Series(split_of(chunk, 3, 0.2, 0.2), index=chunk.index)
-                       for chunk in (shuffled.iloc[i:i + 300] for i in range(0, len(df), 300))])
+    parts = pd.concat(
+        [
+            pd.Series(split_of(chunk, 3, 0.2, 0.2), index=chunk.index)
+            for chunk in (shuffled.iloc[i : i + 300] for i in range(0, len(df), 300))
+        ]
+    )
     assert (parts.sort_index() == whole).all()
 
 
@@ -59,8 +70,11 @@ def test_missing_label_column_lists_columns():
 def test_text_among_numbers_is_named_and_a_column_of_words_is_a_categorical_feature(tmp_path):
     numbers = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "b": ["1", "2", "x", "4"], "label": [0, 1, 0, 1]})
     path = write(numbers, tmp_path / "typo.csv")
-    with pytest.raises(DataError, match=r"non-numeric values in numeric feature columns of .*typo.csv: "
-                                        r"b \(string, e.g. 'x' on line 4\)"):
+    with pytest.raises(
+        DataError,
+        match=r"non-numeric values in numeric feature columns of .*typo.csv: "
+        r"b \(string, e.g. 'x' on line 4\)",
+    ):
         check_source(DataConfig(path=path))
     words = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "city": ["Oslo", "Lima", "Oslo", "Pune"], "label": [0, 1, 0, 1]})
     assert check_source(DataConfig(path=write(words, tmp_path / "words.csv"))).names == ["a", "city", "label"]
@@ -112,7 +126,8 @@ def test_text_below_the_first_block_is_explained_with_column_value_and_line(tmp_
     ray_error = ValueError(f"Failed to read CSV file: {path}. Please check the CSV file has correct format")
     assert _explain_csv(ray_error, path, _csv_convert(head, "label")) == (
         f"{path}: column 'b' holds 'abc' on line 39992, where its first rows hold numbers; fix or delete "
-        "that value, or drop the column")
+        "that value, or drop the column"
+    )
 
 
 def test_whole_number_features_are_read_as_floats_and_an_empty_text_cell_as_missing(tmp_path):
@@ -134,6 +149,5 @@ def test_the_first_row_with_a_missing_value_is_found(tmp_path, name, where):
 
 
 def test_missing_and_infinite_values_are_found_per_row():
-    df = pd.DataFrame({"a": [1.0, np.nan, 3.0, 4.0], "b": [1.0, 2.0, -np.inf, 4.0],
-                       "y": ["x", "y", "z", None]})
+    df = pd.DataFrame({"a": [1.0, np.nan, 3.0, 4.0], "b": [1.0, 2.0, -np.inf, 4.0], "y": ["x", "y", "z", None]})
     assert _missing(df).tolist() == [False, True, True, True]

@@ -1,4 +1,5 @@
 """The endpoint's pure parts, without Ray: model URIs, arguments, and the API-key / body-size guard."""
+
 import asyncio
 import hashlib
 import json
@@ -8,27 +9,33 @@ import pytest
 import yaml
 
 from shipyard.config import EndpointConfig, load_config
-from shipyard.serve.endpoint import AppArgs, UserConfig, _Guard, build_app
 from shipyard.errors import ConfigError, ServingError
+from shipyard.serve.endpoint import AppArgs, UserConfig, _Guard, build_app
 from shipyard.track.registry import ModelRef
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("uri, ref", [
-    ("models:/digits@champion", ModelRef("digits", alias="champion")),
-    ("models:/digits/3", ModelRef("digits", version="3")),
-])
+@pytest.mark.parametrize(
+    "uri, ref",
+    [
+        ("models:/digits@champion", ModelRef("digits", alias="champion")),
+        ("models:/digits/3", ModelRef("digits", version="3")),
+    ],
+)
 def test_model_uris_parse(uri, ref):
     assert ModelRef.parse(uri) == ref
 
 
-@pytest.mark.parametrize("uri, match", [
-    ("digits@champion", "must be a registry URI"),
-    ("models:/", "must be a registry URI"),
-    ("models:/digits/latest", "must be a number"),
-    ("runs:/abc/model", "must be a registry URI"),
-])
+@pytest.mark.parametrize(
+    "uri, match",
+    [
+        ("digits@champion", "must be a registry URI"),
+        ("models:/", "must be a registry URI"),
+        ("models:/digits/latest", "must be a number"),
+        ("runs:/abc/model", "must be a registry URI"),
+    ],
+)
 def test_bad_model_uris_say_what_is_expected(uri, match):
     with pytest.raises(ServingError, match=match):
         ModelRef.parse(uri)
@@ -51,8 +58,14 @@ def test_build_app_names_bad_and_unknown_keys():
     with pytest.raises(ServingError, match=r"model: Field required"):
         build_app({})
     # strings from `serve run ... key=value` are numbers where numbers are due
-    app = build_app({"model": "models:/x@champion", "max_batch_size": "8", "num_replicas": "2",
-                     "autoscaling": {"min_replicas": 1, "max_replicas": 3}})
+    app = build_app(
+        {
+            "model": "models:/x@champion",
+            "max_batch_size": "8",
+            "num_replicas": "2",
+            "autoscaling": {"min_replicas": 1, "max_replicas": 3},
+        }
+    )
     deployment = app._bound_deployment  # what Serve will deploy
     assert deployment._deployment_config.user_config["max_batch_size"] == 8
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
@@ -69,6 +82,7 @@ def test_endpoint_knobs_are_checked_together():
 
 def _call(guard_settings, method="POST", path="/predict", headers=(), chunks=(b"{}",)):
     """Run one request through _Guard in front of an app that echoes the body it got."""
+
     async def app(scope, receive, send):
         body, more = b"", True
         while more:
@@ -128,11 +142,23 @@ def test_cluster_nodes_start_ray_with_fast_ingress_and_haproxy_extras_on_loopbac
     env = fast_ingress_env(free_ports=False)
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and "RAY_SERVE_HAPROXY_STATS_PORT" not in env
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text("frontend prometheus\n    bind :9101\nlisten stats\n  bind *:8404\n"
-                   "frontend http_frontend\n    bind *:8000\n    bind 127.0.0.1:8001\n")
-    node_env = {k: v for k, v in os.environ.items()  # a cluster node: Ray's default ports (8404, 9101)
-                if k not in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
-    subprocess.run([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-db", "-f", str(cfg)], check=True,
-                   env={**node_env, "SHIPYARD_HAPROXY_BINARY": "/bin/true"})
-    assert [line for line in cfg.read_text().split("\n") if "bind" in line] == ["    bind 127.0.0.1:9101", "  bind 127.0.0.1:8404",
-                                                 "    bind *:8000", "    bind 127.0.0.1:8001"]
+    cfg.write_text(
+        "frontend prometheus\n    bind :9101\nlisten stats\n  bind *:8404\n"
+        "frontend http_frontend\n    bind *:8000\n    bind 127.0.0.1:8001\n"
+    )
+    node_env = {
+        k: v
+        for k, v in os.environ.items()  # a cluster node: Ray's default ports (8404, 9101)
+        if k not in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+    }
+    subprocess.run(
+        [env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-db", "-f", str(cfg)],
+        check=True,
+        env={**node_env, "SHIPYARD_HAPROXY_BINARY": "/bin/true"},
+    )
+    assert [line for line in cfg.read_text().split("\n") if "bind" in line] == [
+        "    bind 127.0.0.1:9101",
+        "  bind 127.0.0.1:8404",
+        "    bind *:8000",
+        "    bind 127.0.0.1:8001",
+    ]

@@ -1,4 +1,5 @@
 """The repository layout promises of the design card."""
+
 import subprocess
 import sys
 import sysconfig
@@ -10,8 +11,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_stdlib_platform_is_not_shadowed():
     assert not (ROOT / "platform" / "__init__.py").exists()
     # in a subprocess: pytest has already imported `platform`
-    out = subprocess.run([sys.executable, "-c", "import platform, uuid; print(platform.__file__)"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", "import platform, uuid; print(platform.__file__)"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert Path(out.strip()).parent == Path(sysconfig.get_paths()["stdlib"])
 
 

@@ -30,12 +30,15 @@ def test_user_factory_by_import_path_with_options():
     assert model(torch.randn(2, 7)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("name, match", [
-    ("resnet50", r"neither a built-in \(mlp, cnn, resnet, transformer\) nor an import path"),
-    ("no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"),
-    ("tests.unit.user_models:missing", "has no callable 'missing'"),
-    ("tests.unit.user_models:not_a_module", "not a torch.nn.Module"),
-])
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("resnet50", r"neither a built-in \(mlp, cnn, resnet, transformer\) nor an import path"),
+        ("no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"),
+        ("tests.unit.user_models:missing", "has no callable 'missing'"),
+        ("tests.unit.user_models:not_a_module", "not a torch.nn.Module"),
+    ],
+)
 def test_bad_model_names_are_clear(name, match):
     with pytest.raises(ConfigError, match=match):
         build_model(ModelConfig(name=name), 4, 2)

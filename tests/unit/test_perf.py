@@ -1,4 +1,5 @@
 """The performance model's formulas on hand-computed cases, and the catalog's units. No Ray."""
+
 import json
 import math
 
@@ -6,19 +7,45 @@ import pytest
 import torch
 from torch import nn
 
-from shipyard.tasks.models import cnn, mlp, transformer
-from shipyard.perf.comm import (DDP_BUCKET_BYTES, DDP_FIRST_BUCKET_BYTES, allreduce_s, ddp_buckets, exposed_comm_s,
-                                ps_allreduce_s, ring_allreduce_s, tree_allreduce_s)
-from shipyard.perf.devices import (DEVICES, INTERCONNECTS, INTRA_NODE, Device, Interconnect, Profile, get_device,
-                                   get_interconnect, load_profile, with_threads)
+from shipyard.perf.comm import (
+    DDP_BUCKET_BYTES,
+    DDP_FIRST_BUCKET_BYTES,
+    allreduce_s,
+    ddp_buckets,
+    exposed_comm_s,
+    ps_allreduce_s,
+    ring_allreduce_s,
+    tree_allreduce_s,
+)
+from shipyard.perf.devices import (
+    DEVICES,
+    INTERCONNECTS,
+    INTRA_NODE,
+    Device,
+    Interconnect,
+    Profile,
+    get_device,
+    get_interconnect,
+    load_profile,
+    with_threads,
+)
 from shipyard.perf.estimate import estimate_step, op_time_s, recommend_workers, scaling_table
 from shipyard.perf.layers import OpWork, count_ops, count_step_work
 from shipyard.perf.search import asha_survivors, expected_trial_epochs, search_wall_s
+from shipyard.tasks.models import cnn, mlp, transformer
 
 LINK = Interconnect("test", bandwidth_gbps=10.0, latency_us=10.0, source="hand-made")
 # 1 TFLOP/s, 100 GB/s, 5 us per op: round numbers for hand-computed times
-FLAT = Device("flat", "cpu", {"fp32": 1.0}, 100.0, matmul_fraction=1.0, elementwise_fraction=1.0,
-              op_overhead_us=5.0, source="hand-made")
+FLAT = Device(
+    "flat",
+    "cpu",
+    {"fp32": 1.0},
+    100.0,
+    matmul_fraction=1.0,
+    elementwise_fraction=1.0,
+    op_overhead_us=5.0,
+    source="hand-made",
+)
 
 
 def _linear_ops(work, phase):
@@ -125,11 +152,24 @@ def test_step_estimate_sums_ops_and_adds_exposed_allreduce():
 
 def test_scaling_weak_is_ideal_without_communication_and_strong_is_not():
     free = Interconnect("free", 1e9, 0.0, "hand-made")
-    rows = scaling_table(lambda b: count_step_work(lambda: mlp(64, 10), b, 64), FLAT, [1, 2, 4],
-                         lambda n: (1, free), global_batch=64, rows_per_epoch=1000, weak=True)
+    rows = scaling_table(
+        lambda b: count_step_work(lambda: mlp(64, 10), b, 64),
+        FLAT,
+        [1, 2, 4],
+        lambda n: (1, free),
+        global_batch=64,
+        rows_per_epoch=1000,
+        weak=True,
+    )
     assert [round(r.efficiency, 6) for r in rows] == [1.0, 1.0, 1.0]
-    strong = scaling_table(lambda b: count_step_work(lambda: mlp(64, 10), b, 64), FLAT, [1, 2, 4],
-                           lambda n: (1, LINK), global_batch=64, rows_per_epoch=1000)
+    strong = scaling_table(
+        lambda b: count_step_work(lambda: mlp(64, 10), b, 64),
+        FLAT,
+        [1, 2, 4],
+        lambda n: (1, LINK),
+        global_batch=64,
+        rows_per_epoch=1000,
+    )
     assert [r.batch_per_worker for r in strong] == [64, 32, 16]
     assert all(r.efficiency < 1 for r in strong[1:])  # per-op overhead does not shrink with the batch
     assert recommend_workers(strong).workers == 1  # a tiny MLP: nothing to gain
@@ -151,8 +191,18 @@ def test_catalog_units_and_sources():
 
 
 def test_calibrated_curves_interpolate_and_scale_with_threads():
-    d = Device("cpu", "cpu", {"fp32": 0.1}, 10.0, 1.0, 1.0, 3.0, "hand-made", threads=1,
-               curves={"matmul": ((1e3, 0.01), (1e7, 0.1))})
+    d = Device(
+        "cpu",
+        "cpu",
+        {"fp32": 0.1},
+        10.0,
+        1.0,
+        1.0,
+        3.0,
+        "hand-made",
+        threads=1,
+        curves={"matmul": ((1e3, 0.01), (1e7, 0.1))},
+    )
     assert d.compute_tflops("matmul", 1e5) == pytest.approx(math.sqrt(0.01 * 0.1))  # log-log midpoint
     assert d.compute_tflops("matmul", 1e9) == 0.1 and d.compute_tflops("matmul", 1.0) == 0.01  # flat at the ends
     assert d.compute_tflops("conv", 1e5) == pytest.approx(0.1)  # no conv curve: peak x fraction

@@ -1,4 +1,5 @@
 """`shipyard plan` and the pipeline's view of the plan, without Ray."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,21 @@ from shipyard.train.loop import _Progress
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = str(ROOT / "pipelines" / "configs" / "digits.yaml")
-NO_RAY = "import sys; from shipyard.cli import main; rc = main(sys.argv[1:]); " \
-         "assert 'ray' not in sys.modules, 'plan imported ray'; sys.exit(rc)"
+NO_RAY = (
+    "import sys; from shipyard.cli import main; rc = main(sys.argv[1:]); "
+    "assert 'ray' not in sys.modules, 'plan imported ray'; sys.exit(rc)"
+)
 
 
 def shipyard(*args):
-    return subprocess.run([sys.executable, "-c", NO_RAY, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={"PYTHONPATH": f"{ROOT / 'platform'}:{ROOT}", "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-c", NO_RAY, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": f"{ROOT / 'platform'}:{ROOT}", "PATH": "/usr/bin:/bin"},
+    )
 
 
 def _profile(tmp_path) -> Path:
@@ -33,8 +42,16 @@ def test_plan_on_catalog_hardware_prints_tables_and_a_plot_without_ray(tmp_path)
     out = shipyard("plan", DIGITS, "--hardware", "h100", "--nodes", "1..8", "--plot", str(tmp_path / "p.png"))
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    for needle in ("top layers by time", "predicted step time", "strong scaling", "weak scaling", "recommended:",
-                   "search: 4 trials, asha", "nvlink4", "ib-200"):
+    for needle in (
+        "top layers by time",
+        "predicted step time",
+        "strong scaling",
+        "weak scaling",
+        "recommended:",
+        "search: 4 trials, asha",
+        "nvlink4",
+        "ib-200",
+    ):
         assert needle in text
     table = text.split("strong scaling")[1].split("weak scaling")[0]
     workers = [int(line.split()[0]) for line in table.splitlines() if line.strip()[:1].isdigit()]
@@ -76,8 +93,13 @@ def test_worker_counts_double_within_a_node_then_step_by_nodes():
 
 
 def test_unknown_plan_hardware_fails_before_ray_starts():
-    out = subprocess.run([sys.executable, "-m", "pipelines.digits", "plan.hardware=tpu"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.digits", "plan.hardware=tpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "plan.hardware 'tpu' is unknown" in out.stderr
     assert "starting or attaching to Ray" not in out.stderr
 
@@ -86,16 +108,24 @@ PRED = {"step_time_ms": 2.0, "epoch_s": 0.1, "exposed_comm_ms": 1.0, "warn_off_b
 
 
 def _epoch(step_ms, wait_ms=0.0, steps=10):
-    return {"step_time_ms": step_ms, "data_wait_ms": wait_ms, "steps": steps,
-            "train_time_s": steps * (step_ms + wait_ms) / 1e3, "data_time_s": steps * wait_ms / 1e3}
+    return {
+        "step_time_ms": step_ms,
+        "data_wait_ms": wait_ms,
+        "steps": steps,
+        "train_time_s": steps * (step_ms + wait_ms) / 1e3,
+        "data_time_s": steps * wait_ms / 1e3,
+    }
 
 
-@pytest.mark.parametrize("metrics,world,cause", [
-    (_epoch(2.0, wait_ms=2.0), 2, "input-bound"),
-    (_epoch(4.0), 2, "communication-bound"),
-    (_epoch(4.0), 1, "compute-bound"),
-    (_epoch(1.0), 2, "compute-bound: the ops ran faster"),
-])
+@pytest.mark.parametrize(
+    "metrics,world,cause",
+    [
+        (_epoch(2.0, wait_ms=2.0), 2, "input-bound"),
+        (_epoch(4.0), 2, "communication-bound"),
+        (_epoch(4.0), 1, "compute-bound"),
+        (_epoch(1.0), 2, "compute-bound: the ops ran faster"),
+    ],
+)
 def test_progress_warns_once_with_the_likely_cause(metrics, world, cause):
     p = _Progress(PRED, epochs_left=5, world=world)
     p.after_epoch(dict(metrics))
@@ -129,13 +159,24 @@ def digit_pngs(tmp_path_factory):
 def test_plan_prices_the_image_task_locally_and_on_catalog_hardware(tmp_path, digit_pngs, model):
     """The image task's own step (its encoder, the [C, H, W] net, cross-entropy), from the folder's file count."""
     images = ROOT / "pipelines" / "configs" / "images.yaml"
-    cfg = load_config(images, {"data.path": str(digit_pngs), "data.image_size": 8, "data.channels": 1,
-                               "model.name": model})
+    cfg = load_config(
+        images, {"data.path": str(digit_pngs), "data.image_size": 8, "data.channels": 1, "model.name": model}
+    )
     plan = make_plan(cfg, "local", profile=_profile(tmp_path))
     assert plan.shape.rows == 1797 and plan.shape.num_classes == 10
     assert plan.step.top_layers(1)[0].kind == "Conv2d" and plan.step.step_time_ms > 0
-    out = shipyard("plan", str(images), f"data.path={digit_pngs}", "data.image_size=8", "data.channels=1",
-                   f"model.name={model}", "--hardware", "h100", "--plot", str(tmp_path / "p.png"))
+    out = shipyard(
+        "plan",
+        str(images),
+        f"data.path={digit_pngs}",
+        "data.image_size=8",
+        "data.channels=1",
+        f"model.name={model}",
+        "--hardware",
+        "h100",
+        "--plot",
+        str(tmp_path / "p.png"),
+    )
     assert out.returncode == 0, out.stderr
     assert f"model {model} (" in out.stdout and "predicted step time" in out.stdout and "nvlink4" in out.stdout
     assert "1258 training rows" in out.stdout  # 1,797 files, the default 0.7 train fraction

@@ -1,11 +1,19 @@
 """Search plots: real PNGs on disk, and the figure contents that make them readable."""
+
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 
-from shipyard.tune.plots import (TrialHistory, _learning_curves_figure, _objective_vs_params_figure, learning_curves,
-                            objective_vs_params, outcome, write_search_plots)
+from shipyard.tune.plots import (
+    TrialHistory,
+    _learning_curves_figure,
+    _objective_vs_params_figure,
+    learning_curves,
+    objective_vs_params,
+    outcome,
+    write_search_plots,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -22,7 +30,7 @@ def _search() -> list[TrialHistory]:
         _trial(2, "stopped at rung 1 (epoch 1)", {"train.lr": 1e-2, "model.name": "mlp"}, [0.2]),
         _trial(3, "stopped at epoch 2", {"train.lr": 5e-2, "model.name": "cnn"}, [0.3, 0.35]),
         _trial(4, "errored", {"train.lr": 1e-3, "model.name": "mlp"}, [0.4]),
-        _trial(5, "errored", {"train.lr": 2e-3, "model.name": "cnn"}, []),   # died before its first report
+        _trial(5, "errored", {"train.lr": 2e-3, "model.name": "cnn"}, []),  # died before its first report
     ]
 
 
@@ -31,25 +39,28 @@ def _assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 100 and image.shape[1] > 100
-    assert image.std() > 0.01   # something was drawn, not a blank canvas
+    assert image.std() > 0.01  # something was drawn, not a blank canvas
 
 
-@pytest.mark.parametrize("status, expected", [
-    ("completed", "completed"),
-    ("errored", "errored"),
-    ("stopped at rung 2 (epoch 9)", "stopped"),
-    ("stopped at epoch 4", "stopped"),
-    ("stopped", "stopped"),
-    ("paused", "other"),
-    ("running", "other"),
-    ("", "other"),
-])
+@pytest.mark.parametrize(
+    "status, expected",
+    [
+        ("completed", "completed"),
+        ("errored", "errored"),
+        ("stopped at rung 2 (epoch 9)", "stopped"),
+        ("stopped at epoch 4", "stopped"),
+        ("stopped", "stopped"),
+        ("paused", "other"),
+        ("running", "other"),
+        ("", "other"),
+    ],
+)
 def test_outcome_maps_statuses(status, expected):
     assert outcome(status) == expected
 
 
 def test_write_search_plots_writes_two_valid_pngs(tmp_path):
-    out_dir = tmp_path / "nested" / "plots"   # parent does not exist yet
+    out_dir = tmp_path / "nested" / "plots"  # parent does not exist yet
     paths = write_search_plots(_search(), "val_accuracy", "max", [1, 3], out_dir)
     assert [p.name for p in paths] == ["learning_curves.png", "objective_vs_params.png"]
     for p in paths:
@@ -61,8 +72,8 @@ def test_legend_counts_outcomes_and_skips_trials_without_epochs():
     fig = _learning_curves_figure(_search(), "val_accuracy", [1, 3])
     ax = fig.axes[0]
     labels = sorted(t.get_text() for t in ax.get_legend().get_texts())
-    assert labels == ["completed (2)", "errored (1)", "stopped (2)"]   # the epoch-less errored trial is skipped
-    assert len(ax.get_lines()) == 5 + 2   # five trial curves + two rung lines
+    assert labels == ["completed (2)", "errored (1)", "stopped (2)"]  # the epoch-less errored trial is skipped
+    assert len(ax.get_lines()) == 5 + 2  # five trial curves + two rung lines
     assert "val_accuracy" in ax.get_title()
 
 
@@ -99,7 +110,7 @@ def test_subplots_are_sorted_keys_with_log_x_for_wide_positive_ranges():
     fig = _objective_vs_params_figure(_search(), "val_accuracy", "max")
     assert [ax.get_xlabel() for ax in fig.axes] == ["model.name", "train.lr"]
     by_key = {ax.get_xlabel(): ax for ax in fig.axes}
-    assert by_key["train.lr"].get_xscale() == "log"   # 1e-4..5e-2: ratio 500
+    assert by_key["train.lr"].get_xscale() == "log"  # 1e-4..5e-2: ratio 500
     assert by_key["model.name"].get_xscale() == "linear"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["completed", "stopped", "errored"]
 
@@ -112,12 +123,14 @@ def test_narrow_or_nonpositive_ranges_stay_linear():
 
 
 def test_categorical_values_get_tick_labels(tmp_path):
-    trials = [_trial(i, "completed", {"model.name": name, "train.amp": amp}, [0.1 * (i + 1)])
-              for i, (name, amp) in enumerate([("mlp", True), ("cnn", False), ("resnet", True)])]
+    trials = [
+        _trial(i, "completed", {"model.name": name, "train.amp": amp}, [0.1 * (i + 1)])
+        for i, (name, amp) in enumerate([("mlp", True), ("cnn", False), ("resnet", True)])
+    ]
     fig = _objective_vs_params_figure(trials, "loss", "min")
     by_key = {ax.get_xlabel(): ax for ax in fig.axes}
     assert [t.get_text() for t in by_key["model.name"].get_xticklabels()] == ["cnn", "mlp", "resnet"]
-    assert [t.get_text() for t in by_key["train.amp"].get_xticklabels()] == ["False", "True"]   # bools are choices
+    assert [t.get_text() for t in by_key["train.amp"].get_xticklabels()] == ["False", "True"]  # bools are choices
     _assert_png(objective_vs_params(trials, "loss", "min", tmp_path / "obj.png"))
 
 

@@ -2,8 +2,23 @@ import random
 
 import pytest
 
-from shipyard.track.promotion import (Claim, Decision, Mark, Move, Read, Release, Score, Sleep, View, WriteHistory,
-                                choose, decide, next_history, outcome, steps)
+from shipyard.track.promotion import (
+    Claim,
+    Decision,
+    Mark,
+    Move,
+    Read,
+    Release,
+    Score,
+    Sleep,
+    View,
+    WriteHistory,
+    choose,
+    decide,
+    next_history,
+    outcome,
+    steps,
+)
 
 
 def test_first_candidate_always_wins():
@@ -21,6 +36,7 @@ def test_worse_or_equal_candidate_keeps_champion():
 
 
 # -- choosing among concurrent candidates ----------------------------------------------------------------------
+
 
 def test_choose_takes_the_best_contender_only_if_it_strictly_beats_the_champion():
     assert choose(None, {"2": 0.80, "3": 0.90}) == "3"
@@ -56,6 +72,7 @@ def test_outcome_names_the_concurrent_winner():
 
 
 # -- the protocol under adversarial interleavings -----------------------------------------------------------------
+
 
 class FakeRegistry:
     """The registry as a promoter sees it through MLflow: each request is atomic except those the driver makes
@@ -129,7 +146,7 @@ def check_one_race(seed):
 
     best = max([*candidates, *([champion] if champion else [])], key=scores.get)
     assert reg.champion == best
-    assert reg.history[:len(history)] == history and reg.history[-1] == best
+    assert reg.history[: len(history)] == history and reg.history[-1] == best
     assert all(a != b for a, b in zip(reg.history, reg.history[1:]))
     assert set(reg.history) <= {"9", *candidates, *([champion] if champion else [])}
     assert not reg.claims and set(reg.reasons) == set(candidates)

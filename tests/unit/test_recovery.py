@@ -1,13 +1,14 @@
 """Recovery pieces without Ray: rank 0's MLflow queue (a real sqlite store, and a server that is not there) and
 the repair of a Ray Train snapshot a full disk left empty."""
+
 import json
 
 import mlflow
 import torch
 from ray.train import Checkpoint
 
-from shipyard.train.checkpoints import CHECKPOINT_FILE, SNAPSHOT_FILE, repair_run_snapshot, resume_point
 from shipyard.serve.ingress import free_loopback_port
+from shipyard.train.checkpoints import CHECKPOINT_FILE, SNAPSHOT_FILE, repair_run_snapshot, resume_point
 from shipyard.train.mlflow_queue import UNDELIVERED_FILE, QueuedMlflow, deliver_leftovers
 
 
@@ -125,19 +126,21 @@ def test_a_resumed_train_run_finds_the_version_it_registered_before(tmp_path, mo
     monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
     import numpy as np
 
-    from shipyard.track import runs as tracking
     from shipyard.config import load_config
-    from shipyard.tasks.models import mlp
     from shipyard.pipeline import _version_of_run
+    from shipyard.tasks.models import mlp
+    from shipyard.track import runs as tracking
 
     cfg = load_config(None, {"tracking.uri": f"sqlite:///{tmp_path}/m.db", "name": "resumed"})
     tracking.setup(cfg)
     with mlflow.start_run() as other:  # another run's version of the same model
-        tracking.log_model(mlp(4, 3, hidden=8).eval(), np.zeros((2, 4), np.float32), cfg, ["a", "b", "c"],
-                           ["w", "x", "y", "z"], {})
+        tracking.log_model(
+            mlp(4, 3, hidden=8).eval(), np.zeros((2, 4), np.float32), cfg, ["a", "b", "c"], ["w", "x", "y", "z"], {}
+        )
     with mlflow.start_run() as train:
         assert _version_of_run("resumed", train.info.run_id) is None  # nothing registered yet: register
-        version = tracking.log_model(mlp(4, 3, hidden=8).eval(), np.zeros((2, 4), np.float32), cfg,
-                                     ["a", "b", "c"], ["w", "x", "y", "z"], {})
+        version = tracking.log_model(
+            mlp(4, 3, hidden=8).eval(), np.zeros((2, 4), np.float32), cfg, ["a", "b", "c"], ["w", "x", "y", "z"], {}
+        )
     assert version == "2" and _version_of_run("resumed", train.info.run_id) == "2"
     assert _version_of_run("resumed", other.info.run_id) == "1"

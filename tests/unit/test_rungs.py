@@ -1,12 +1,13 @@
 """Scheduler maths, checkpoint retention and trial sizing, without Ray."""
+
 import pytest
 
-from shipyard.train.checkpoints import checkpoints_to_delete
 from shipyard.config import load_config
 from shipyard.errors import ConfigError
+from shipyard.train.checkpoints import checkpoints_to_delete
 from shipyard.tune.schedules import Schedule, asha_rungs, hyperband_brackets, rung_counts, trial_status
-from shipyard.tune.trials import trials_at_once
 from shipyard.tune.search import check_space
+from shipyard.tune.trials import trials_at_once
 
 
 def test_rungs_grow_by_the_reduction_factor_below_max_t():
@@ -59,11 +60,14 @@ def test_trials_at_once_is_capped_by_cpus_and_max_concurrent_trials():
     assert trials_at_once(cfg(max_concurrent_trials=4, workers_per_trial=2, cpus_per_trial=2), [1.0, 1.0]) == 1
 
 
-@pytest.mark.parametrize("tune, nodes, match", [
-    ({"cpus_per_trial": 4}, [2.0, 2.0], r"tune.cpus_per_trial=4, but the largest Ray node has 2 CPUs"),
-    ({"workers_per_trial": 3, "cpus_per_trial": 6}, [2.0, 2.0], r"tune.workers_per_trial=3 workers of 2 CPUs"),
-    ({"workers_per_trial": 2, "cpus_per_trial": 0.01}, [2.0], r"tune.cpus_per_trial=0.01 is too small for 2"),
-])
+@pytest.mark.parametrize(
+    "tune, nodes, match",
+    [
+        ({"cpus_per_trial": 4}, [2.0, 2.0], r"tune.cpus_per_trial=4, but the largest Ray node has 2 CPUs"),
+        ({"workers_per_trial": 3, "cpus_per_trial": 6}, [2.0, 2.0], r"tune.workers_per_trial=3 workers of 2 CPUs"),
+        ({"workers_per_trial": 2, "cpus_per_trial": 0.01}, [2.0], r"tune.cpus_per_trial=0.01 is too small for 2"),
+    ],
+)
 def test_a_trial_that_can_never_fit_is_refused(tune, nodes, match):
     with pytest.raises(ConfigError, match=match):
         trials_at_once(cfg(**tune), nodes)

@@ -1,5 +1,6 @@
 """The task seam without Ray: the training step's options, preprocessing baked into the model, request parsing,
 metrics and directions, and the promotion gate for a metric where lower wins."""
+
 import copy
 
 import numpy as np
@@ -9,16 +10,23 @@ from torch import nn
 
 from shipyard.config import load_config
 from shipyard.errors import ConfigError
+from shipyard.tasks import DataInfo, RequestError, make_task, objective, task_of
 from shipyard.tasks.models import mlp
 from shipyard.track.promotion import Gate, choose, decide
 from shipyard.train.step import StepOptions, training_step
-from shipyard.tasks import DataInfo, RequestError, make_task, objective, task_of
 
-TABLE = DataInfo(task="classification", input_shape=[3], output_width=2, target="label",
-                 feature_names=["grams", "ratio", "colour"], classes=["no", "yes"],
-                 preprocessing={"numeric": {"grams": {"mean": 5000.0, "std": 1000.0},
-                                            "ratio": {"mean": 0.0, "std": 0.001}},
-                                "categorical": {"colour": ["blue", "green", "red"]}})
+TABLE = DataInfo(
+    task="classification",
+    input_shape=[3],
+    output_width=2,
+    target="label",
+    feature_names=["grams", "ratio", "colour"],
+    classes=["no", "yes"],
+    preprocessing={
+        "numeric": {"grams": {"mean": 5000.0, "std": 1000.0}, "ratio": {"mean": 0.0, "std": 0.001}},
+        "categorical": {"colour": ["blue", "green", "red"]},
+    },
+)
 
 
 def grads_after(model, batch, options):
@@ -73,27 +81,35 @@ def test_the_table_encoder_standardizes_numbers_and_one_hot_encodes_text_with_an
 def test_requests_by_position_or_by_name_parse_to_the_same_row_and_bad_ones_name_the_problem():
     task = task_of(TABLE)
     by_position = task.parse_instances([[6000, 0.002, "red"], [5000.0, 0.0, "purple"]])
-    by_name = task.parse_instances([{"colour": "red", "ratio": 0.002, "grams": 6000},
-                                    {"grams": 5000.0, "ratio": 0.0, "colour": "purple"}])
+    by_name = task.parse_instances(
+        [{"colour": "red", "ratio": 0.002, "grams": 6000}, {"grams": 5000.0, "ratio": 0.0, "colour": "purple"}]
+    )
     np.testing.assert_array_equal(by_position, by_name)
     np.testing.assert_array_equal(by_position[:, 2], [2, -1])  # "purple": the all-zero "other" encoding
     assert task.instances(by_position)[0] == [6000.0, pytest.approx(0.002), "red"]
-    for bad, match in [([[1, 2]], r"instances\[0\] has 2 features; the model takes 3 \(grams, ratio, colour\)"),
-                       ([{"grams": 1, "ratio": 2}], r"instances\[0\]: missing colour"),
-                       ([{"grams": 1, "ratio": 2, "colour": "red", "size": 3}], r"unknown size"),
-                       ([[1, "2", "red"]], r"column 'ratio': Input should be a valid number, got '2'"),
-                       ([[True, 2, "red"]], r"column 'grams': Input should be a valid number, got True"),
-                       ([[1, 2, 3]], r"column 'colour' takes one of its text categories \(blue, green, red\)"),
-                       ([[1e39, 2, "red"]], r"instances\[0\] holds NaN or Infinity")]:
+    for bad, match in [
+        ([[1, 2]], r"instances\[0\] has 2 features; the model takes 3 \(grams, ratio, colour\)"),
+        ([{"grams": 1, "ratio": 2}], r"instances\[0\]: missing colour"),
+        ([{"grams": 1, "ratio": 2, "colour": "red", "size": 3}], r"unknown size"),
+        ([[1, "2", "red"]], r"column 'ratio': Input should be a valid number, got '2'"),
+        ([[True, 2, "red"]], r"column 'grams': Input should be a valid number, got True"),
+        ([[1, 2, 3]], r"column 'colour' takes one of its text categories \(blue, green, red\)"),
+        ([[1e39, 2, "red"]], r"instances\[0\] holds NaN or Infinity"),
+    ]:
         with pytest.raises(RequestError, match=match):
             task.parse_instances(bad)
     assert task.answers(np.array([[0.1, 0.9], [2.0, 1.0]])) == ["yes", "no"]
 
 
 def test_regression_scales_back_to_the_target_units_and_reports_rmse_mae_r2():
-    info = DataInfo(task="regression", input_shape=[1], output_width=1, target="price", feature_names=["size"],
-                    preprocessing={"numeric": {"size": {"mean": 0.0, "std": 1.0}},
-                                   "target": {"mean": 100.0, "std": 10.0}})
+    info = DataInfo(
+        task="regression",
+        input_shape=[1],
+        output_width=1,
+        target="price",
+        feature_names=["size"],
+        preprocessing={"numeric": {"size": {"mean": 0.0, "std": 1.0}}, "target": {"mean": 100.0, "std": 10.0}},
+    )
     task = make_task(load_config(None, {"task.name": "regression"}).task, info)
     torch.testing.assert_close(task.decoder()(torch.tensor([[1.5], [-2.0]])), torch.tensor([115.0, 80.0]))
     pred, y = torch.tensor([110.0, 90.0, 100.0]), torch.tensor([100.0, 100.0, 100.0])
@@ -106,8 +122,11 @@ def test_regression_scales_back_to_the_target_units_and_reports_rmse_mae_r2():
 
 
 def test_an_unknown_task_or_metric_is_named_with_what_exists():
-    with pytest.raises(ConfigError, match=r"tune.metric=val_accuracy: task regression reports val_loss, val_rmse, "
-                                          r"val_mae, val_r2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tune.metric=val_accuracy: task regression reports val_loss, val_rmse, "
+        r"val_mae, val_r2",
+    ):
         objective(load_config(None, {"task.name": "regression", "tune.metric": "val_accuracy"}))
     with pytest.raises(ConfigError, match="neither a built-in task .*classification, regression"):
         make_task(load_config(None, {"task.name": "images"}).task)
@@ -121,8 +140,9 @@ def test_the_promotion_gate_promotes_a_lower_rmse_and_keeps_a_champion_it_does_n
     rmse = Gate("rmse", "min")
     assert decide(40.0, 50.0, rmse).promote
     keep = decide(55.0, 50.0, rmse)
-    assert not keep.promote and keep.reason == ("candidate rmse 55.0000 does not beat champion rmse 50.0000 on the "
-                                                "same test split")
+    assert not keep.promote and keep.reason == (
+        "candidate rmse 55.0000 does not beat champion rmse 50.0000 on the same test split"
+    )
     assert choose("1", {"1": 50.0, "2": 45.0, "3": 60.0}, rmse) == "2"
     assert choose("1", {"1": 50.0, "2": 50.0}, rmse) == "1"  # a tie keeps the champion
 

@@ -1,4 +1,5 @@
 """A user's own model factory, referenced by import path in tests: tests.unit.user_models:linear."""
+
 from torch import nn
 
 

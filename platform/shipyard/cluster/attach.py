@@ -5,6 +5,7 @@
 Attaching fails in seconds with what to fix (nothing at the address, not a GCS, the token refused, a
 tracking store the cluster's other hosts cannot reach) instead of after Ray's retries.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,18 +47,28 @@ def init_ray(address: str | None, cfg: Config | None = None) -> bool:
             raise PlatformError(
                 f"cannot attach to the Ray cluster at {address}: {err}. Check the address (`ray status` on the "
                 "head prints it) and that this machine holds the cluster's token (~/.ray/auth_token or "
-                "RAY_AUTH_TOKEN)") from err
+                "RAY_AUTH_TOKEN)"
+            ) from err
         nodes = [n for n in ray.nodes() if n["Alive"]]
         hosts = {n["NodeManagerAddress"] for n in nodes}
-        log.info("running on the Ray cluster at %s: %d nodes on %d hosts, %s; dashboard %s", address, len(nodes),
-                 len(hosts), _resources(ray.cluster_resources()), _dashboard_url(context))
+        log.info(
+            "running on the Ray cluster at %s: %d nodes on %d hosts, %s; dashboard %s",
+            address,
+            len(nodes),
+            len(hosts),
+            _resources(ray.cluster_resources()),
+            _dashboard_url(context),
+        )
         if len(hosts) > 1 and cfg is not None:
             _check_shared(cfg, len(hosts))
     else:
         # the dashboard must stay on: Train V2 needs the State API to free stopped trials (Ray 2.60)
         context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
-        log.info("running on a local Ray started here: %s; dashboard %s", _resources(ray.cluster_resources()),
-                 _dashboard_url(context))
+        log.info(
+            "running on a local Ray started here: %s; dashboard %s",
+            _resources(ray.cluster_resources()),
+            _dashboard_url(context),
+        )
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -73,21 +84,28 @@ def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
     host, _, port = address.rpartition(":")
     host = host.strip("[]")  # [::1]:6379
     if not host or not port.isdigit():
-        raise ConfigError(f"Ray address '{address}' is not host:port; use e.g. --address 10.0.0.5:6379 (the head's "
-                          "`ray start --head --port`) or RAY_ADDRESS=auto on a cluster node")
+        raise ConfigError(
+            f"Ray address '{address}' is not host:port; use e.g. --address 10.0.0.5:6379 (the head's "
+            "`ray start --head --port`) or RAY_ADDRESS=auto on a cluster node"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as err:
-        raise PlatformError(f"nothing answers at Ray address {address} ({err.strerror or err}): start the head with "
-                            "`ray start --head --port=6379` (or `ray up cluster.yaml`), or fix --address/RAY_ADDRESS"
-                            ) from None
+        raise PlatformError(
+            f"nothing answers at Ray address {address} ({err.strerror or err}): start the head with "
+            "`ray start --head --port=6379` (or `ray up cluster.yaml`), or fix --address/RAY_ADDRESS"
+        ) from None
     accepted = gcs_accepts_token(address, timeout_s)
     if accepted is False:
-        raise PlatformError(f"the Ray cluster at {address} refused this machine's token: copy the cluster's token "
-                            "to ~/.ray/auth_token (or set RAY_AUTH_TOKEN) and run with RAY_AUTH_MODE=token")
+        raise PlatformError(
+            f"the Ray cluster at {address} refused this machine's token: copy the cluster's token "
+            "to ~/.ray/auth_token (or set RAY_AUTH_TOKEN) and run with RAY_AUTH_MODE=token"
+        )
     if accepted is None:
-        raise PlatformError(f"{address} answers, but not as a Ray cluster's GCS: use the head's `ray start --port` "
-                            "(6379 by default), not the dashboard's (8265) or Ray Client's (10001)")
+        raise PlatformError(
+            f"{address} answers, but not as a Ray cluster's GCS: use the head's `ray start --port` "
+            "(6379 by default), not the dashboard's (8265) or Ray Client's (10001)"
+        )
 
 
 def gcs_accepts_token(address: str, timeout_s: float = 5.0, token: str | None = None) -> bool | None:
@@ -115,13 +133,18 @@ def _check_shared(cfg: Config, hosts: int) -> None:
     that lives on this machine fails them mid-run, so say it now."""
     uri = urlparse(cfg.tracking_uri)
     if uri.scheme in ("", "file", "sqlite") or uri.hostname in ("127.0.0.1", "localhost", "::1"):
-        raise ConfigError(f"tracking.uri {cfg.tracking_uri} is on this machine, but the cluster spans {hosts} hosts "
-                          "whose training workers log to it: start an MLflow server they reach (README \"Scale "
-                          "out\") and set tracking.uri=http://<its address>:5000")
+        raise ConfigError(
+            f"tracking.uri {cfg.tracking_uri} is on this machine, but the cluster spans {hosts} hosts "
+            'whose training workers log to it: start an MLflow server they reach (README "Scale '
+            'out") and set tracking.uri=http://<its address>:5000'
+        )
     if "://" not in cfg.storage_path:
-        log.warning("storage_path %s is a local path on a cluster of %d hosts: it must be the same shared disk "
-                    "(NFS) on every node, else use s3://, gs:// or another URI every node reaches",
-                    cfg.storage_path, hosts)
+        log.warning(
+            "storage_path %s is a local path on a cluster of %d hosts: it must be the same shared disk "
+            "(NFS) on every node, else use s3://, gs:// or another URI every node reaches",
+            cfg.storage_path,
+            hosts,
+        )
 
 
 def _resources(res: dict[str, float]) -> str:
@@ -140,8 +163,9 @@ def _token_mode_if_token() -> None:
     if "RAY_AUTH_MODE" in os.environ:
         return
     if "ray" not in sys.modules:  # Ray reads the mode once, at import
-        if any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) or \
-                os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        if any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) or os.path.exists(
+            os.path.expanduser("~/.ray/auth_token")
+        ):
             os.environ["RAY_AUTH_MODE"] = "token"
         return
     # Ray already imported (a notebook, a test): its own helper sets the mode and refreshes its config

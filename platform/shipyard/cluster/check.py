@@ -16,6 +16,7 @@
 Shipyard's rules: the project is installed on every node, token authentication stays on, and nothing listens
 on all interfaces (0.0.0.0 or ::) unless `allow_public` says so.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -77,18 +78,23 @@ def check_file(path: str | Path, allow_public: bool = False) -> CheckResult:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         what = " ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p) or err
-        return cannot(f"{f':{mark.line + 1}:{mark.column + 1}' if mark else ''}: not valid YAML: {what}; fix the "
-                      "line (indentation, a missing ':' or quote)")
+        return cannot(
+            f"{f':{mark.line + 1}:{mark.column + 1}' if mark else ''}: not valid YAML: {what}; fix the "
+            "line (indentation, a missing ':' or quote)"
+        )
     if not docs:
         return cannot(": empty file; expected a Ray cluster file")
     if not all(isinstance(d, dict) for d in docs):
-        return cannot(": not a mapping of keys; a Ray cluster file starts with keys such as `cluster_name:` and "
-                      "`provider:` (or `apiVersion: ray.io/v1`)")
+        return cannot(
+            ": not a mapping of keys; a Ray cluster file starts with keys such as `cluster_name:` and "
+            "`provider:` (or `apiVersion: ray.io/v1`)"
+        )
     ray_docs = [(i, d) for i, d in enumerate(docs) if str(d.get("apiVersion", "")).startswith("ray.io/")]
     if ray_docs:  # other documents (a Secret, a ConfigMap) are Kubernetes' business
         result.kind = "KubeRay " + ", ".join(str(d.get("kind")) for _, d in ray_docs)
-        result.checked = ("Shipyard's rules; the KubeRay CRD schema itself is not checked, "
-                          "`kubectl apply --dry-run=server` does that")
+        result.checked = (
+            "Shipyard's rules; the KubeRay CRD schema itself is not checked, `kubectl apply --dry-run=server` does that"
+        )
         for i, doc in ray_docs:
             for f in check_kuberay(doc, allow_public):
                 where = f"document {i + 1}: {f.where}" if len(docs) > 1 else f.where

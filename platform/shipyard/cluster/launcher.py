@@ -1,5 +1,6 @@
 """Launcher files (`provider:`): `ray up`'s pure pre-flight steps, run offline, and Shipyard's rules
 for them (Shipyard installed on every node, token auth, binds), with the reader of shell steps."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,16 +13,42 @@ import posixpath
 import re
 import reprlib
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from shipyard.cluster.check import Finding
-from shipyard.cluster.rules import (_auth_disabled, _commands, _dashboard_bind, _mapping, _path,
-                                        _placeholders, _public_binds, _ray_log)
+from shipyard.cluster.rules import (
+    _auth_disabled,
+    _commands,
+    _dashboard_bind,
+    _mapping,
+    _path,
+    _placeholders,
+    _public_binds,
+    _ray_log,
+)
 
 # Options of `pip install` / `git clone` that take a value: the word after them is not a path or URL.
-VALUE_OPTIONS = {"-r", "--requirement", "-c", "--constraint", "-i", "--index-url", "--extra-index-url", "-f",
-                 "--find-links", "-t", "--target", "--prefix", "--root", "-b", "--branch", "--depth", "--filter"}
+VALUE_OPTIONS = {
+    "-r",
+    "--requirement",
+    "-c",
+    "--constraint",
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-f",
+    "--find-links",
+    "-t",
+    "--target",
+    "--prefix",
+    "--root",
+    "-b",
+    "--branch",
+    "--depth",
+    "--filter",
+}
 RAY_START = re.compile(r"(?:^|(?<=[\s;&|(/]))ray\s+start\b")
 # `RAY_AUTH_MODE=token [X=1 ...] ray start` (the text before `ray start`), or exported earlier in the command
 TOKEN_INLINE = re.compile(r"RAY_AUTH_MODE=['\"]?token['\"]?\s+(?:\w+=\S*\s+)*$")
@@ -30,8 +57,14 @@ DASHBOARD_HOST = re.compile(r"--dashboard-host(?:=|\s+)(?:'([^']*)'|\"([^\"]*)\"
 # Providers whose node resources `ray up` looks up from the cloud when a node type leaves them out.
 RESOURCES_AUTOFILLED = {"aws"}
 # JSON schema types, as the fix for "... is not of type ...": what it is, and an example value
-JSON_TYPES = {"integer": ("an integer", "2"), "number": ("a number", "0.5"), "string": ("a string", '"..."'),
-              "boolean": ("true or false", "true"), "array": ("a list", "[...]"), "object": ("a mapping", "{...}")}
+JSON_TYPES = {
+    "integer": ("an integer", "2"),
+    "number": ("a number", "0.5"),
+    "string": ("a string", '"..."'),
+    "boolean": ("true or false", "true"),
+    "array": ("a list", "[...]"),
+    "object": ("a mapping", "{...}"),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -43,36 +76,61 @@ def check_launcher(cfg: dict[str, Any], allow_public: bool = False) -> list[Find
 
     provider = cfg.get("provider")
     if not isinstance(provider, dict) or not isinstance(provider.get("type"), str):
-        return [Finding("provider", "missing, or without `type`; a Ray cluster launcher file needs e.g. "
-                                    "`provider: {type: local, head_ip: ..., worker_ips: [...]}` or "
-                                    "`provider: {type: aws, region: us-west-2}`")]
+        return [
+            Finding(
+                "provider",
+                "missing, or without `type`; a Ray cluster launcher file needs e.g. "
+                "`provider: {type: local, head_ip: ..., worker_ips: [...]}` or "
+                "`provider: {type: aws, region: us-west-2}`",
+            )
+        ]
     ptype, known = provider["type"], sorted({*_DEFAULT_CONFIGS, "external"})
     if ptype == "kuberay":
-        return [Finding("provider.type", "`kuberay` is the provider KubeRay's autoscaler writes for itself; for "
-                                         "Kubernetes write a RayCluster manifest (platform/kuberay/raycluster.yaml)")]
+        return [
+            Finding(
+                "provider.type",
+                "`kuberay` is the provider KubeRay's autoscaler writes for itself; for "
+                "Kubernetes write a RayCluster manifest (platform/kuberay/raycluster.yaml)",
+            )
+        ]
     if ptype not in known:
         public = [k for k in known if not k.startswith("fake_") and k != "readonly"]  # Ray's test providers
         hint = difflib.get_close_matches(ptype, public, n=1)
-        return [Finding("provider.type", f"{ptype!r} is not a provider Ray's cluster launcher knows"
-                                         + (f"; did you mean {hint[0]!r}?" if hint else "")
-                                         + f" Providers: {', '.join(public)}")] + _launcher_rules(cfg, allow_public)
+        return [
+            Finding(
+                "provider.type",
+                f"{ptype!r} is not a provider Ray's cluster launcher knows"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+                + f" Providers: {', '.join(public)}",
+            )
+        ] + _launcher_rules(cfg, allow_public)
     # Ray fills every top-level key the file leaves out from the provider's defaults (fillout_defaults), so
     # Shipyard's rules read the same merged file `ray up` runs: an omitted head_start_ray_commands is Ray's.
     defaults = _get_default_config(provider)
     merged = {**defaults, **cfg}
     findings = _launcher_rules(merged, allow_public)
     if ptype == "aws" and not _mapping(merged, "docker").get("image"):  # in a container the AMI's Python is unused
-        findings += [Finding(_path(("available_node_types", name, "node_config", "ImageId")), "not set, so Ray "
-                             "launches its default AMI (Deep Learning AMI, Ubuntu 18.04, Python 3.6), where `make "
-                             "install` fails: Shipyard needs Python >= 3.10; set an Ubuntu 22.04 AMI, e.g. the Deep "
-                             "Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04), as platform/cluster-aws.yaml "
-                             "does", error=False)
-                     for name, node in _mapping(merged, "available_node_types").items() if isinstance(node, dict)
-                     and str(_mapping(node, "node_config").get("ImageId") or "").lower() in ("", "latest_dlami")]
+        findings += [
+            Finding(
+                _path(("available_node_types", name, "node_config", "ImageId")),
+                "not set, so Ray "
+                "launches its default AMI (Deep Learning AMI, Ubuntu 18.04, Python 3.6), where `make "
+                "install` fails: Shipyard needs Python >= 3.10; set an Ubuntu 22.04 AMI, e.g. the Deep "
+                "Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04), as platform/cluster-aws.yaml "
+                "does",
+                error=False,
+            )
+            for name, node in _mapping(merged, "available_node_types").items()
+            if isinstance(node, dict)
+            and str(_mapping(node, "node_config").get("ImageId") or "").lower() in ("", "latest_dlami")
+        ]
     from_ray = {k for k in defaults if k not in cfg}
-    findings = [Finding(f.where, f"{f.message} (Ray's default for {f.where.split('[')[0]}: the file does not "
-                                 "set it)", f.error) if re.split(r"[.\[]", f.where)[0] in from_ray else f
-                for f in findings]
+    findings = [
+        Finding(f.where, f"{f.message} (Ray's default for {f.where.split('[')[0]}: the file does not set it)", f.error)
+        if re.split(r"[.\[]", f.where)[0] in from_ray
+        else f
+        for f in findings
+    ]
     return _ray_preflight(cfg, ptype) + findings
 
 
@@ -90,13 +148,21 @@ def _ray_preflight(cfg: dict[str, Any], ptype: str) -> list[Finding]:
         for name, node_type in _mapping(staged, "available_node_types").items():
             if isinstance(node_type, dict) and "resources" not in node_type:
                 node_type["resources"] = {}
-                findings.append(Finding(_path(("available_node_types", name, "resources")),
-                                        "not set; `ray up` looks the instance type's CPUs/GPUs up in AWS (not "
-                                        "done here); declare them, e.g. `resources: {CPU: 4, GPU: 1}`", error=False))
+                findings.append(
+                    Finding(
+                        _path(("available_node_types", name, "resources")),
+                        "not set; `ray up` looks the instance type's CPUs/GPUs up in AWS (not "
+                        "done here); declare them, e.g. `resources: {CPU: 4, GPU: 1}`",
+                        error=False,
+                    )
+                )
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     ray_output = io.StringIO()  # Ray's cli_logger prints its warnings, its loggers log theirs: both become findings
-    with contextlib.redirect_stdout(ray_output), contextlib.redirect_stderr(ray_output), \
-            _ray_log("ray.autoscaler") as ray_log:
+    with (
+        contextlib.redirect_stdout(ray_output),
+        contextlib.redirect_stderr(ray_output),
+        _ray_log("ray.autoscaler") as ray_log,
+    ):
         if ptype == "local":  # missing head_ip, available_node_types on-prem: ClickException
             try:
                 prepare_local(staged)  # for its checks; the result is unused on purpose (prepare_config redoes it)
@@ -128,14 +194,22 @@ def _local_provider_finding(message: str, cfg: dict[str, Any]) -> Finding:
     provider = cfg["provider"]
     if "head_ip" in message or "worker_ips" in message:
         key = "head_ip" if "head_ip" not in provider else "worker_ips"
-        example = "`head_ip: HEAD_HOST` (the head machine's address)" if key == "head_ip" else \
-                  "`worker_ips: [WORKER_HOST_1]` (the workers' addresses)"
-        return Finding(f"provider.{key}", f"missing; the local provider needs {example}, or a "
-                                          f"`coordinator_address` (Ray: {message})")
+        example = (
+            "`head_ip: HEAD_HOST` (the head machine's address)"
+            if key == "head_ip"
+            else "`worker_ips: [WORKER_HOST_1]` (the workers' addresses)"
+        )
+        return Finding(
+            f"provider.{key}",
+            f"missing; the local provider needs {example}, or a `coordinator_address` (Ray: {message})",
+        )
     if "available_node_types" in message:
-        return Finding("available_node_types", "not allowed with `provider.type: local`; remove it and declare "
-                                               "GPUs on `ray start` (--num-gpus=N) in the start commands "
-                                               f"(Ray: {message})")
+        return Finding(
+            "available_node_types",
+            "not allowed with `provider.type: local`; remove it and declare "
+            "GPUs on `ray start` (--num-gpus=N) in the start commands "
+            f"(Ray: {message})",
+        )
     if "max_workers" in message:
         return Finding("max_workers", f"required with `coordinator_address`; set it (Ray: {message})")
     return Finding("provider", message)
@@ -150,8 +224,13 @@ def _schema_findings(err: Any) -> list[Finding]:
         for key in [k for k in err.instance if k not in allowed and not any(re.search(p, k) for p in patterns)]:
             owner = "a Ray cluster file" if not parts else f"`{_path(parts)}`"
             hint = difflib.get_close_matches(key, allowed, n=1)
-            out.append(Finding(_path(parts + (key,)), f"not a field of {owner} ({err.message}); "
-                               + (f"did you mean {hint[0]}?" if hint else f"fields: {', '.join(allowed)}")))
+            out.append(
+                Finding(
+                    _path(parts + (key,)),
+                    f"not a field of {owner} ({err.message}); "
+                    + (f"did you mean {hint[0]}?" if hint else f"fields: {', '.join(allowed)}"),
+                )
+            )
         return out
     if err.validator == "required":
         missing = re.match(r"'(.+?)' is a required property", err.message)
@@ -180,31 +259,56 @@ def _launcher_rules(cfg: dict[str, Any], allow_public: bool) -> list[Finding]:
         for i, cmd in enumerate(_commands(cfg, key)):
             for m in RAY_START.finditer(cmd):
                 starts += 1
-                before = re.sub(r"\S*$", "", cmd[:m.start()])  # drop a path before `ray`: ~/x/.venv/bin/ray
+                before = re.sub(r"\S*$", "", cmd[: m.start()])  # drop a path before `ray`: ~/x/.venv/bin/ray
                 if not (TOKEN_INLINE.search(before) or TOKEN_EXPORT.search(before)):
-                    findings.append(Finding(f"{key}[{i}]", "`ray start` without RAY_AUTH_MODE=token: it turns token "
-                                            "auth on only where a token already exists, and a worker started "
-                                            "without it cannot join a head that has it; write "
-                                            "`RAY_AUTH_MODE=token ray start ...`"))
+                    findings.append(
+                        Finding(
+                            f"{key}[{i}]",
+                            "`ray start` without RAY_AUTH_MODE=token: it turns token "
+                            "auth on only where a token already exists, and a worker started "
+                            "without it cannot join a head that has it; write "
+                            "`RAY_AUTH_MODE=token ray start ...`",
+                        )
+                    )
             if key.startswith("head") and (host := DASHBOARD_HOST.search(cmd)):
-                findings += _dashboard_bind(f"{key}[{i}]", "".join(g or "" for g in host.groups()), allow_public,
-                                            "`ray dashboard <cluster file>` (an SSH tunnel)")
+                findings += _dashboard_bind(
+                    f"{key}[{i}]",
+                    "".join(g or "" for g in host.groups()),
+                    allow_public,
+                    "`ray dashboard <cluster file>` (an SSH tunnel)",
+                )
         if not starts:
             findings.append(Finding(key, "no `ray start`: these nodes would not join the cluster"))
     token_mounted = any(str(remote).rstrip("/").endswith("auth_token") for remote in _mapping(cfg, "file_mounts"))
-    token_in_env = any("RAY_AUTH_TOKEN" in c for k in ("head_start_ray_commands", "worker_start_ray_commands")
-                       for c in _commands(cfg, k))
+    token_in_env = any(
+        "RAY_AUTH_TOKEN" in c
+        for k in ("head_start_ray_commands", "worker_start_ray_commands")
+        for c in _commands(cfg, k)
+    )
     if not (token_mounted or token_in_env):
-        findings.append(Finding("file_mounts", "no Ray auth token reaches the nodes: with RAY_AUTH_MODE=token "
-                                "`ray start` fails without one, and every node needs the same token. Run `ray "
-                                "get-auth-token --generate` here and add `~/.ray/auth_token: ~/.ray/auth_token`"))
+        findings.append(
+            Finding(
+                "file_mounts",
+                "no Ray auth token reaches the nodes: with RAY_AUTH_MODE=token "
+                "`ray start` fails without one, and every node needs the same token. Run `ray "
+                "get-auth-token --generate` here and add `~/.ray/auth_token: ~/.ray/auth_token`",
+            )
+        )
     for remote, local in _mapping(cfg, "file_mounts").items():
         source = Path(os.path.expanduser(str(local)))  # relative to the cwd, as `ray up` reads it
         if not source.exists():
-            fix = "run `ray get-auth-token --generate` first" if str(remote).endswith("auth_token") else \
-                  "run `ray up` from the directory it is relative to"
-            findings.append(Finding(_path(("file_mounts", remote)), f"{local} does not exist on this machine; `ray "
-                                    f"up` would stop when it syncs it; {fix}", error=False))
+            fix = (
+                "run `ray get-auth-token --generate` first"
+                if str(remote).endswith("auth_token")
+                else "run `ray up` from the directory it is relative to"
+            )
+            findings.append(
+                Finding(
+                    _path(("file_mounts", remote)),
+                    f"{local} does not exist on this machine; `ray up` would stop when it syncs it; {fix}",
+                    error=False,
+                )
+            )
     return findings + _placeholders(cfg, "`ray up`")
 
 
@@ -216,28 +320,44 @@ def _install_rules(cfg: dict[str, Any]) -> list[Finding]:
     for name, node_type in _mapping(cfg, "available_node_types").items():
         # A node type's own worker_setup_commands replace setup_commands + worker_setup_commands for that type.
         if isinstance(node_type, dict) and name != cfg.get("head_node_type") and "worker_setup_commands" in node_type:
-            workers[_path(("available_node_types", name, "worker_setup_commands"))] = \
-                [c for c in node_type["worker_setup_commands"] if isinstance(c, str)]
+            workers[_path(("available_node_types", name, "worker_setup_commands"))] = [
+                c for c in node_type["worker_setup_commands"] if isinstance(c, str)
+            ]
     fix = "add `cd ~/shipyard && make install` (as the README installs it)"
     steps = {c: list(_shell_steps(c)) for c in head + sum(workers.values(), [])}  # each command once, in order
-    missing = [k for k, cmds in [("head_setup_commands", head), *workers.items()]
-               if not any(what == "install" for c in cmds for what, _ in steps[c])]
+    missing = [
+        k
+        for k, cmds in [("head_setup_commands", head), *workers.items()]
+        if not any(what == "install" for c in cmds for what, _ in steps[c])
+    ]
     if len(missing) == 1 + len(workers):
-        return [Finding("setup_commands", "no command installs Shipyard on the nodes, so trials, training workers "
-                                          f"and Serve replicas there cannot import it; {fix} to setup_commands (or "
-                                          "to both head_setup_commands and worker_setup_commands)")]
-    findings = [Finding(k, f"no command installs Shipyard on these nodes; {fix} here or to setup_commands")
-                for k in missing]
+        return [
+            Finding(
+                "setup_commands",
+                "no command installs Shipyard on the nodes, so trials, training workers "
+                f"and Serve replicas there cannot import it; {fix} to setup_commands (or "
+                "to both head_setup_commands and worker_setup_commands)",
+            )
+        ]
+    findings = [
+        Finding(k, f"no command installs Shipyard on these nodes; {fix} here or to setup_commands") for k in missing
+    ]
     # Where the project is on the nodes: file_mounts targets and `git clone` directories (URLs need neither).
-    there = {posixpath.normpath(str(r)) for r in _mapping(cfg, "file_mounts")} | \
-            {where for found in steps.values() for what, where in found if what == "clone"}
+    there = {posixpath.normpath(str(r)) for r in _mapping(cfg, "file_mounts")} | {
+        where for found in steps.values() for what, where in found if what == "clone"
+    }
     for cmd, cmd_steps in steps.items():
         for src in [where for what, where in cmd_steps if what == "install" and "://" not in where]:
             if not any(src == p or src.startswith(p.rstrip("/") + "/") for p in there):
-                findings.append(Finding("file_mounts", f"nothing brings the project to the nodes for `{cmd}`: it "
-                                        f"installs from {src}, which no file_mounts target or `git clone` fills; add "
-                                        "`~/shipyard: .` (and run `ray up` from the repo root) or a `git clone` of "
-                                        "the project before it"))
+                findings.append(
+                    Finding(
+                        "file_mounts",
+                        f"nothing brings the project to the nodes for `{cmd}`: it "
+                        f"installs from {src}, which no file_mounts target or `git clone` fills; add "
+                        "`~/shipyard: .` (and run `ray up` from the repo root) or a `git clone` of "
+                        "the project before it",
+                    )
+                )
     return findings
 
 
@@ -258,7 +378,7 @@ def _shell_steps(cmd: str, env: dict[str, str] | None = None) -> Iterator[tuple[
             words = segment.split()
         words = [re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), w) for w in words]
         for i, word in enumerate(words):
-            name, rest = posixpath.basename(word), words[i + 1:]
+            name, rest = posixpath.basename(word), words[i + 1 :]
             args = [a for prev, a in zip(["", *rest], rest) if not a.startswith("-") and prev not in VALUE_OPTIONS]
             if name == "cd":
                 cwd = at(rest[0] if rest else "~")
@@ -275,4 +395,3 @@ def _shell_steps(cmd: str, env: dict[str, str] | None = None) -> Iterator[tuple[
             else:
                 continue
             break  # one command per segment: `sudo make install`, `bash -c "cd DIR"`
-

@@ -1,11 +1,13 @@
 """Rules shared by launcher files and KubeRay manifests (auth off, public binds, the dashboard's host,
 placeholders) and the small helpers both kinds use: walking a file, key paths, Ray's log."""
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from shipyard.cluster.check import Finding
 
@@ -23,12 +25,16 @@ PLACEHOLDER = re.compile(r"(?<![$\w{])(HEAD_HOST|WORKER_HOST_\d+|YOUR_[A-Z0-9_]+
 
 
 def _auth_disabled(node: Any) -> list[Finding]:
-    fix = ("turns Ray token authentication off, so anyone who reaches the cluster's ports can run code on it; "
-           "remove it (RAY_AUTH_MODE=token)")
-    found = [Finding(_path(p), f"RAY_AUTH_MODE=disabled {fix}") for p, s in _strings(node)
-             if AUTH_DISABLED.search(s)]
-    found += [Finding(_path(p), f"RAY_AUTH_MODE: disabled {fix}") for p, v in _walk(node)
-              if isinstance(v, dict) and v.get("name") == "RAY_AUTH_MODE" and v.get("value") == "disabled"]
+    fix = (
+        "turns Ray token authentication off, so anyone who reaches the cluster's ports can run code on it; "
+        "remove it (RAY_AUTH_MODE=token)"
+    )
+    found = [Finding(_path(p), f"RAY_AUTH_MODE=disabled {fix}") for p, s in _strings(node) if AUTH_DISABLED.search(s)]
+    found += [
+        Finding(_path(p), f"RAY_AUTH_MODE: disabled {fix}")
+        for p, v in _walk(node)
+        if isinstance(v, dict) and v.get("name") == "RAY_AUTH_MODE" and v.get("value") == "disabled"
+    ]
     return found
 
 
@@ -38,13 +44,21 @@ def _dashboard_bind(where: str, host: str, allow_public: bool, tunnel: str) -> l
         return []
     what = "all interfaces (an empty host)" if not host.strip() else f"{host}, reachable from the network"
     allowed = " (allowed by --allow-public)" if allow_public else ", or pass --allow-public if that is meant"
-    return [Finding(where, f"the dashboard listens on {what}; keep it on 127.0.0.1 and reach it with {tunnel}"
-                    + allowed, error=not allow_public)]
+    return [
+        Finding(
+            where,
+            f"the dashboard listens on {what}; keep it on 127.0.0.1 and reach it with {tunnel}" + allowed,
+            error=not allow_public,
+        )
+    ]
 
 
 def _placeholders(node: Any, before: str) -> list[Finding]:
-    return [Finding(_path(p), f"{token} is a placeholder; replace {token} before {before}", error=False)
-            for p, s in _strings(node) for token in PLACEHOLDER.findall(s)]
+    return [
+        Finding(_path(p), f"{token} is a placeholder; replace {token} before {before}", error=False)
+        for p, s in _strings(node)
+        for token in PLACEHOLDER.findall(s)
+    ]
 
 
 def _public_binds(node: Any, allow_public: bool) -> list[Finding]:
@@ -52,10 +66,17 @@ def _public_binds(node: Any, allow_public: bool) -> list[Finding]:
     for parts, text in _strings(node):
         if ALL_INTERFACES.search(text):
             what = "opens to any address" if re.search(r"(0\.0\.0\.0|::)/0", text) else "listens on all interfaces"
-            findings.append(Finding(_path(parts), f"{what} ({_excerpt(text)}); allowed by --allow-public"
-                                    if allow_public else f"{what} ({_excerpt(text)}): anyone on the network reaches "
-                                    "it; bind 127.0.0.1 (reach it through an SSH tunnel or kubectl port-forward), or "
-                                    "pass --allow-public if that is meant", error=not allow_public))
+            findings.append(
+                Finding(
+                    _path(parts),
+                    f"{what} ({_excerpt(text)}); allowed by --allow-public"
+                    if allow_public
+                    else f"{what} ({_excerpt(text)}): anyone on the network reaches "
+                    "it; bind 127.0.0.1 (reach it through an SSH tunnel or kubectl port-forward), or "
+                    "pass --allow-public if that is meant",
+                    error=not allow_public,
+                )
+            )
     return findings
 
 
@@ -64,7 +85,7 @@ def _excerpt(text: str) -> str:
     words = text.split()
     i = next(i for i, w in enumerate(words) if ALL_INTERFACES.search(w))
     flag_before = i and words[i - 1].startswith("-") and not words[i].startswith("-")
-    return " ".join(words[i - 1:i + 1]) if flag_before else words[i]
+    return " ".join(words[i - 1 : i + 1]) if flag_before else words[i]
 
 
 def _walk(node: Any, parts: Parts = ()) -> Iterator[tuple[Parts, Any]]:

@@ -1,12 +1,13 @@
 """Errors from inside Ray Data, said once and in one line: the data stages of tables (shipyard.data.tables) and of
 image folders (shipyard.tasks.images) read files in Ray tasks, whose errors arrive wrapped in a remote
 traceback."""
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from shipyard.errors import DataError
 
@@ -38,13 +39,14 @@ def clear_errors(what: str, explain: Callable[[Exception], str | None] | None = 
             raise DataError(explained) from err
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         # a remote error's text is a traceback: its "SomethingError: message" line says what went wrong
-        reason = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception|Invalid)\b.*:", ln)),
-                      lines[0] if lines else type(err).__name__)
+        reason = next(
+            (ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception|Invalid)\b.*:", ln)),
+            lines[0] if lines else type(err).__name__,
+        )
         raise DataError(f"{what}: {reason[:500]}") from err
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
 
 
 def find_cause(err: BaseException, kind: type) -> BaseException | None:

@@ -3,6 +3,7 @@
 Defined here, below the tasks, because both sides use them: the data stage's table reader returns Splits and
 a task's `load` returns Splits (shipyard.tasks re-exports both for user tasks).
 """
+
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ from typing import Any
 class DataInfo:
     """What the data stage found, in JSON-able form: passed to every worker and trial, logged to MLflow, and
     stored with the registered model (the endpoint reads it to parse requests and form answers)."""
+
     task: str
     """The task's config spelling (`classification`, or `package.module:Class`)."""
     input_shape: list[int]
@@ -41,6 +43,7 @@ class DataInfo:
 @dataclass
 class Splits:
     """The data stage's result: three materialized Ray Datasets with `x` and `y` columns, and their description."""
+
     train: Any
     val: Any
     test: Any

@@ -1,5 +1,6 @@
 """A table's train-split statistics, fitted with Ray Data: a text column's categories (or the DataError that it
 is not categorical) and the numeric columns' means and deviations. The tabular tasks bake both into the model."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,9 +19,11 @@ def categories(train, column: str, rows: int, max_categories: int, source: str) 
     values = sorted(str(v) for v in train.unique(column) if not _is_missing(v))
     if len(values) > max_categories or (rows >= 20 and len(values) > rows / 2):
         kind = "free text or an identifier" if len(values) > rows / 2 else "too many categories to one-hot encode"
-        raise DataError(f"{source}: text column '{column}' has {len(values)} distinct values in {rows} training "
-                        f"rows: {kind} (data.max_categories={max_categories}). Drop the column, encode it "
-                        "yourself, or raise data.max_categories")
+        raise DataError(
+            f"{source}: text column '{column}' has {len(values)} distinct values in {rows} training "
+            f"rows: {kind} (data.max_categories={max_categories}). Drop the column, encode it "
+            "yourself, or raise data.max_categories"
+        )
     return values
 
 

@@ -10,6 +10,7 @@ A bad file fails with one DataError line that names the file, the column and the
 column or text among the features (its first block) before Ray starts; missing values, text further down and a
 single class in the data stage. Rows are never dropped silently.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,11 +24,11 @@ import numpy as np
 import pandas as pd
 
 from shipyard.config import DataConfig
-from shipyard.errors import DataError
 from shipyard.data.ray_errors import clear_errors as _clear_errors
+from shipyard.data.splits import DataInfo, Splits
 from shipyard.data.stats import categories as _categories
 from shipyard.data.stats import mean_std as _mean_std
-from shipyard.data.splits import DataInfo, Splits
+from shipyard.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,10 @@ def check_source(cfg: DataConfig):
             break
     if first is None:
         raise DataError(NO_ROWS.format(source=cfg.path))
-    examples = {name: f"{value!r} on {_position(f, fmt, row, cfg.path)}"
-                for name, (row, value) in _not_numbers(first.to_pandas()).items()}
+    examples = {
+        name: f"{value!r} on {_position(f, fmt, row, cfg.path)}"
+        for name, (row, value) in _not_numbers(first.to_pandas()).items()
+    }
     _feature_columns(first.schema, cfg.label, cfg.path, examples)
     return first.schema
 
@@ -85,8 +88,9 @@ def _batches(file: Path | str, fmt: str, convert=None):
             yield from pf.iter_batches()
         return
     try:  # Ray Data's CSV reader: open_csv without threads, types inferred from the first block
-        reader = csv.open_csv(file, read_options=csv.ReadOptions(use_threads=False),
-                              convert_options=convert or _csv_convert())
+        reader = csv.open_csv(
+            file, read_options=csv.ReadOptions(use_threads=False), convert_options=convert or _csv_convert()
+        )
     except pa.ArrowInvalid as err:
         if "Empty CSV file" in str(err):  # not even a header
             return
@@ -102,9 +106,15 @@ def _csv_convert(schema=None, label: str | None = None):
     import pyarrow as pa
     from pyarrow import csv
 
-    numeric = {} if schema is None else {
-        n: pa.float64() for n, t in zip(schema.names, schema.types)
-        if n != label and (pa.types.is_integer(t) or pa.types.is_floating(t))}
+    numeric = (
+        {}
+        if schema is None
+        else {
+            n: pa.float64()
+            for n, t in zip(schema.names, schema.types)
+            if n != label and (pa.types.is_integer(t) or pa.types.is_floating(t))
+        }
+    )
     return csv.ConvertOptions(strings_can_be_null=True, column_types=numeric)
 
 
@@ -171,15 +181,17 @@ def _explain_csv(err: Exception, source: str, convert) -> str | None:
             for _ in reader:
                 pass
     except pa.ArrowInvalid as arrow:
-        c = re.match(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to (\w+): invalid value (.*)",
-                     str(arrow))
+        c = re.match(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to (\w+): invalid value (.*)", str(arrow))
         if not c:  # a ragged row, a stray quote: pyarrow names the row
             return f"{source}: cannot parse {m[1]}: {str(arrow)[:500]}"
-        kind = {"double": "numbers", "int64": "whole numbers", "bool": "true/false",
-                "null": "no values"}.get(c[3], c[3])
-        return (f"{source}: column '{reader.schema.names[int(c[1])]}' holds {c[4]} on "
-                f"{_position(m[1], 'csv', int(c[2]) - 2, source)}, where its first rows hold {kind}; "
-                "fix or delete that value, or drop the column")
+        kind = {"double": "numbers", "int64": "whole numbers", "bool": "true/false", "null": "no values"}.get(
+            c[3], c[3]
+        )
+        return (
+            f"{source}: column '{reader.schema.names[int(c[1])]}' holds {c[4]} on "
+            f"{_position(m[1], 'csv', int(c[2]) - 2, source)}, where its first rows hold {kind}; "
+            "fix or delete that value, or drop the column"
+        )
     return None
 
 
@@ -225,8 +237,10 @@ def _feature_columns(schema, label: str, source: str, examples: dict[str, str] |
 
     names = list(schema.names)
     if label not in names:
-        raise DataError(f"data.label: column '{label}' not in {source}; its columns are: {', '.join(names)}. "
-                        f"Set data.label=<column>")
+        raise DataError(
+            f"data.label: column '{label}' not in {source}; its columns are: {', '.join(names)}. "
+            f"Set data.label=<column>"
+        )
     bad = []
     for name, typ in zip(schema.names, schema.types):
         if name == label:
@@ -236,8 +250,10 @@ def _feature_columns(schema, label: str, source: str, examples: dict[str, str] |
         elif examples and name in examples:
             bad.append(f"{name} ({typ}, e.g. {examples[name]})")
     if bad:
-        raise DataError(f"non-numeric values in numeric feature columns of {source}: {', '.join(bad)}. Fix those "
-                        "values, drop these columns, or name one as data.label")
+        raise DataError(
+            f"non-numeric values in numeric feature columns of {source}: {', '.join(bad)}. Fix those "
+            "values, drop these columns, or name one as data.label"
+        )
     features = [n for n in names if n != label]
     if not features:
         raise DataError(f"{source} has no feature columns besides the label '{label}'")
@@ -286,17 +302,21 @@ def load_table(cfg: DataConfig, task: str = "classification", regression: bool =
         text = [f for f in features if not is_numeric_type(types[f])]
         labels = None if regression else ds.unique(label)
     if regression and not is_numeric_type(types[label]):
-        raise DataError(f"{source}: task.name=regression needs a numeric target, but column '{label}' holds "
-                        f"{types[label]}; point data.label at a column of numbers, or use task.name=classification")
+        raise DataError(
+            f"{source}: task.name=regression needs a numeric target, but column '{label}' holds "
+            f"{types[label]}; point data.label at a column of numbers, or use task.name=classification"
+        )
     if labels is not None and not labels:
         raise DataError(NO_ROWS.format(source=source))
     classes = None
     if labels is not None:
         classes = sorted((v for v in labels if not _is_missing(v)), key=lambda v: (str(type(v)), v))
         if len(classes) < 2 and len(classes) == len(labels):  # with missing labels, those are reported below
-            raise DataError(f"{source}: every row has the label {classes[0]!r} in column '{label}'; a "
-                            "classifier needs at least 2 classes: check that data.label names the class column, "
-                            "or add rows of other classes")
+            raise DataError(
+                f"{source}: every row has the label {classes[0]!r} in column '{label}'; a "
+                "classifier needs at least 2 classes: check that data.label names the class column, "
+                "or add rows of other classes"
+            )
     seed, val_f, test_f = cfg.seed, cfg.val_fraction, cfg.test_fraction
     columns = features + [label]
 
@@ -332,10 +352,14 @@ def load_table(cfg: DataConfig, task: str = "classification", regression: bool =
             y = batch[label].to_numpy(dtype=np.float32)
             ok[:, -1] = np.isfinite(y)
         # a dict of arrays: Ray Data stores the 2-D `x` as a tensor column (a DataFrame would pickle it)
-        return {"x": x, "y": y, "split": batch["_split"].to_numpy(),
-                # index in `columns` of a row's first missing/infinite value, -1 if none: reported below,
-                # because an exception raised in here reaches the driver without its message
-                "bad": np.where(ok.all(axis=1), -1, np.argmin(ok, axis=1))}
+        return {
+            "x": x,
+            "y": y,
+            "split": batch["_split"].to_numpy(),
+            # index in `columns` of a row's first missing/infinite value, -1 if none: reported below,
+            # because an exception raised in here reaches the driver without its message
+            "bad": np.where(ok.all(axis=1), -1, np.argmin(ok, axis=1)),
+        }
 
     with _clear_errors(f"{source}: could not prepare the data"):
         encoded = tagged.map_batches(encode, batch_format="pandas").materialize()
@@ -349,13 +373,17 @@ def load_table(cfg: DataConfig, task: str = "classification", regression: bool =
                 where = None
             first_on = f" (the first on {where})" if where else ""
             if cols == [label]:
-                raise DataError(f"{source}: {n_bad} row(s) have no label in column '{label}'{first_on}; "
-                                "fill in their labels or drop those rows in the file (Shipyard does not drop "
-                                "rows silently)")
+                raise DataError(
+                    f"{source}: {n_bad} row(s) have no label in column '{label}'{first_on}; "
+                    "fill in their labels or drop those rows in the file (Shipyard does not drop "
+                    "rows silently)"
+                )
             what = "feature columns" if label not in cols else "columns"
-            raise DataError(f"{source}: {n_bad} row(s) with missing or infinite values in {what} "
-                            f"{', '.join(cols)}{first_on}; fill them in or drop those rows in the file "
-                            "(Shipyard does not drop rows silently)")
+            raise DataError(
+                f"{source}: {n_bad} row(s) with missing or infinite values in {what} "
+                f"{', '.join(cols)}{first_on}; fill them in or drop those rows in the file "
+                "(Shipyard does not drop rows silently)"
+            )
     parts = {}
     for i, name in enumerate(("train", "val", "test")):
         parts[name] = encoded.filter(expr=f"split == {i}").drop_columns(["split", "bad"]).materialize()
@@ -369,12 +397,26 @@ def load_table(cfg: DataConfig, task: str = "classification", regression: bool =
     }
     if regression:
         preprocessing["target"] = stats[label]
-    info = DataInfo(task=task, input_shape=[len(features)], output_width=1 if regression else len(classes),
-                    target=label, feature_names=features,
-                    classes=None if regression else [_jsonable(c) for c in classes], data_hash=digest, rows=rows,
-                    preprocessing=preprocessing)
-    log.info("data %s: %d features (%d categorical), %s, rows %s, sha256 %s", source, len(features),
-             len(categories), f"target '{label}'" if regression else f"{len(classes)} classes", rows, digest[:12])
+    info = DataInfo(
+        task=task,
+        input_shape=[len(features)],
+        output_width=1 if regression else len(classes),
+        target=label,
+        feature_names=features,
+        classes=None if regression else [_jsonable(c) for c in classes],
+        data_hash=digest,
+        rows=rows,
+        preprocessing=preprocessing,
+    )
+    log.info(
+        "data %s: %d features (%d categorical), %s, rows %s, sha256 %s",
+        source,
+        len(features),
+        len(categories),
+        f"target '{label}'" if regression else f"{len(classes)} classes",
+        rows,
+        digest[:12],
+    )
     return Splits(parts["train"], parts["val"], parts["test"], info)
 
 

@@ -4,10 +4,12 @@ A message of n bytes costs alpha + n * beta (Hockney 1994): alpha = the intercon
 1/beta = its bandwidth_gbps. Collective costs are from Thakur, Rabenseifner and Gropp, "Optimization of
 Collective Communication Operations in MPICH" (IJHPCA 2005), as Paleo (Qi et al. 2017, Sec. 3.2) uses them.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 from shipyard.perf.devices import Interconnect
 
@@ -71,8 +73,14 @@ def ddp_buckets(param_bytes: Sequence[int]) -> list[list[int]]:
     return [b for b in buckets if b]
 
 
-def exposed_comm_s(backward_s: float, ready_s: Sequence[float], param_bytes: Sequence[int], workers: int,
-                   link: Interconnect, algorithm: Algorithm = "ring") -> tuple[float, float]:
+def exposed_comm_s(
+    backward_s: float,
+    ready_s: Sequence[float],
+    param_bytes: Sequence[int],
+    workers: int,
+    link: Interconnect,
+    algorithm: Algorithm = "ring",
+) -> tuple[float, float]:
     """(total all-reduce time, the part not hidden behind the backward pass) for one step.
 
     `ready_s[i]`: when parameter i's gradient is ready, counted from the start of backward. Each bucket's

@@ -9,6 +9,7 @@ percent of peak"); a calibrated device also carries measured curves (achieved ra
 on a CPU a small matmul or a cache-resident element-wise op runs at a very different rate from a large one
 (the cache-aware roofline, Ilic, Pratas and Sousa, IEEE CAL 2014).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,15 +51,18 @@ class Device:
         if op_class in self.curves and dtype == "fp32":
             return _interpolate(self.curves[op_class], flops)
         if dtype not in self.peak_tflops:
-            raise KeyError(f"{self.name} has no {dtype} peak; it has {', '.join(self.peak_tflops)} (a CPU profile "
-                           "prices fp32 only: use --dtype fp32, or a catalog GPU such as --hardware h100)")
+            raise KeyError(
+                f"{self.name} has no {dtype} peak; it has {', '.join(self.peak_tflops)} (a CPU profile "
+                "prices fp32 only: use --dtype fp32, or a catalog GPU such as --hardware h100)"
+            )
         return self.peak_tflops[dtype] * self.matmul_fraction
 
     def memory_gbps(self, op_class: str, bytes_moved: float) -> float:
         """Achieved bytes/s of an op of class `op_class` moving `bytes_moved` bytes, in GB/s (matmul/conv
         ops' operand traffic streams like element-wise ops)."""
-        curve = self.curves.get(op_class if op_class in self.curves and op_class not in ("matmul", "conv")
-                                else "elementwise")
+        curve = self.curves.get(
+            op_class if op_class in self.curves and op_class not in ("matmul", "conv") else "elementwise"
+        )
         if curve:
             return _interpolate(curve, bytes_moved)
         return self.mem_bandwidth_gbps * self.elementwise_fraction
@@ -105,15 +109,30 @@ _GPU = dict(kind="gpu", matmul_fraction=0.7, elementwise_fraction=0.8, op_overhe
 DEVICES: dict[str, Device] = {
     # NVIDIA A100 Tensor Core GPU data sheet (2021), SXM4 80 GB: FP32 19.5, TF32 156, BF16 312 TFLOPS dense;
     # HBM2e 2,039 GB/s.
-    "a100": Device("a100", peak_tflops={"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}, mem_bandwidth_gbps=2039.0,
-                   source="NVIDIA A100 data sheet (SXM4 80GB)", **_GPU),
+    "a100": Device(
+        "a100",
+        peak_tflops={"fp32": 19.5, "tf32": 156.0, "bf16": 312.0},
+        mem_bandwidth_gbps=2039.0,
+        source="NVIDIA A100 data sheet (SXM4 80GB)",
+        **_GPU,
+    ),
     # NVIDIA H100 Tensor Core GPU data sheet (2023), SXM5: FP32 67, TF32 494.5, BF16 989.5 TFLOPS dense (the
     # sheet's 989/1,979 figures are with 2:4 sparsity); HBM3 3.35 TB/s.
-    "h100": Device("h100", peak_tflops={"fp32": 67.0, "tf32": 494.5, "bf16": 989.5}, mem_bandwidth_gbps=3350.0,
-                   source="NVIDIA H100 data sheet (SXM5)", **_GPU),
+    "h100": Device(
+        "h100",
+        peak_tflops={"fp32": 67.0, "tf32": 494.5, "bf16": 989.5},
+        mem_bandwidth_gbps=3350.0,
+        source="NVIDIA H100 data sheet (SXM5)",
+        **_GPU,
+    ),
     # NVIDIA H200 Tensor Core GPU data sheet (2024), SXM: the H100's compute with HBM3e at 4.8 TB/s.
-    "h200": Device("h200", peak_tflops={"fp32": 67.0, "tf32": 494.5, "bf16": 989.5}, mem_bandwidth_gbps=4800.0,
-                   source="NVIDIA H200 data sheet (SXM)", **_GPU),
+    "h200": Device(
+        "h200",
+        peak_tflops={"fp32": 67.0, "tf32": 494.5, "bf16": 989.5},
+        mem_bandwidth_gbps=4800.0,
+        source="NVIDIA H200 data sheet (SXM)",
+        **_GPU,
+    ),
 }
 
 INTERCONNECTS: dict[str, Interconnect] = {
@@ -155,6 +174,7 @@ def get_interconnect(name: str) -> Interconnect:
 @dataclass(frozen=True)
 class Profile:
     """A calibrated machine: what `shipyard calibrate` writes and `shipyard plan` and the pipeline read."""
+
     device: Device
     interconnect: Interconnect
     host: str = ""
@@ -173,17 +193,25 @@ def _device(d: dict[str, Any]) -> Device:
 def load_profile(path: str | Path) -> Profile:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"no hardware profile at {p}: run `shipyard calibrate` to measure this machine "
-                                "(or plan on catalog hardware with --hardware h100)")
+        raise FileNotFoundError(
+            f"no hardware profile at {p}: run `shipyard calibrate` to measure this machine "
+            "(or plan on catalog hardware with --hardware h100)"
+        )
     try:
         raw = json.loads(p.read_text())
         if raw.pop("schema_version", None) != SCHEMA_VERSION:
             raise ValueError(f"schema_version is not {SCHEMA_VERSION}")
-        return Profile(_device(raw["device"]), Interconnect(**raw["interconnect"]), raw.get("host", ""),
-                       raw.get("measured_at", ""), raw.get("nodes", {}))
+        return Profile(
+            _device(raw["device"]),
+            Interconnect(**raw["interconnect"]),
+            raw.get("host", ""),
+            raw.get("measured_at", ""),
+            raw.get("nodes", {}),
+        )
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{p} is not a hardware profile Shipyard can read ({err}); run `shipyard calibrate` "
-                         "again to rewrite it") from err
+        raise ValueError(
+            f"{p} is not a hardware profile Shipyard can read ({err}); run `shipyard calibrate` again to rewrite it"
+        ) from err
 
 
 def with_threads(device: Device, threads: int) -> Device:
@@ -191,6 +219,9 @@ def with_threads(device: Device, threads: int) -> Device:
     if device.kind != "cpu" or not device.threads or threads == device.threads:
         return device
     k = threads / device.threads
-    return replace(device, threads=threads,
-                   curves={c: tuple((x, r * k) for x, r in pts) for c, pts in device.curves.items()},
-                   peak_tflops={d: v * k for d, v in device.peak_tflops.items()})
+    return replace(
+        device,
+        threads=threads,
+        curves={c: tuple((x, r * k) for x, r in pts) for c, pts in device.curves.items()},
+        peak_tflops={d: v * k for d, v in device.peak_tflops.items()},
+    )

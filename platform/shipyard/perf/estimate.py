@@ -8,11 +8,12 @@ Each op takes the roofline max(compute, memory) plus the device's per-op overhea
 Sec. 3.1; Williams, Waterman and Patterson, "Roofline", CACM 2009); ops run one after another, as eager
 PyTorch issues them. The all-reduce of the gradients overlaps backward as DDP buckets it (comm.exposed_comm_s).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from shipyard.perf.comm import Algorithm, exposed_comm_s
 from shipyard.perf.devices import Device, Interconnect
@@ -68,8 +69,14 @@ class StepEstimate:
         return sorted(self.layers, key=lambda lt: -lt.time_ms)[:n]
 
 
-def estimate_step(work: StepWork, device: Device, workers: int = 1, link: Interconnect | None = None,
-                  algorithm: Algorithm = "ring", dtype: str = "fp32") -> StepEstimate:
+def estimate_step(
+    work: StepWork,
+    device: Device,
+    workers: int = 1,
+    link: Interconnect | None = None,
+    algorithm: Algorithm = "ring",
+    dtype: str = "fp32",
+) -> StepEstimate:
     """One training step of one worker whose batch `work` counts, with `workers` data-parallel peers."""
     phase_s = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     per_layer: dict[str, list[float]] = {}
@@ -103,8 +110,17 @@ def estimate_step(work: StepWork, device: Device, workers: int = 1, link: Interc
     for name, (t, flops, moved, overhead, compute) in per_layer.items():
         bound = "overhead" if overhead >= t / 2 else ("compute" if compute >= (t - overhead) / 2 else "memory")
         layers.append(LayerTime(name, work.layer_kinds.get(name, name), t * 1e3, flops, moved, bound))
-    return StepEstimate(workers, work.batch_size, phase_s["forward"] * 1e3, phase_s["backward"] * 1e3,
-                        phase_s["optimizer"] * 1e3, comm_s * 1e3, exposed_s * 1e3, tuple(layers), ddp_s * 1e3)
+    return StepEstimate(
+        workers,
+        work.batch_size,
+        phase_s["forward"] * 1e3,
+        phase_s["backward"] * 1e3,
+        phase_s["optimizer"] * 1e3,
+        comm_s * 1e3,
+        exposed_s * 1e3,
+        tuple(layers),
+        ddp_s * 1e3,
+    )
 
 
 def forward_time_ms(work: StepWork, device: Device, dtype: str = "fp32") -> float:
@@ -126,10 +142,17 @@ class ScalingRow:
     epoch_time_s: float
 
 
-def scaling_table(work_for_batch: Callable[[int], StepWork], device: Device, workers: Sequence[int],
-                  placement: Callable[[int], tuple[int, Interconnect | None]], global_batch: int,
-                  rows_per_epoch: int, weak: bool = False, algorithm: Algorithm = "ring", dtype: str = "fp32",
-                  ) -> list[ScalingRow]:
+def scaling_table(
+    work_for_batch: Callable[[int], StepWork],
+    device: Device,
+    workers: Sequence[int],
+    placement: Callable[[int], tuple[int, Interconnect | None]],
+    global_batch: int,
+    rows_per_epoch: int,
+    weak: bool = False,
+    algorithm: Algorithm = "ring",
+    dtype: str = "fp32",
+) -> list[ScalingRow]:
     """Speed-up and efficiency for each worker count, against one worker with the same global batch.
 
     Strong scaling (default): the global batch stays `global_batch`, each worker takes global_batch // N
@@ -144,8 +167,19 @@ def scaling_table(work_for_batch: Callable[[int], StepWork], device: Device, wor
         step = estimate_step(work_for_batch(b), device, n, link, algorithm, dtype)
         speedup = step.samples_per_s / base
         steps = math.ceil(rows_per_epoch / (b * n))
-        rows.append(ScalingRow(n, nodes, b, step.step_time_ms, step.exposed_comm_ms, step.samples_per_s, speedup,
-                               speedup / n, steps * step.step_time_ms / 1e3))
+        rows.append(
+            ScalingRow(
+                n,
+                nodes,
+                b,
+                step.step_time_ms,
+                step.exposed_comm_ms,
+                step.samples_per_s,
+                speedup,
+                speedup / n,
+                steps * step.step_time_ms / 1e3,
+            )
+        )
     return rows
 
 

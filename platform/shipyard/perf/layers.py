@@ -8,11 +8,13 @@ adds, per aten op, the bytes it reads and writes, its class (matmul/conv vs elem
 module and phase (forward, backward, optimizer) it ran in, which a roofline needs op by op (Paleo, Qi et al.
 ICLR 2017, Sec. 3.1: a layer's time is its compute or its memory traffic, whichever is larger).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -32,16 +34,56 @@ COMPUTE_CLASSES = ("matmul", "conv")
 # streaming add (measured by `shipyard calibrate`; RNG and reductions are compute-bound on one core).
 _CLASS_BY_OP = {
     **dict.fromkeys(("convolution", "_convolution", "convolution_backward", "mkldnn_convolution"), "conv"),
-    **dict.fromkeys(("native_batch_norm", "native_batch_norm_backward", "_native_batch_norm_legit",
-                     "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training",
-                     "batch_norm_backward", "native_layer_norm", "native_layer_norm_backward",
-                     "native_group_norm", "native_group_norm_backward"), "norm"),
-    **dict.fromkeys(("_softmax", "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data",
-                     "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
-                     "max_pool2d_with_indices", "max_pool2d_with_indices_backward", "mean", "sum", "amax",
-                     "nll_loss_forward", "nll_loss_backward", "argmax"), "reduction"),
-    **dict.fromkeys(("bernoulli_", "bernoulli", "native_dropout", "rand", "randn", "uniform_", "normal_",
-                     "rand_like", "randn_like"), "random"),
+    **dict.fromkeys(
+        (
+            "native_batch_norm",
+            "native_batch_norm_backward",
+            "_native_batch_norm_legit",
+            "_native_batch_norm_legit_functional",
+            "_native_batch_norm_legit_no_training",
+            "batch_norm_backward",
+            "native_layer_norm",
+            "native_layer_norm_backward",
+            "native_group_norm",
+            "native_group_norm_backward",
+        ),
+        "norm",
+    ),
+    **dict.fromkeys(
+        (
+            "_softmax",
+            "_log_softmax",
+            "_softmax_backward_data",
+            "_log_softmax_backward_data",
+            "_adaptive_avg_pool2d",
+            "_adaptive_avg_pool2d_backward",
+            "avg_pool2d",
+            "avg_pool2d_backward",
+            "max_pool2d_with_indices",
+            "max_pool2d_with_indices_backward",
+            "mean",
+            "sum",
+            "amax",
+            "nll_loss_forward",
+            "nll_loss_backward",
+            "argmax",
+        ),
+        "reduction",
+    ),
+    **dict.fromkeys(
+        (
+            "bernoulli_",
+            "bernoulli",
+            "native_dropout",
+            "rand",
+            "randn",
+            "uniform_",
+            "normal_",
+            "rand_like",
+            "randn_like",
+        ),
+        "random",
+    ),
 }
 
 
@@ -53,9 +95,25 @@ def op_class_of(name: str, flops: int, is_view: bool) -> OpClass:
         return "matmul"
     return "view" if is_view else "elementwise"
 
+
 # ops that write their output without reading an input's data
-_WRITE_ONLY = {"zeros_like", "empty_like", "ones_like", "full_like", "empty", "zeros", "ones", "full", "fill_",
-               "zero_", "new_empty", "new_zeros", "empty_strided", "scalar_tensor", "lift_fresh"}
+_WRITE_ONLY = {
+    "zeros_like",
+    "empty_like",
+    "ones_like",
+    "full_like",
+    "empty",
+    "zeros",
+    "ones",
+    "full",
+    "fill_",
+    "zero_",
+    "new_empty",
+    "new_zeros",
+    "empty_strided",
+    "scalar_tensor",
+    "lift_fresh",
+}
 
 
 @dataclass(frozen=True)
@@ -88,6 +146,7 @@ class LayerWork:
 @dataclass(frozen=True)
 class StepWork:
     """One training step (zero_grad, forward, loss, backward, optimizer step) of one worker's batch."""
+
     batch_size: int
     ops: tuple[OpWork, ...]
     param_bytes: int
@@ -115,8 +174,18 @@ class StepWork:
             flops[o.layer][o.phase] += o.flops
             moved[o.layer][o.phase] += o.bytes_moved
             ops[o.layer] += 1
-        return [LayerWork(name, self.layer_kinds.get(name, name), dict(flops[name]), dict(moved[name]), ops[name],
-                          self.layer_params.get(name, 0), self.activation_bytes.get(name, 0)) for name in ops]
+        return [
+            LayerWork(
+                name,
+                self.layer_kinds.get(name, name),
+                dict(flops[name]),
+                dict(moved[name]),
+                ops[name],
+                self.layer_params.get(name, 0),
+                self.activation_bytes.get(name, 0),
+            )
+            for name in ops
+        ]
 
 
 def _leaf(parents: set[str]) -> str:
@@ -143,8 +212,9 @@ class _WorkCounter(FlopCounterMode):
 
     def _count_flops(self, func_packet, out, args, kwargs):
         name = str(func_packet)
-        flops = self.flop_registry[func_packet](*args, **kwargs, out_val=out) \
-            if func_packet in self.flop_registry else 0
+        flops = (
+            self.flop_registry[func_packet](*args, **kwargs, out_val=out) if func_packet in self.flop_registry else 0
+        )
         returns = next(iter(func_packet._schemas.values())).returns if func_packet._schemas else []
         alias = returns[0].alias_info if returns else None
         is_view = alias is not None and not alias.is_write  # a view moves no data; in-place ops write
@@ -171,10 +241,19 @@ def count_ops(fn: Callable[[], object]) -> list[OpWork]:
     return counter.ops
 
 
-def count_step_work(build: Callable[[], nn.Module], batch_size: int, in_features: int | None = None,
-                    num_classes: int = 10, foreach: bool = False, device: str = "meta", forward_only: bool = False,
-                    *, make_batch: Callable[[int], dict[str, torch.Tensor]] | None = None,
-                    loss_fn: LossFn | None = None, options: StepOptions = StepOptions()) -> StepWork:
+def count_step_work(
+    build: Callable[[], nn.Module],
+    batch_size: int,
+    in_features: int | None = None,
+    num_classes: int = 10,
+    foreach: bool = False,
+    device: str = "meta",
+    forward_only: bool = False,
+    *,
+    make_batch: Callable[[int], dict[str, torch.Tensor]] | None = None,
+    loss_fn: LossFn | None = None,
+    options: StepOptions = StepOptions(),
+) -> StepWork:
     """Count one training step of `build()` on a batch of `batch_size` rows: the step of
     `shipyard.train.step.training_step` itself (zero_grad, forward, the loss, backward, clipping, AdamW, `loss.item()`),
     with `options` (micro-batches, precision) as the training loop runs it.
@@ -188,8 +267,11 @@ def count_step_work(build: Callable[[], nn.Module], batch_size: int, in_features
     with torch.device(device):
         model = build()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=foreach)
-        batch = make_batch(batch_size) if make_batch is not None else {
-            "x": torch.randn(batch_size, in_features), "y": torch.zeros(batch_size, dtype=torch.long)}
+        batch = (
+            make_batch(batch_size)
+            if make_batch is not None
+            else {"x": torch.randn(batch_size, in_features), "y": torch.zeros(batch_size, dtype=torch.long)}
+        )
     loss_fn = loss_fn or nn.functional.cross_entropy
     counter = _WorkCounter()
     if forward_only:
@@ -199,8 +281,12 @@ def count_step_work(build: Callable[[], nn.Module], batch_size: int, in_features
             model(batch["x"])
         return StepWork(batch_size, tuple(counter.ops), 0, 0, ())
     model.train()
-    where = {"forward": ("forward", "(model)"), "loss": ("forward", "(loss)"), "backward": ("backward", "(model)"),
-             "optimizer": ("optimizer", "(optimizer)")}
+    where = {
+        "forward": ("forward", "(model)"),
+        "loss": ("forward", "(loss)"),
+        "backward": ("backward", "(model)"),
+        "optimizer": ("optimizer", "(optimizer)"),
+    }
 
     def mark(phase: str) -> None:
         if phase == "item":  # loss.item() on meta has no value to read: count the op as the real step runs it
@@ -211,12 +297,24 @@ def count_step_work(build: Callable[[], nn.Module], batch_size: int, in_features
     with counter:
         training_step(model, opt, batch, loss_fn, options, mark)
     if not counter.ops:  # FlopCounterMode internals this module relies on moved (another torch than 2.13)
-        raise RuntimeError(f"no ops counted for one training step with torch {torch.__version__}: shipyard.perf "
-                           "needs the torch the project pins (2.13)")
+        raise RuntimeError(
+            f"no ops counted for one training step with torch {torch.__version__}: shipyard.perf "
+            "needs the torch the project pins (2.13)"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     kinds = {name: type(m).__name__ for name, m in model.named_modules() if name}
     layer_params = {name: sum(p.nbytes for p in m.parameters(recurse=False)) for name, m in model.named_modules()}
-    owners = tuple(name.rsplit(".", 1)[0] if "." in name else "(model)"
-                   for name, p in model.named_parameters() if p.requires_grad)
-    return StepWork(batch_size, tuple(counter.ops), sum(p.nbytes for p in params), sum(p.nbytes for p in params),
-                    tuple(p.nbytes for p in params), kinds, dict(counter.activation_bytes), layer_params, owners)
+    owners = tuple(
+        name.rsplit(".", 1)[0] if "." in name else "(model)" for name, p in model.named_parameters() if p.requires_grad
+    )
+    return StepWork(
+        batch_size,
+        tuple(counter.ops),
+        sum(p.nbytes for p in params),
+        sum(p.nbytes for p in params),
+        tuple(p.nbytes for p in params),
+        kinds,
+        dict(counter.activation_bytes),
+        layer_params,
+        owners,
+    )

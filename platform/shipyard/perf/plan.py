@@ -7,21 +7,36 @@ Counts the configured model's work on the meta device (shipyard.perf.layers), pr
 interconnect (shipyard.perf.devices: the calibrated profile of this machine, or a data sheet), and gives the
 step and epoch time, a strong- and weak-scaling table, a worker count, and the search's wall time. No Ray.
 """
+
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from shipyard.config import PROJECT_ROOT, Config
-from shipyard.errors import ConfigError
 from shipyard.data.splits import DataInfo
-from shipyard.perf.devices import (INTRA_NODE, Device, Interconnect, get_device, get_interconnect, load_profile,
-                                   with_threads)
-from shipyard.perf.estimate import (ScalingRow, StepEstimate, estimate_step, forward_time_ms, recommend_workers,
-                                    scaling_table)
+from shipyard.errors import ConfigError
+from shipyard.perf.devices import (
+    INTRA_NODE,
+    Device,
+    Interconnect,
+    get_device,
+    get_interconnect,
+    load_profile,
+    with_threads,
+)
+from shipyard.perf.estimate import (
+    ScalingRow,
+    StepEstimate,
+    estimate_step,
+    forward_time_ms,
+    recommend_workers,
+    scaling_table,
+)
 from shipyard.perf.layers import StepWork, count_step_work
 from shipyard.perf.search import expected_trial_epochs, search_wall_s
 
@@ -45,9 +60,19 @@ def data_shape(cfg: Config) -> DataShape:
         task = make_task(cfg.task)
         root, classes, files = task.folder(cfg.data)  # counts files in the class folders: nothing is decoded
         c, side = cfg.data.channels, cfg.data.image_size
-        return DataShape(len(files), c * side * side, len(classes), DataInfo(
-            task=cfg.task.name, input_shape=[c, side, side], output_width=len(classes), target="class folder",
-            classes=classes, preprocessing={"mean": [0.5] * c, "std": [0.25] * c}))
+        return DataShape(
+            len(files),
+            c * side * side,
+            len(classes),
+            DataInfo(
+                task=cfg.task.name,
+                input_shape=[c, side, side],
+                output_width=len(classes),
+                target="class folder",
+                classes=classes,
+                preprocessing={"mean": [0.5] * c, "std": [0.25] * c},
+            ),
+        )
     if cfg.data.builtin == "digits":
         return DataShape(1797, 64, 10)  # sklearn.datasets.load_digits: 1,797 8x8 images, 10 classes
     import pyarrow.dataset as pads
@@ -55,9 +80,11 @@ def data_shape(cfg: Config) -> DataShape:
     from shipyard.data.tables import _files, check_source
 
     if "://" in cfg.data.path:
-        raise ConfigError(f"shipyard plan reads the data's shape from local files; data.path is {cfg.data.path}: "
-                          "copy a sample locally and plan with data.path=<local file> (the pipeline plans remote "
-                          "data itself, after its data stage)")
+        raise ConfigError(
+            f"shipyard plan reads the data's shape from local files; data.path is {cfg.data.path}: "
+            "copy a sample locally and plan with data.path=<local file> (the pipeline plans remote "
+            "data itself, after its data stage)"
+        )
     check_source(cfg.data)
     files = _files(Path(cfg.data.path).expanduser())  # only .csv/.parquet files, as the pipeline reads them
     fmt = "csv" if files[0].suffix == ".csv" else "parquet"
@@ -123,15 +150,24 @@ def worker_counts(nodes: Sequence[int], per_node: int) -> list[int]:
     return sorted(counts)
 
 
-def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_node: int | None = None,
-              interconnect: str | None = None, profile: str | Path | None = None, algorithm: str = "ring",
-              dtype: str = "fp32", shape: DataShape | None = None, rows: dict[str, int] | None = None) -> Plan:
+def make_plan(
+    cfg: Config,
+    hardware: str = "local",
+    nodes: str = "1",
+    gpus_per_node: int | None = None,
+    interconnect: str | None = None,
+    profile: str | Path | None = None,
+    algorithm: str = "ring",
+    dtype: str = "fp32",
+    shape: DataShape | None = None,
+    rows: dict[str, int] | None = None,
+) -> Plan:
     """Price cfg's training and search on `hardware` (`local`: the calibrated profile; or a catalog name).
 
     `shape` and `rows` (train/val row counts): the pipeline passes what its data stage found; otherwise they
     come from the data's metadata and the configured split fractions."""
-    from shipyard.train.step import StepOptions
     from shipyard.tasks import make_task
+    from shipyard.train.step import StepOptions
 
     notes: list[str] = []
     node_counts = _node_counts(nodes)
@@ -153,11 +189,19 @@ def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_n
             notes.append("between nodes: ib-200 (InfiniBand HDR, one NIC per GPU); pick another with --interconnect")
     shape = shape or data_shape(cfg)
     # the task's own model (its encoder and decoder included), batch and loss: the step the workers run
-    task = make_task(cfg.task, shape.info or DataInfo(
-        task=cfg.task.name, input_shape=[shape.in_features], output_width=shape.num_classes, target=cfg.data.label,
-        feature_names=[f"x{i}" for i in range(shape.in_features)],
-        classes=None if cfg.task.name == "regression" else list(range(shape.num_classes)),
-        preprocessing={"target": {"mean": 0.0, "std": 1.0}} if cfg.task.name == "regression" else {}))
+    task = make_task(
+        cfg.task,
+        shape.info
+        or DataInfo(
+            task=cfg.task.name,
+            input_shape=[shape.in_features],
+            output_width=shape.num_classes,
+            target=cfg.data.label,
+            feature_names=[f"x{i}" for i in range(shape.in_features)],
+            classes=None if cfg.task.name == "regression" else list(range(shape.num_classes)),
+            preprocessing={"target": {"mean": 0.0, "std": 1.0}} if cfg.task.name == "regression" else {},
+        ),
+    )
     options = StepOptions.of(cfg.train)
     if options.precision == "bf16-mixed" and dtype == "fp32":
         if hardware == "local":
@@ -168,13 +212,20 @@ def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_n
     rows_val = rows["val"] if rows else round(shape.rows * cfg.data.val_fraction)
     foreach = device.kind == "gpu"  # AdamW's default: multi-tensor on CUDA, per-tensor on CPU
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def work(batch: int) -> StepWork:
-        return count_step_work(lambda: task.build_model(cfg.model), batch, foreach=foreach,
-                               make_batch=task.example_batch, loss_fn=task.loss, options=options)
+        return count_step_work(
+            lambda: task.build_model(cfg.model),
+            batch,
+            foreach=foreach,
+            make_batch=task.example_batch,
+            loss_fn=task.loss,
+            options=options,
+        )
 
-    eval_work = count_step_work(lambda: task.build_model(cfg.model), min(EVAL_BATCH, rows_val),
-                                make_batch=task.example_batch, forward_only=True)
+    eval_work = count_step_work(
+        lambda: task.build_model(cfg.model), min(EVAL_BATCH, rows_val), make_batch=task.example_batch, forward_only=True
+    )
     eval_s = math.ceil(rows_val / EVAL_BATCH) * forward_time_ms(eval_work, device, dtype) / 1e3
 
     def placement(n: int) -> tuple[int, Interconnect | None]:
@@ -189,13 +240,17 @@ def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_n
     strong = scaling_table(work, device, strong_counts, placement, gb, rows_train, algorithm=algorithm, dtype=dtype)
     weak = scaling_table(work, device, counts, placement, gb, rows_train, weak=True, algorithm=algorithm, dtype=dtype)
     if any(r.batch_per_worker * r.workers < gb for r in strong):
-        notes.append(f"strong scaling gives each of N workers {gb} // N rows, as training does: the global batch "
-                     f"becomes ({gb} // N) x N where N does not divide {gb}")
+        notes.append(
+            f"strong scaling gives each of N workers {gb} // N rows, as training does: the global batch "
+            f"becomes ({gb} // N) x N where N does not divide {gb}"
+        )
     n = cfg.scaling.max_workers  # elastic: priced at its full size
     _, link = placement(n)
     if hardware == "local" and max(node_counts) > 1 and len(prof.nodes) <= 1:
-        notes.append(f"more than one node priced with {inter.name}, measured on one host: run shipyard calibrate "
-                     "on the cluster to measure the network between nodes")
+        notes.append(
+            f"more than one node priced with {inter.name}, measured on one host: run shipyard calibrate "
+            "on the cluster to measure the network between nodes"
+        )
     step = estimate_step(work(max(1, gb // n)), device, n, link, algorithm, dtype)
     steps = math.ceil(rows_train / (max(1, gb // n) * n))
     epoch_s = steps * step.step_time_ms / 1e3 + eval_s
@@ -205,13 +260,31 @@ def make_plan(cfg: Config, hardware: str = "local", nodes: str = "1", gpus_per_n
         w = t.workers_per_trial
         trial_step = estimate_step(work(max(1, gb // w)), device, w, placement(w)[1], algorithm, dtype)
         trial_epoch_s = math.ceil(rows_train / (max(1, gb // w) * w)) * trial_step.step_time_ms / 1e3 + eval_s
-        trial_epochs = expected_trial_epochs(t.scheduler, t.num_samples, cfg.train.epochs, t.grace_period,
-                                             t.reduction_factor)
+        trial_epochs = expected_trial_epochs(
+            t.scheduler, t.num_samples, cfg.train.epochs, t.grace_period, t.reduction_factor
+        )
         wall = search_wall_s(trial_epochs, t.num_samples, trial_epoch_s, t.max_concurrent_trials)
-    return Plan(hardware, device, intra, inter, per_node, shape, rows_train, rows_val, step, link, epoch_s, strong,
-                weak,
-                recommend_workers(strong), trial_epochs, wall, epoch_s * cfg.train.epochs,
-                work(1).param_bytes // 4, tuple(notes))
+    return Plan(
+        hardware,
+        device,
+        intra,
+        inter,
+        per_node,
+        shape,
+        rows_train,
+        rows_val,
+        step,
+        link,
+        epoch_s,
+        strong,
+        weak,
+        recommend_workers(strong),
+        trial_epochs,
+        wall,
+        epoch_s * cfg.train.epochs,
+        work(1).param_bytes // 4,
+        tuple(notes),
+    )
 
 
 def _local_cpus() -> int:
@@ -230,12 +303,14 @@ def summary_lines(plan: Plan, top: int = 3) -> list[str]:
     """The pipeline's lines before training: step, epoch, training time and the heaviest layers."""
     s = plan.step
     layers = ", ".join(f"{lt.layer} {lt.kind} {_ms(lt.time_ms)} ms ({lt.bound})" for lt in s.top_layers(top))
-    return [f"plan ({plan.device.name}): step {_ms(s.step_time_ms)} ms per {s.batch_per_worker} rows on each of "
-            f"{s.workers} worker(s) (forward {_ms(s.forward_ms)}, backward {_ms(s.backward_ms)}, optimizer "
-            f"{_ms(s.optimizer_ms)}, all-reduce {_ms(s.exposed_comm_ms)} not hidden, other DDP costs "
-            f"{_ms(s.ddp_overhead_ms)}); epoch {plan.epoch_s:.2f} s; "
-            f"training ~{plan.train_s:.1f} s plus Ray's start-up",
-            f"plan: heaviest layers {layers}"]
+    return [
+        f"plan ({plan.device.name}): step {_ms(s.step_time_ms)} ms per {s.batch_per_worker} rows on each of "
+        f"{s.workers} worker(s) (forward {_ms(s.forward_ms)}, backward {_ms(s.backward_ms)}, optimizer "
+        f"{_ms(s.optimizer_ms)}, all-reduce {_ms(s.exposed_comm_ms)} not hidden, other DDP costs "
+        f"{_ms(s.ddp_overhead_ms)}); epoch {plan.epoch_s:.2f} s; "
+        f"training ~{plan.train_s:.1f} s plus Ray's start-up",
+        f"plan: heaviest layers {layers}",
+    ]
 
 
 def _ms(x: float) -> str:
@@ -245,39 +320,63 @@ def _ms(x: float) -> str:
 def format_plan(plan: Plan, cfg: Config, top: int = 5) -> str:
     d, s = plan.device, plan.step
     link = plan.intra if s.workers <= plan.workers_per_node else plan.inter
-    lines = [f"plan for '{cfg.name}': model {cfg.model.name} ({plan.param_count:,} parameters), "
-             f"global batch {cfg.train.batch_size}, {plan.rows_train} training rows, {cfg.train.epochs} epochs",
-             f"hardware: {d.name} ({d.source}); {plan.workers_per_node} workers per node"
-             + (f"; all-reduce over {link.name} ({link.latency_us:g} us + bytes / {link.bandwidth_gbps:g} GB/s)"
-                if link else ""),
-             "", f"top layers by time (one step, {s.workers} worker(s) x {s.batch_per_worker} rows):",
-             f"  {'layer':24s} {'kind':18s} {'time_ms':>9s} {'MFLOP':>9s} {'MB moved':>9s}  bound"]
+    lines = [
+        f"plan for '{cfg.name}': model {cfg.model.name} ({plan.param_count:,} parameters), "
+        f"global batch {cfg.train.batch_size}, {plan.rows_train} training rows, {cfg.train.epochs} epochs",
+        f"hardware: {d.name} ({d.source}); {plan.workers_per_node} workers per node"
+        + (
+            f"; all-reduce over {link.name} ({link.latency_us:g} us + bytes / {link.bandwidth_gbps:g} GB/s)"
+            if link
+            else ""
+        ),
+        "",
+        f"top layers by time (one step, {s.workers} worker(s) x {s.batch_per_worker} rows):",
+        f"  {'layer':24s} {'kind':18s} {'time_ms':>9s} {'MFLOP':>9s} {'MB moved':>9s}  bound",
+    ]
     for lt in s.top_layers(top):
-        lines.append(f"  {lt.layer:24s} {lt.kind:18s} {_ms(lt.time_ms):>9s} {lt.flops / 1e6:9.2f} "
-                     f"{lt.bytes_moved / 1e6:9.3f}  {lt.bound}")
-    lines += ["", f"predicted step time {_ms(s.step_time_ms)} ms (forward {_ms(s.forward_ms)}, backward "
-                  f"{_ms(s.backward_ms)}, optimizer {_ms(s.optimizer_ms)}, all-reduce {_ms(s.comm_ms)} of which "
-                  f"{_ms(s.exposed_comm_ms)} not hidden, other DDP costs {_ms(s.ddp_overhead_ms)}) with "
-                  f"scaling.num_workers={s.workers}",
-              f"predicted epoch time {plan.epoch_s:.2f} s (incl. validation); {cfg.train.epochs} epochs "
-              f"{plan.train_s:.1f} s of training"]
-    for title, rows in (("strong scaling (global batch fixed)", plan.strong),
-                        ("weak scaling (batch per worker fixed)", plan.weak)):
-        lines += ["", title + ":", f"  {'workers':>7s} {'nodes':>5s} {'batch/w':>7s} {'step_ms':>9s} "
-                                   f"{'comm_ms':>8s} {'samples/s':>11s} {'speedup':>7s} {'effic.':>6s} {'epoch_s':>8s}"]
+        lines.append(
+            f"  {lt.layer:24s} {lt.kind:18s} {_ms(lt.time_ms):>9s} {lt.flops / 1e6:9.2f} "
+            f"{lt.bytes_moved / 1e6:9.3f}  {lt.bound}"
+        )
+    lines += [
+        "",
+        f"predicted step time {_ms(s.step_time_ms)} ms (forward {_ms(s.forward_ms)}, backward "
+        f"{_ms(s.backward_ms)}, optimizer {_ms(s.optimizer_ms)}, all-reduce {_ms(s.comm_ms)} of which "
+        f"{_ms(s.exposed_comm_ms)} not hidden, other DDP costs {_ms(s.ddp_overhead_ms)}) with "
+        f"scaling.num_workers={s.workers}",
+        f"predicted epoch time {plan.epoch_s:.2f} s (incl. validation); {cfg.train.epochs} epochs "
+        f"{plan.train_s:.1f} s of training",
+    ]
+    for title, rows in (
+        ("strong scaling (global batch fixed)", plan.strong),
+        ("weak scaling (batch per worker fixed)", plan.weak),
+    ):
+        lines += [
+            "",
+            title + ":",
+            f"  {'workers':>7s} {'nodes':>5s} {'batch/w':>7s} {'step_ms':>9s} "
+            f"{'comm_ms':>8s} {'samples/s':>11s} {'speedup':>7s} {'effic.':>6s} {'epoch_s':>8s}",
+        ]
         for r in rows:
-            lines.append(f"  {r.workers:7d} {r.nodes:5d} {r.batch_per_worker:7d} {_ms(r.step_time_ms):>9s} "
-                         f"{_ms(r.exposed_comm_ms):>8s} {r.samples_per_s:11.0f} {r.speedup:7.2f} "
-                         f"{r.efficiency:6.0%} {r.epoch_time_s:8.3f}")
+            lines.append(
+                f"  {r.workers:7d} {r.nodes:5d} {r.batch_per_worker:7d} {_ms(r.step_time_ms):>9s} "
+                f"{_ms(r.exposed_comm_ms):>8s} {r.samples_per_s:11.0f} {r.speedup:7.2f} "
+                f"{r.efficiency:6.0%} {r.epoch_time_s:8.3f}"
+            )
     rec = plan.recommended
-    lines += ["", f"recommended: {rec.workers} worker(s) ({rec.speedup:.2f}x, efficiency {rec.efficiency:.0%}): the "
-                  "most workers whose strong-scaling efficiency stays >= 70 % while throughput still grows"
-                  + ("" if rec.workers > 1 else "; this model is too small to gain from more workers at this batch")]
+    lines += [
+        "",
+        f"recommended: {rec.workers} worker(s) ({rec.speedup:.2f}x, efficiency {rec.efficiency:.0%}): the "
+        "most workers whose strong-scaling efficiency stays >= 70 % while throughput still grows"
+        + ("" if rec.workers > 1 else "; this model is too small to gain from more workers at this batch"),
+    ]
     if plan.search_wall_s is not None:
         t = cfg.tune
-        lines.append(f"search: {t.num_samples} trials, {t.scheduler}, {t.max_concurrent_trials} at a time -> "
-                     f"~{plan.search_trial_epochs:.0f} trial-epochs (rung maths), ~{plan.search_wall_s:.0f} s wall "
-                     "(incl. ~3 s to start each trial)")
+        lines.append(
+            f"search: {t.num_samples} trials, {t.scheduler}, {t.max_concurrent_trials} at a time -> "
+            f"~{plan.search_trial_epochs:.0f} trial-epochs (rung maths), ~{plan.search_wall_s:.0f} s wall "
+            "(incl. ~3 s to start each trial)"
+        )
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
@@ -295,8 +394,15 @@ def plot_scaling(plan: Plan, path: str | Path) -> Path:
     ax.plot(xs, [r.speedup for r in plan.strong], marker="o", label="strong (global batch fixed)")
     ax.plot(xs, [r.speedup for r in plan.weak], marker="s", label="weak (batch per worker fixed)")
     rec = plan.recommended
-    ax.scatter([rec.workers], [rec.speedup], s=160, facecolors="none", edgecolors="tab:red", zorder=3,
-               label=f"recommended: {rec.workers}")
+    ax.scatter(
+        [rec.workers],
+        [rec.speedup],
+        s=160,
+        facecolors="none",
+        edgecolors="tab:red",
+        zorder=3,
+        label=f"recommended: {rec.workers}",
+    )
     if plan.workers_per_node < max(xs):
         ax.axvline(plan.workers_per_node, color="tab:gray", linewidth=0.8)
         ax.text(plan.workers_per_node, ax.get_ylim()[1] * 0.95, " one node", fontsize=8, va="top")

@@ -10,24 +10,25 @@ the time of its ops of other classes, from the classes measured before it). The 
 a whole training step of a model too small for any op to do real work, divided by its ops: autograd
 bookkeeping and the optimizer's Python loop are in it.
 """
+
 from __future__ import annotations
 
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.functional import cross_entropy
 
 from shipyard.perf.devices import Device
 from shipyard.perf.estimate import op_time_s
 from shipyard.perf.layers import COMPUTE_CLASSES, count_ops, count_step_work
 from shipyard.train.step import training_step
-from torch.nn.functional import cross_entropy
 
 
 def _time_per_call_s(fn: Callable[[], object], min_time_s: float = 0.2, repeats: int = 5) -> float:
@@ -62,6 +63,7 @@ def _fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
         for p in params:
             p.grad = None
         module(x).backward(grad)
+
     return fn
 
 
@@ -87,12 +89,17 @@ class _Norms(nn.Module):
 
 # (class, sizes, probe for a size): sizes span cache-resident to DRAM-sized ops on a current server CPU
 PROBES: tuple[tuple[str, tuple[int, ...], Callable[[int], Callable[[], object]]], ...] = (
-    ("elementwise", (1 << 8, 1 << 11, 1 << 14, 1 << 17, 1 << 20, 1 << 23),
-     lambda n: (lambda a, b: lambda: torch.add(a, b))(torch.randn(n), torch.randn(n))),
-    ("matmul", (8, 16, 32, 64, 128, 256, 512, 1024),
-     lambda n: (lambda a, b: lambda: torch.mm(a, b))(torch.randn(n, n), torch.randn(n, n))),
-    ("conv", (2, 4, 8, 16, 32, 64, 128),
-     lambda c: _fwd_bwd(nn.Conv2d(c, c, 3, padding=1), torch.randn(32, c, 8, 8))),
+    (
+        "elementwise",
+        (1 << 8, 1 << 11, 1 << 14, 1 << 17, 1 << 20, 1 << 23),
+        lambda n: (lambda a, b: lambda: torch.add(a, b))(torch.randn(n), torch.randn(n)),
+    ),
+    (
+        "matmul",
+        (8, 16, 32, 64, 128, 256, 512, 1024),
+        lambda n: (lambda a, b: lambda: torch.mm(a, b))(torch.randn(n, n), torch.randn(n, n)),
+    ),
+    ("conv", (2, 4, 8, 16, 32, 64, 128), lambda c: _fwd_bwd(nn.Conv2d(c, c, 3, padding=1), torch.randn(32, c, 8, 8))),
     ("norm", (1, 4, 16, 64, 256, 1024), lambda b: _fwd_bwd(_Norms(), torch.randn(b, 256))),
     ("reduction", (1, 4, 16, 64, 256, 1024), lambda b: _fwd_bwd(_Reductions(), torch.randn(b, 256))),
     ("random", (4, 16, 64, 256, 1024, 4096), lambda b: _fwd_bwd(nn.Dropout(0.1), torch.randn(b, 256))),
@@ -101,9 +108,11 @@ PROBES: tuple[tuple[str, tuple[int, ...], Callable[[int], Callable[[], object]]]
 
 def op_overhead_us(budget_s: float = 0.5) -> float:
     """Mean time per op of a training step of a model too small for any op to do real work."""
+
     def build() -> nn.Module:
-        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.1), nn.Linear(4, 4), nn.ReLU(),
-                             nn.Dropout(0.1), nn.Linear(4, 2))
+        return nn.Sequential(
+            nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.1), nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.1), nn.Linear(4, 2)
+        )
 
     torch.manual_seed(0)
     model = build()
@@ -113,8 +122,9 @@ def op_overhead_us(budget_s: float = 0.5) -> float:
     return t / len(count_step_work(build, 2, 4, 2).ops) * 1e6
 
 
-def _curve(op_class: str, sizes, make, device: Device, budget_s: float
-           ) -> tuple[tuple[tuple[float, float], ...], float]:
+def _curve(
+    op_class: str, sizes, make, device: Device, budget_s: float
+) -> tuple[tuple[tuple[float, float], ...], float]:
     """(rate points, fixed cost per op in us) of one class from its probe at each size.
 
     Per size, the probe's time is n_ops * c + work / rate + (work of its other-class ops at their rates); a
@@ -139,7 +149,7 @@ def _curve(op_class: str, sizes, make, device: Device, budget_s: float
     fit_rate = 1 / s_per_unit / scale if s_per_unit > 0 else float("inf")
     points = []
     prev_w, prev_t = 0.0, 0.0
-    for n_ops, n_own, w, t in rows:
+    for _n_ops, n_own, w, t in rows:
         marginal = (w - prev_w) / (t - prev_t) / scale if t > prev_t and prev_w else fit_rate
         rate = marginal if 0.2 * fit_rate < marginal < 5 * fit_rate else fit_rate  # noise guard
         points.append((w / n_own, rate))
@@ -153,12 +163,19 @@ def measure_device(threads: int = 1, budget_s: float = 0.15) -> Device:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     try:
-        device = Device(name=f"cpu:{platform.node()}", kind="cpu", peak_tflops={"fp32": 0.0},
-                        mem_bandwidth_gbps=0.0, matmul_fraction=1.0, elementwise_fraction=1.0,
-                        op_overhead_us=round(op_overhead_us(budget_s * 4), 3), threads=threads,
-                        source=f"measured by shipyard calibrate on {platform.node()} ({os.cpu_count()} cores, "
-                               f"{platform.processor() or platform.machine()}), torch {torch.__version__}, "
-                               f"{threads} thread(s)")
+        device = Device(
+            name=f"cpu:{platform.node()}",
+            kind="cpu",
+            peak_tflops={"fp32": 0.0},
+            mem_bandwidth_gbps=0.0,
+            matmul_fraction=1.0,
+            elementwise_fraction=1.0,
+            op_overhead_us=round(op_overhead_us(budget_s * 4), 3),
+            threads=threads,
+            source=f"measured by shipyard calibrate on {platform.node()} ({os.cpu_count()} cores, "
+            f"{platform.processor() or platform.machine()}), torch {torch.__version__}, "
+            f"{threads} thread(s)",
+        )
         per_op_us: dict[str, float] = {}
         for op_class, sizes, make in PROBES:  # each class after those its probe also runs (element-wise first)
             curve, per_op_us[op_class] = _curve(op_class, sizes, make, device, budget_s)
@@ -168,5 +185,8 @@ def measure_device(threads: int = 1, budget_s: float = 0.15) -> Device:
         device = replace(device, op_extra_us={c: round(max(0.0, v - base), 3) for c, v in per_op_us.items()})
     finally:
         torch.set_num_threads(before)
-    return replace(device, peak_tflops={"fp32": max(r for _, r in device.curves["matmul"])},
-                   mem_bandwidth_gbps=device.curves["elementwise"][-1][1])
+    return replace(
+        device,
+        peak_tflops={"fp32": max(r for _, r in device.curves["matmul"])},
+        mem_bandwidth_gbps=device.curves["elementwise"][-1][1],
+    )

@@ -1,8 +1,9 @@
 """How long a search takes: trial-epochs from the scheduler's rung maths, then waves of concurrent trials.
 
-    epochs = expected_trial_epochs("asha", num_samples=16, max_t=15, grace_period=1, reduction_factor=3)
-    wall_s = search_wall_s(epochs, 16, epoch_s=0.4, concurrency=2)
+epochs = expected_trial_epochs("asha", num_samples=16, max_t=15, grace_period=1, reduction_factor=3)
+wall_s = search_wall_s(epochs, 16, epoch_s=0.4, concurrency=2)
 """
+
 from __future__ import annotations
 
 import math
@@ -10,11 +11,13 @@ import math
 from shipyard.tune.schedules import asha_rungs, hyperband_brackets
 
 TRIAL_START_S = 3.0
-"""A new trial: a Python worker process and the torch import (2-4 s on 2 cores, measured with Ray 2.60 and torch 2.13)."""
+"""A new trial: a Python worker process and the torch import (2-4 s on 2 cores, measured with Ray 2.60 and
+torch 2.13)."""
 
 
-def expected_trial_epochs(scheduler: str, num_samples: int, max_t: int, grace_period: int = 1,
-                          reduction_factor: float = 3) -> float:
+def expected_trial_epochs(
+    scheduler: str, num_samples: int, max_t: int, grace_period: int = 1, reduction_factor: float = 3
+) -> float:
     """Epochs all trials of a search train together.
 
     ASHA: every trial trains to the first rung; 1/rf of the trials reaching a rung go on to the next, and the

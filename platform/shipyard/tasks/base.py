@@ -12,6 +12,7 @@ answers (`answers`). Shipyard owns everything around it: distribution, search, t
 the plan. The idea is Determined's Trial and Lightning's LightningModule: the user writes the workload, the
 platform runs it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -76,8 +77,10 @@ class Task:
             return metric, "min"
         name = metric.removeprefix("val_")
         if not metric.startswith("val_") or name not in self.METRICS:
-            raise ConfigError(f"tune.metric={metric}: task {self.name} reports "
-                              f"{', '.join(['val_loss', *(f'val_{m}' for m in self.METRICS)])}; pick one of them")
+            raise ConfigError(
+                f"tune.metric={metric}: task {self.name} reports "
+                f"{', '.join(['val_loss', *(f'val_{m}' for m in self.METRICS)])}; pick one of them"
+            )
         return metric, self.METRICS[name]
 
     def better(self, a: float, b: float) -> bool:
@@ -102,8 +105,13 @@ class Task:
         """A batch shaped like the training data (created on the current default device): what the plan
         counts the training step on."""
         assert self.info is not None
-        y = (torch.zeros(rows, dtype=torch.long) if self.info.classes is not None
-             else torch.zeros(rows, self.info.output_width) if self.info.output_width > 1 else torch.zeros(rows))
+        y = (
+            torch.zeros(rows, dtype=torch.long)
+            if self.info.classes is not None
+            else torch.zeros(rows, self.info.output_width)
+            if self.info.output_width > 1
+            else torch.zeros(rows)
+        )
         return {"x": torch.zeros(rows, *self.info.input_shape), "y": y}
 
     # -- the model -------------------------------------------------------------------------------------
@@ -169,9 +177,13 @@ class Task:
         """What decides how raw values become a split's arrays: two versions with the same encoding read each
         other's test splits as they are; otherwise the rows go through `reencode`."""
         assert self.info is not None
-        return (self.info.task, tuple(self.info.input_shape), tuple(self.info.feature_names),
-                tuple(self.info.classes) if self.info.classes is not None else None,
-                json.dumps(self.info.preprocessing.get("categorical"), sort_keys=True, default=str))
+        return (
+            self.info.task,
+            tuple(self.info.input_shape),
+            tuple(self.info.feature_names),
+            tuple(self.info.classes) if self.info.classes is not None else None,
+            json.dumps(self.info.preprocessing.get("categorical"), sort_keys=True, default=str),
+        )
 
     def score_answers(self, answers: list[Any], targets: np.ndarray) -> float:
         """The primary metric of the endpoint's answers on a split whose encoded targets are `targets`."""
@@ -194,14 +206,17 @@ def task_class(name: str) -> type[Task]:
     """The class of a task by config spelling: a built-in name or `package.module:Class`."""
     path = BUILTIN_TASKS.get(name, name)
     if ":" not in path:
-        raise ConfigError(f"task.name '{name}' is neither a built-in task ({', '.join(BUILTIN_TASKS)}) nor an "
-                          "import path 'package.module:Class'")
+        raise ConfigError(
+            f"task.name '{name}' is neither a built-in task ({', '.join(BUILTIN_TASKS)}) nor an "
+            "import path 'package.module:Class'"
+        )
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ConfigError(f"task.name '{name}': cannot import module '{module_name}' ({err}); is it installed "
-                          "or on PYTHONPATH?") from err
+        raise ConfigError(
+            f"task.name '{name}': cannot import module '{module_name}' ({err}); is it installed or on PYTHONPATH?"
+        ) from err
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ConfigError(f"task.name '{name}': '{module_name}.{attr}' is not a subclass of shipyard.tasks.Task")

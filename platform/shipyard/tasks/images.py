@@ -11,6 +11,7 @@ deviation of the train split normalize inside the model (`ImageEncoder`), which 
 train-only augmentation (`data.augment_crop_pad`, `data.augment_flip`): the exported model never augments.
 A file that does not decode stops the run with one error naming it; `data.skip_bad_files=true` skips and counts.
 """
+
 from __future__ import annotations
 
 import base64
@@ -80,8 +81,7 @@ def bad_images(files: list[Path], channels: int) -> list[tuple[Path, str]]:
 
 def split_of_paths(relative: list[str], seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
     """0 = train, 1 = val, 2 = test per file, from a hash of its path relative to the root and the seed."""
-    u = np.array([int.from_bytes(hashlib.sha256(f"{seed}:{r}".encode()).digest()[:8], "big") / 2**64
-                  for r in relative])
+    u = np.array([int.from_bytes(hashlib.sha256(f"{seed}:{r}".encode()).digest()[:8], "big") / 2**64 for r in relative])
     return np.where(u < test_fraction, 2, np.where(u < test_fraction + val_fraction, 1, 0))
 
 
@@ -104,8 +104,12 @@ class ImageEncoder(nn.Module):
             ox = torch.randint(0, 2 * p + 1, (n,), device=x.device)
             rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
             cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-            x = padded[torch.arange(n, device=x.device)[:, None, None, None],
-                       torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+            x = padded[
+                torch.arange(n, device=x.device)[:, None, None, None],
+                torch.arange(c, device=x.device)[None, :, None, None],
+                rows,
+                cols,
+            ]
         if self.training and self.flip:
             mask = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(mask[:, None, None, None], x.flip(-1), x)
@@ -117,16 +121,19 @@ class ImageClassification(Task):
 
     def _root(self, cfg) -> Path:
         if cfg.path is None:
-            raise DataError("task.name=image_classification reads data.path=<folder of class subfolders>; "
-                            "data.builtin is for tables")
+            raise DataError(
+                "task.name=image_classification reads data.path=<folder of class subfolders>; "
+                "data.builtin is for tables"
+            )
         return Path(cfg.path).expanduser().resolve()
 
     def folder(self, cfg) -> tuple[Path, list[str], list[Path]]:
         """The root, its class names (subfolders holding images, sorted) and every image file."""
         root = self._root(cfg)
         if not root.is_dir():
-            raise DataError(f"data.path: {root} is not a folder; image_classification reads root/<class>/*.png "
-                            f"(or .jpg)")
+            raise DataError(
+                f"data.path: {root} is not a folder; image_classification reads root/<class>/*.png (or .jpg)"
+            )
         classes, files = [], []
         for d in sorted(p for p in root.iterdir() if p.is_dir()):
             found = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS)
@@ -134,9 +141,11 @@ class ImageClassification(Task):
                 classes.append(d.name)
                 files += found
         if len(classes) < 2:
-            raise DataError(f"data.path: {root} has {len(classes)} class subfolder(s) with .png/.jpg files "
-                            f"({', '.join(classes) or 'none'}); image_classification needs at least 2: "
-                            "root/<class name>/<image files>")
+            raise DataError(
+                f"data.path: {root} has {len(classes)} class subfolder(s) with .png/.jpg files "
+                f"({', '.join(classes) or 'none'}); image_classification needs at least 2: "
+                "root/<class name>/<image files>"
+            )
         return root, classes, files
 
     def check_source(self, cfg) -> None:
@@ -154,8 +163,12 @@ class ImageClassification(Task):
         if cfg.skip_bad_files:
             skipped = bad_images(files, channels)
             if skipped:
-                log.warning("data: skipping %d file(s) that do not decode (data.skip_bad_files), e.g. %s (%s)",
-                            len(skipped), skipped[0][0], skipped[0][1])
+                log.warning(
+                    "data: skipping %d file(s) that do not decode (data.skip_bad_files), e.g. %s (%s)",
+                    len(skipped),
+                    skipped[0][0],
+                    skipped[0][1],
+                )
                 bad = {f for f, _ in skipped}
                 files = [f for f in files if f not in bad]
         index = {c: i for i, c in enumerate(classes)}
@@ -163,24 +176,34 @@ class ImageClassification(Task):
 
         def encode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             relative = [str(Path(p).relative_to(root)) if Path(p).is_absolute() else p for p in batch["path"]]
-            return {"x": np.stack([prepare(img, size, channels) for img in batch["image"]]),
-                    "y": np.array([index[c] for c in batch["label"]], dtype=np.int64),
-                    "split": split_of_paths(relative, seed, val_f, test_f)}
+            return {
+                "x": np.stack([prepare(img, size, channels) for img in batch["image"]]),
+                "y": np.array([index[c] for c in batch["label"]], dtype=np.int64),
+                "split": split_of_paths(relative, seed, val_f, test_f),
+            }
 
         try:
             with clear_errors(f"{root}: could not read the images"):
-                ds = ray.data.read_images([str(f) for f in files], mode=mode_of(channels), include_paths=True,
-                                          partitioning=Partitioning("dir", base_dir=str(root), field_names=["label"]))
+                ds = ray.data.read_images(
+                    [str(f) for f in files],
+                    mode=mode_of(channels),
+                    include_paths=True,
+                    partitioning=Partitioning("dir", base_dir=str(root), field_names=["label"]),
+                )
                 encoded = ds.map_batches(encode, batch_format="numpy").materialize()
         except DataError as err:
             bad = bad_images(files, channels)  # name the file: Ray Data's error names a read task, not a file
             if bad:
-                raise DataError(f"data.path: {bad[0][0]} is not a decodable image ({bad[0][1]}); {len(bad)} such "
-                                f"file(s) under {root}. Fix or delete them, or set data.skip_bad_files=true to "
-                                "skip them (counted in the log)") from None
+                raise DataError(
+                    f"data.path: {bad[0][0]} is not a decodable image ({bad[0][1]}); {len(bad)} such "
+                    f"file(s) under {root}. Fix or delete them, or set data.skip_bad_files=true to "
+                    "skip them (counted in the log)"
+                ) from None
             raise err from find_cause(err, Exception)
-        parts = {name: encoded.filter(expr=f"split == {i}").drop_columns(["split"]).materialize()
-                 for i, name in enumerate(("train", "val", "test"))}
+        parts = {
+            name: encoded.filter(expr=f"split == {i}").drop_columns(["split"]).materialize()
+            for i, name in enumerate(("train", "val", "test"))
+        }
         rows = {name: part.count() for name, part in parts.items()}
         if min(rows.values()) == 0:
             raise DataError(f"{root}: too few images ({sum(rows.values())}) for a train/val/test split {rows}")
@@ -189,14 +212,37 @@ class ImageClassification(Task):
         for f in files:
             digest.update(str(f.relative_to(root)).encode())
             digest.update(f.read_bytes())
-        info = DataInfo(task=self.name, input_shape=[channels, size, size], output_width=len(classes),
-                        target="class folder", feature_names=[], classes=classes, data_hash=digest.hexdigest(),
-                        rows=rows, preprocessing={"mean": mean, "std": std, "image_size": size, "channels": channels,
-                                                  "augment_crop_pad": cfg.augment_crop_pad,
-                                                  "augment_flip": cfg.augment_flip, "skipped_files": len(skipped)})
-        log.info("data %s: %d images of %d classes (%s), [%d, %d, %d], rows %s%s", root, sum(rows.values()),
-                 len(classes), ", ".join(classes[:10]), channels, size, size, rows,
-                 f", {len(skipped)} bad file(s) skipped" if skipped else "")
+        info = DataInfo(
+            task=self.name,
+            input_shape=[channels, size, size],
+            output_width=len(classes),
+            target="class folder",
+            feature_names=[],
+            classes=classes,
+            data_hash=digest.hexdigest(),
+            rows=rows,
+            preprocessing={
+                "mean": mean,
+                "std": std,
+                "image_size": size,
+                "channels": channels,
+                "augment_crop_pad": cfg.augment_crop_pad,
+                "augment_flip": cfg.augment_flip,
+                "skipped_files": len(skipped),
+            },
+        )
+        log.info(
+            "data %s: %d images of %d classes (%s), [%d, %d, %d], rows %s%s",
+            root,
+            sum(rows.values()),
+            len(classes),
+            ", ".join(classes[:10]),
+            channels,
+            size,
+            size,
+            rows,
+            f", {len(skipped)} bad file(s) skipped" if skipped else "",
+        )
         self.bind(info)
         return Splits(parts["train"], parts["val"], parts["test"], info)
 
@@ -212,8 +258,10 @@ class ImageClassification(Task):
         return nn.functional.cross_entropy(outputs, targets)
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        return {"loss": nn.functional.cross_entropy(outputs.float(), targets).item(),
-                "accuracy": (outputs.argmax(1) == targets).float().mean().item()}
+        return {
+            "loss": nn.functional.cross_entropy(outputs.float(), targets).item(),
+            "accuracy": (outputs.argmax(1) == targets).float().mean().item(),
+        }
 
     # -- serving ---------------------------------------------------------------------------------------
     def parse_instances(self, instances: list[Any]) -> np.ndarray:
@@ -222,8 +270,7 @@ class ImageClassification(Task):
         for i, item in enumerate(instances):
             if isinstance(item, dict):
                 if set(item) != {"b64"} or not isinstance(item["b64"], str):
-                    raise RequestError(f"instances[{i}]: give {{\"b64\": \"<base64 PNG or JPEG>\"}} or an array of "
-                                       "pixels")
+                    raise RequestError(f'instances[{i}]: give {{"b64": "<base64 PNG or JPEG>"}} or an array of pixels')
                 try:
                     pixels = decode(base64.b64decode(item["b64"], validate=True), channels, MAX_REQUEST_PIXELS)
                 except RequestError as err:
@@ -231,17 +278,26 @@ class ImageClassification(Task):
                 except (binascii.Error, ValueError) as err:
                     raise RequestError(f"instances[{i}].b64 is not base64: {err}") from None
                 except Exception as err:  # noqa: BLE001 - PIL's many kinds of "not an image"
-                    raise RequestError(f"instances[{i}].b64 is not a PNG or JPEG image PIL can decode "
-                                       f"({type(err).__name__})") from None
+                    raise RequestError(
+                        f"instances[{i}].b64 is not a PNG or JPEG image PIL can decode ({type(err).__name__})"
+                    ) from None
             else:
                 try:
                     pixels = np.asarray(item, dtype=np.float64)
                 except (ValueError, TypeError):
                     raise RequestError(f"instances[{i}]: pixel rows of unequal length or not numbers") from None
-                if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3)) \
-                        or not pixels.size or not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 255:
-                    raise RequestError(f"instances[{i}]: pixels must be an H x W or H x W x 3 array of numbers in "
-                                       f"0-255 (got shape {list(pixels.shape)})")
+                if (
+                    pixels.ndim not in (2, 3)
+                    or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3))
+                    or not pixels.size
+                    or not np.isfinite(pixels).all()
+                    or pixels.min() < 0
+                    or pixels.max() > 255
+                ):
+                    raise RequestError(
+                        f"instances[{i}]: pixels must be an H x W or H x W x 3 array of numbers in "
+                        f"0-255 (got shape {list(pixels.shape)})"
+                    )
                 pixels = np.rint(pixels)
             out[i] = prepare(pixels, size, channels)
         return out
@@ -253,21 +309,32 @@ class ImageClassification(Task):
 
     def inputs(self) -> list[dict[str, Any]]:
         c, h, w = self.info.input_shape
-        return [{"name": "image", "kind": "image", "channels": c, "size": [h, w],
-                 "accepts": ["{\"b64\": \"<base64 PNG or JPEG>\"}", "pixels: H x W (x 3) numbers in 0-255"]}]
+        return [
+            {
+                "name": "image",
+                "kind": "image",
+                "channels": c,
+                "size": [h, w],
+                "accepts": ['{"b64": "<base64 PNG or JPEG>"}', "pixels: H x W (x 3) numbers in 0-255"],
+            }
+        ]
 
 
 def _channel_stats(train, channels: int) -> tuple[list[float], list[float]]:
     """Per-channel mean and deviation of the train split's pixels (in [0, 1]), from per-block sums."""
+
     def sums(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = batch["x"].astype(np.float64)
-        return {"s": x.sum(axis=(0, 2, 3))[None], "ss": (x ** 2).sum(axis=(0, 2, 3))[None],
-                "n": np.array([x.shape[0] * x.shape[2] * x.shape[3]])}
+        return {
+            "s": x.sum(axis=(0, 2, 3))[None],
+            "ss": (x**2).sum(axis=(0, 2, 3))[None],
+            "n": np.array([x.shape[0] * x.shape[2] * x.shape[3]]),
+        }
 
     parts = train.map_batches(sums, batch_format="numpy").take_all()
     n = sum(int(p["n"]) for p in parts)
     s = np.sum([p["s"] for p in parts], axis=0)
     ss = np.sum([p["ss"] for p in parts], axis=0)
     mean = s / n
-    std = np.sqrt(np.maximum(ss / n - mean ** 2, 0))
+    std = np.sqrt(np.maximum(ss / n - mean**2, 0))
     return mean.tolist(), [float(v) if v > 1e-6 else 1.0 for v in std]

@@ -4,12 +4,14 @@ A factory is called as `factory(in_features, num_classes, hidden=..., depth=...,
 and returns a `torch.nn.Module` mapping a float32 batch `(N, in_features)` to outputs `(N, num_classes)`. For an
 image task `in_features` is the image's shape `(C, H, W)` and the batch `(N, C, H, W)`; the built-ins take both.
 """
+
 from __future__ import annotations
 
 import importlib
 import inspect
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,8 +32,10 @@ def _image_shape(in_features: Shape, model: str) -> tuple[int, int, int]:
         return int(c), int(h), int(w)
     side = math.isqrt(in_features)
     if side * side != in_features:
-        raise ConfigError(f"model.name={model} needs an image: a square number of features (8x8 digits: 64) or an "
-                          f"image task's [C, H, W]; got {in_features} features. Use model.name=mlp")
+        raise ConfigError(
+            f"model.name={model} needs an image: a square number of features (8x8 digits: 64) or an "
+            f"image task's [C, H, W]; got {in_features} features. Use model.name=mlp"
+        )
     return 1, side, side
 
 
@@ -70,10 +74,18 @@ class _Residual(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-        self.shortcut = (nn.Identity() if stride == 1 and cin == cout else
-                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))
@@ -102,8 +114,7 @@ class SmallResNet(nn.Module):
         return self.head(self.features(x.reshape(-1, *self.shape)))
 
 
-def resnet(in_features: Shape, num_classes: int, hidden: int = 32, depth: int = 2, dropout: float = 0.1
-           ) -> nn.Module:
+def resnet(in_features: Shape, num_classes: int, hidden: int = 32, depth: int = 2, dropout: float = 0.1) -> nn.Module:
     return SmallResNet(in_features, num_classes, hidden, depth, dropout)
 
 
@@ -116,12 +127,20 @@ class SmallTransformer(nn.Module):
     tokens of 8 features; [C, H, W] -> H tokens of C*W), else one feature per token. Mean-pooled, then a linear
     head."""
 
-    def __init__(self, in_features: Shape, num_classes: int, hidden: int = 64, depth: int = 2, dropout: float = 0.1,
-                 heads: int = 4):
+    def __init__(
+        self,
+        in_features: Shape,
+        num_classes: int,
+        hidden: int = 64,
+        depth: int = 2,
+        dropout: float = 0.1,
+        heads: int = 4,
+    ):
         super().__init__()
         if hidden % heads:
-            raise ConfigError(f"model.name=transformer: model.hidden ({hidden}) must be a multiple of "
-                              f"model.options.heads ({heads})")
+            raise ConfigError(
+                f"model.name=transformer: model.hidden ({hidden}) must be a multiple of model.options.heads ({heads})"
+            )
         self.image = None if isinstance(in_features, int) else tuple(int(d) for d in in_features)
         if self.image is not None:
             c, h, w = self.image
@@ -132,8 +151,7 @@ class SmallTransformer(nn.Module):
             tokens = in_features // self.token_features
         self.embed = nn.Linear(self.token_features, hidden)
         self.position = nn.Parameter(torch.zeros(1, tokens, hidden))
-        layer = nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=dropout,
-                                           batch_first=True)
+        layer = nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.head = nn.Linear(hidden, num_classes)
 
@@ -144,8 +162,9 @@ class SmallTransformer(nn.Module):
         return self.head(self.encoder(tokens).mean(dim=1))
 
 
-def transformer(in_features: Shape, num_classes: int, hidden: int = 64, depth: int = 2, dropout: float = 0.1,
-                heads: int = 4) -> nn.Module:
+def transformer(
+    in_features: Shape, num_classes: int, hidden: int = 64, depth: int = 2, dropout: float = 0.1, heads: int = 4
+) -> nn.Module:
     return SmallTransformer(in_features, num_classes, hidden, depth, dropout, heads)
 
 
@@ -158,20 +177,22 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     if ":" not in name:
         raise ConfigError(
             f"model.name '{name}' is neither a built-in ({', '.join(BUILTIN)}) nor an import path "
-            "'package.module:function'")
+            "'package.module:function'"
+        )
     module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ConfigError(f"model.name '{name}': cannot import module '{module_name}' ({err}); "
-                          "is it installed or on PYTHONPATH?") from err
+        raise ConfigError(
+            f"model.name '{name}': cannot import module '{module_name}' ({err}); is it installed or on PYTHONPATH?"
+        ) from err
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"model.name '{name}': '{module_name}' has no callable '{attr}'")
     return factory
 
 
-def build_model(cfg: "ModelConfig", in_features: int, num_classes: int) -> nn.Module:
+def build_model(cfg: ModelConfig, in_features: int, num_classes: int) -> nn.Module:
     """Instantiate the configured model; unknown keyword arguments are a ConfigError, not a TypeError."""
     factory = resolve_factory(cfg.name)
     kwargs: dict[str, Any] = {"hidden": cfg.hidden, "depth": cfg.depth, "dropout": cfg.dropout, **cfg.options}
@@ -179,8 +200,9 @@ def build_model(cfg: "ModelConfig", in_features: int, num_classes: int) -> nn.Mo
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(cfg.options) - set(params))
         if unknown:
-            raise ConfigError(f"model.options {unknown} are not arguments of {cfg.name}; "
-                              f"it accepts {', '.join(list(params)[2:])}")
+            raise ConfigError(
+                f"model.options {unknown} are not arguments of {cfg.name}; it accepts {', '.join(list(params)[2:])}"
+            )
         kwargs = {k: v for k, v in kwargs.items() if k in params}
     model = factory(in_features, num_classes, **kwargs)
     if not isinstance(model, nn.Module):

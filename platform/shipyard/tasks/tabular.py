@@ -9,6 +9,7 @@ over its train categories (a value not seen in training encodes as all zeros, an
 adds a decoder that turns the network's standardized output back into the target's units. So the registered
 model takes raw values, and the endpoint takes a row as the file's values in column order or by name.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,10 @@ class TabularEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
         self.only_numbers = not categorical
-        self.register_buffer("numeric_index", torch.tensor(
-            [j for j, f in enumerate(feature_names) if f not in categorical], dtype=torch.long))
+        self.register_buffer(
+            "numeric_index",
+            torch.tensor([j for j, f in enumerate(feature_names) if f not in categorical], dtype=torch.long),
+        )
         self.categorical = [(j, len(categorical[f])) for j, f in enumerate(feature_names) if f in categorical]
         for n, (_, k) in enumerate(self.categorical):
             self.register_buffer(f"codes_{n}", torch.arange(k, dtype=torch.float32))
@@ -49,7 +52,7 @@ class TabularEncoder(nn.Module):
             return z
         parts = [z.index_select(1, self.numeric_index)]
         for n, (j, _) in enumerate(self.categorical):  # index -1 (unseen) matches no code: all zeros
-            parts.append((x[:, j:j + 1] == getattr(self, f"codes_{n}")).to(x.dtype))
+            parts.append((x[:, j : j + 1] == getattr(self, f"codes_{n}")).to(x.dtype))
         return torch.cat(parts, dim=1)
 
 
@@ -104,24 +107,33 @@ class _Table(Task):
                 missing = [f for f in names if f not in row]
                 extra = [k for k in row if k not in lookup and k not in names]
                 if missing or extra:
-                    raise RequestError(f"instances[{i}]: " + "; ".join(
-                        ([f"missing {', '.join(missing)}"] if missing else [])
-                        + ([f"unknown {', '.join(map(str, extra))}"] if extra else []))
-                        + f" (the model takes {', '.join(names)})")
+                    raise RequestError(
+                        f"instances[{i}]: "
+                        + "; ".join(
+                            ([f"missing {', '.join(missing)}"] if missing else [])
+                            + ([f"unknown {', '.join(map(str, extra))}"] if extra else [])
+                        )
+                        + f" (the model takes {', '.join(names)})"
+                    )
                 values = [row[f] for f in names]
             elif isinstance(row, list):
                 if len(row) != len(names):
-                    raise RequestError(f"instances[{i}] has {len(row)} features; the model takes {len(names)} "
-                                       f"({', '.join(names)})")
+                    raise RequestError(
+                        f"instances[{i}] has {len(row)} features; the model takes {len(names)} ({', '.join(names)})"
+                    )
                 values = row
             else:
-                raise RequestError(f"instances[{i}] is {type(row).__name__}: give a list of values in column order "
-                                   "or an object {\"column\": value, ...}")
+                raise RequestError(
+                    f"instances[{i}] is {type(row).__name__}: give a list of values in column order "
+                    'or an object {"column": value, ...}'
+                )
             for j, (f, v) in enumerate(zip(names, values)):
                 if f in lookup:
                     if not isinstance(v, str):
-                        raise RequestError(f"instances[{i}] column '{f}' takes one of its text categories "
-                                           f"({', '.join(categories[f][:10])}), got {v!r}")
+                        raise RequestError(
+                            f"instances[{i}] column '{f}' takes one of its text categories "
+                            f"({', '.join(categories[f][:10])}), got {v!r}"
+                        )
                     x[i, j] = lookup[f].get(v, -1)  # unseen: the all-zero "other" encoding
                 elif type(v) in (int, float):
                     x[i, j] = v
@@ -145,8 +157,12 @@ class _Table(Task):
     def inputs(self) -> list[dict[str, Any]]:
         """The request schema `/metadata` shows: each column, its kind, and a text column's categories."""
         categories = self.info.preprocessing.get("categorical", {})
-        return [{"name": f, "kind": "category", "categories": categories[f]} if f in categories
-                else {"name": f, "kind": "number"} for f in self.info.feature_names]
+        return [
+            {"name": f, "kind": "category", "categories": categories[f]}
+            if f in categories
+            else {"name": f, "kind": "number"}
+            for f in self.info.feature_names
+        ]
 
 
 def _all_numbers(rows: list[list[Any]]) -> bool:
@@ -158,26 +174,32 @@ def _finite(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         x32 = x.astype(np.float32)  # 1e39 is finite JSON but Infinity in float32
     if not np.isfinite(x32).all():
-        raise RequestError(f"instances[{int(np.argwhere(~np.isfinite(x32))[0][0])}] holds NaN or Infinity (or a "
-                           "number beyond float32); send finite numbers")
+        raise RequestError(
+            f"instances[{int(np.argwhere(~np.isfinite(x32))[0][0])}] holds NaN or Infinity (or a "
+            "number beyond float32); send finite numbers"
+        )
     return x32
 
 
 class Classification(_Table):
     """A label column of classes (any values: numbers or text); the endpoint answers the class."""
+
     METRICS = {"accuracy": "max"}
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(outputs, targets)
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        return {"loss": nn.functional.cross_entropy(outputs.float(), targets).item(),
-                "accuracy": (outputs.argmax(1) == targets).float().mean().item()}
+        return {
+            "loss": nn.functional.cross_entropy(outputs.float(), targets).item(),
+            "accuracy": (outputs.argmax(1) == targets).float().mean().item(),
+        }
 
 
 class Regression(_Table):
     """A numeric target; trained on the standardized target (the decoder scales back), so the learning rate
     means the same whatever the target's units. The endpoint answers numbers."""
+
     REGRESSION = True
     METRICS = {"rmse": "min", "mae": "min", "r2": "max"}
 
@@ -193,8 +215,12 @@ class Regression(_Table):
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         pred, y = outputs.reshape(-1).double(), targets.reshape(-1).double()
         err = pred - y
-        mse = (err ** 2).mean().item()
+        mse = (err**2).mean().item()
         total = ((y - y.mean()) ** 2).sum().item()
         std = self.info.preprocessing["target"]["std"]
-        return {"loss": mse / std ** 2, "rmse": math.sqrt(mse), "mae": err.abs().mean().item(),
-                "r2": 1 - (err ** 2).sum().item() / total if total > 0 else float("nan")}
+        return {
+            "loss": mse / std**2,
+            "rmse": math.sqrt(mse),
+            "mae": err.abs().mean().item(),
+            "r2": 1 - (err**2).sum().item() / total if total > 0 else float("nan"),
+        }

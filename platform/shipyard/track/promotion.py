@@ -5,6 +5,7 @@ several pipelines promote into one registry at once. Pure: no MLflow or Ray here
 ...) and is sent their answers. `tracking.promote_if_better` performs them on MLflow; tests/unit/test_promotion.py
 performs them on a dict under thousands of adversarial interleavings.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,6 +35,7 @@ class Decision:
 @dataclass(frozen=True)
 class Gate:
     """The task's primary metric and its direction: what "beats" means (a higher accuracy, a lower RMSE)."""
+
     metric: str = "accuracy"
     mode: str = "max"
 
@@ -59,10 +61,12 @@ def decide(candidate: float, champion: float | None, gate: Gate = ACCURACY) -> D
     if champion is None:
         return Decision(True, "no current champion: the first candidate always wins")
     if gate.beats(candidate, champion):
-        return Decision(True, f"candidate {gate.show(candidate)} beats champion {gate.show(champion)} "
-                              "on the same test split")
-    return Decision(False, f"candidate {gate.show(candidate)} does not beat champion {gate.show(champion)} "
-                           "on the same test split")
+        return Decision(
+            True, f"candidate {gate.show(candidate)} beats champion {gate.show(champion)} on the same test split"
+        )
+    return Decision(
+        False, f"candidate {gate.show(candidate)} does not beat champion {gate.show(champion)} on the same test split"
+    )
 
 
 def choose(champion: str | None, scores: Mapping[str, float | None], gate: Gate = ACCURACY) -> str | None:
@@ -97,8 +101,15 @@ def next_history(history: Sequence[str], before: str | None, version: str) -> li
     return out[-50:]
 
 
-def outcome(version: str, accuracy: float, first: str | None, first_accuracy: float | None,
-            final: str | None, final_accuracy: float | None, gate: Gate = ACCURACY) -> Decision:
+def outcome(
+    version: str,
+    accuracy: float,
+    first: str | None,
+    first_accuracy: float | None,
+    final: str | None,
+    final_accuracy: float | None,
+    gate: Gate = ACCURACY,
+) -> Decision:
     """What a promoter reports for its version: promoted iff it holds the alias at the end.
 
     `first` is the champion it found, `final` the one it leaves; they differ from each other and from `version`
@@ -107,33 +118,52 @@ def outcome(version: str, accuracy: float, first: str | None, first_accuracy: fl
     if first == version and final == version:
         return Decision(True, f"v{version} already holds champion")
     if first is not None and first != version and first_accuracy is None:
-        return Decision(final == version, f"champion v{first} cannot be scored on this data (different features?); "
-                                          "move the alias by hand or use another tracking.model_name")
+        return Decision(
+            final == version,
+            f"champion v{first} cannot be scored on this data (different features?); "
+            "move the alias by hand or use another tracking.model_name",
+        )
     first_gate = decide(accuracy, None if first == version else first_accuracy, gate)
     if final == version:
-        return first_gate if first_gate.promote else Decision(
-            True, f"candidate {gate.show(accuracy)} holds champion after concurrent promotions (v{first} had "
-                  f"{gate.show(first_accuracy)})")
+        return (
+            first_gate
+            if first_gate.promote
+            else Decision(
+                True,
+                f"candidate {gate.show(accuracy)} holds champion after concurrent promotions (v{first} had "
+                f"{gate.show(first_accuracy)})",
+            )
+        )
     if not first_gate.promote:
         return first_gate
     if final == first:
-        return Decision(False, f"{first_gate.reason}, but v{first} holds the alias again (moved back by hand, or "
-                               "by a pipeline that scores on other rows)")
+        return Decision(
+            False,
+            f"{first_gate.reason}, but v{first} holds the alias again (moved back by hand, or "
+            "by a pipeline that scores on other rows)",
+        )
     if final_accuracy is not None and not gate.beats(accuracy, final_accuracy):
-        return Decision(False, f"candidate {gate.show(accuracy)} does not beat v{final} "
-                               f"({gate.show(final_accuracy)}), promoted meanwhile by a concurrent pipeline; "
-                               f"{first_gate.reason}")
+        return Decision(
+            False,
+            f"candidate {gate.show(accuracy)} does not beat v{final} "
+            f"({gate.show(final_accuracy)}), promoted meanwhile by a concurrent pipeline; "
+            f"{first_gate.reason}",
+        )
     theirs = "cannot be scored on this data" if final_accuracy is None else f"{gate.show(final_accuracy)} here"
-    return Decision(False, f"v{final} ({theirs}) took the alias from a concurrent pipeline that scores on other "
-                           f"rows; {first_gate.reason}")
+    return Decision(
+        False,
+        f"v{final} ({theirs}) took the alias from a concurrent pipeline that scores on other rows; {first_gate.reason}",
+    )
 
 
 # -- the protocol ----------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Claim:
     """A version whose promoter is at work: `deciding` (it may still move the alias) or `settled` (it moves
     nothing and waits for the deciding ones before it removes its claim)."""
+
     version: str
     phase: str
     heartbeat: float
@@ -143,6 +173,7 @@ class Claim:
 @dataclass(frozen=True)
 class View:
     """The registry as one `Read` saw it: the claims first, then the alias and its history."""
+
     champion: str | None
     history: tuple[str, ...]
     claims: tuple[Claim, ...]
@@ -157,18 +188,21 @@ class Read:
 @dataclass(frozen=True)
 class Score:
     """-> the version's accuracy on this promoter's test rows, None if it cannot take them."""
+
     version: str
 
 
 @dataclass(frozen=True)
 class Mark:
     """Write this promoter's claim (phase, heartbeat); a `deciding` mark also tags the version pending. -> None"""
+
     phase: str
 
 
 @dataclass(frozen=True)
 class Move:
     """Point the alias at `version` (away from `before`, as last read), then write `history`. -> None"""
+
     version: str
     before: str | None
     history: tuple[str, ...]
@@ -177,6 +211,7 @@ class Move:
 @dataclass(frozen=True)
 class WriteHistory:
     """Write the champion history alone (it does not end with the champion). -> None"""
+
     history: tuple[str, ...]
 
 
@@ -188,15 +223,23 @@ class Sleep:
 @dataclass(frozen=True)
 class Release:
     """Replace this promoter's claim with the reason of its decision. -> None"""
+
     reason: str
 
 
 Request = Read | Score | Mark | Move | WriteHistory | Sleep | Release
 
 
-def steps(version: str, accuracy: float, *, max_rounds: int = MAX_ROUNDS, stale_claim_s: float = STALE_CLAIM_S,
-          max_wait_s: float = MAX_WAIT_S, poll_s: float = POLL_S, gate: Gate = ACCURACY
-          ) -> Generator[Request, Any, tuple[Decision, float | None]]:
+def steps(
+    version: str,
+    accuracy: float,
+    *,
+    max_rounds: int = MAX_ROUNDS,
+    stale_claim_s: float = STALE_CLAIM_S,
+    max_wait_s: float = MAX_WAIT_S,
+    poll_s: float = POLL_S,
+    gate: Gate = ACCURACY,
+) -> Generator[Request, Any, tuple[Decision, float | None]]:
     """Promote `version` (its primary metric on this promoter's test rows; `gate` says which is better; the
     names below say accuracy for short) without compare-and-set on the alias.
 
@@ -249,22 +292,33 @@ def steps(version: str, accuracy: float, *, max_rounds: int = MAX_ROUNDS, stale_
             yield Mark(DECIDING)
             marked_at = view.now
     else:
-        log.warning("v%s: the champion alias still moved after %d rounds of promotion (other pipelines keep "
-                    "promoting, or they score on other test rows); settling without a final check", version,
-                    max_rounds)
+        log.warning(
+            "v%s: the champion alias still moved after %d rounds of promotion (other pipelines keep "
+            "promoting, or they score on other test rows); settling without a final check",
+            version,
+            max_rounds,
+        )
     yield Mark(SETTLED)
     waited_since = marked_at = None
     while True:
         view = yield Read()
-        busy = [c.version for c in view.claims if c.version != version and c.phase == DECIDING
-                and view.now - c.heartbeat < stale_claim_s]
+        busy = [
+            c.version
+            for c in view.claims
+            if c.version != version and c.phase == DECIDING and view.now - c.heartbeat < stale_claim_s
+        ]
         if not busy:
             break
         waited_since = view.now if waited_since is None else waited_since
         marked_at = view.now if marked_at is None else marked_at
         if view.now - waited_since > max_wait_s:
-            log.warning("v%s: versions %s still deciding after %.0f s; leaving without waiting for them, so a "
-                        "late write of theirs may go unchecked", version, ", ".join(busy), max_wait_s)
+            log.warning(
+                "v%s: versions %s still deciding after %.0f s; leaving without waiting for them, so a "
+                "late write of theirs may go unchecked",
+                version,
+                ", ".join(busy),
+                max_wait_s,
+            )
             break
         if view.now - marked_at > stale_claim_s / 4:
             yield Mark(SETTLED)

@@ -8,6 +8,7 @@ A version being promoted carries the claim of its promoter (shipyard.track.promo
 `shipyard.promotion=pending` and `shipyard.promotion_claim=<deciding|settled> <unix seconds>`. When the promoter
 is done, `shipyard.promotion` holds the reason of its decision and the claim tag is gone.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,16 +37,19 @@ PENDING = "pending"
 @dataclass(frozen=True)
 class ModelRef:
     """`models:/name@alias` or `models:/name/3`, parsed."""
+
     name: str
     alias: str | None = None
     version: str | None = None
 
     @classmethod
     def parse(cls, uri: str) -> ModelRef:
-        rest = uri[len("models:/"):] if uri.startswith("models:/") else None
+        rest = uri[len("models:/") :] if uri.startswith("models:/") else None
         if not rest or rest.startswith(("/", "@")):
-            raise ServingError(f"model must be a registry URI models:/<name>@<alias> or models:/<name>/<version> "
-                               f"(e.g. models:/digits@champion), got {uri!r}")
+            raise ServingError(
+                f"model must be a registry URI models:/<name>@<alias> or models:/<name>/<version> "
+                f"(e.g. models:/digits@champion), got {uri!r}"
+            )
         if "@" in rest:
             name, alias = rest.split("@", 1)
             return cls(name, alias=alias)
@@ -63,13 +67,16 @@ class ModelRef:
         try:
             return str(mlflow.MlflowClient().get_model_version_by_alias(self.name, self.alias).version)
         except mlflow.exceptions.MlflowException as err:
-            raise ServingError(f"registered model {self.name!r} has no alias {self.alias!r} in the registry at "
-                               f"{mlflow.get_registry_uri()}: {err.message}") from err
+            raise ServingError(
+                f"registered model {self.name!r} has no alias {self.alias!r} in the registry at "
+                f"{mlflow.get_registry_uri()}: {err.message}"
+            ) from err
 
 
 @dataclass(frozen=True)
 class ServedModel:
     """One registered version, loaded, with the task that parses its requests and forms its answers."""
+
     name: str
     version: str
     model: Any = field(repr=False)
@@ -89,9 +96,14 @@ class ServedModel:
         return self.task.answers(outputs)
 
     def schema(self) -> dict[str, Any]:
-        return {"features": self.num_features, "dtype": str(self.dtype), "feature_names": self.feature_names,
-                "task": self.task.name, "inputs": self.task.inputs(),
-                "target": self.task.info.target}
+        return {
+            "features": self.num_features,
+            "dtype": str(self.dtype),
+            "feature_names": self.feature_names,
+            "task": self.task.name,
+            "inputs": self.task.inputs(),
+            "target": self.task.info.target,
+        }
 
 
 def load(name: str, version: str) -> ServedModel:
@@ -105,21 +117,40 @@ def load(name: str, version: str) -> ServedModel:
     spec = info.signature.inputs.to_dict()[0] if info.signature else {}
     tensor = spec.get("tensor-spec")
     if not tensor or len(tensor.get("shape") or ()) < 2:
-        raise ServingError(f"{uri} has no tensor signature ({spec or 'no signature'}); Shipyard serves models "
-                           "logged by its pipeline (shipyard.track.runs.log_model), whose signature is [-1, ...]")
+        raise ServingError(
+            f"{uri} has no tensor signature ({spec or 'no signature'}); Shipyard serves models "
+            "logged by its pipeline (shipyard.track.runs.log_model), whose signature is [-1, ...]"
+        )
     meta = info.metadata or {}
     shape = [int(d) for d in tensor["shape"][1:]]
-    data_info = meta.get("data_info") or DataInfo(  # logged before tasks: a classifier on rows of numbers
-        task="classification", input_shape=shape, output_width=len(meta.get("classes") or []),
-        target="label", feature_names=meta.get("feature_names") or [], classes=meta.get("classes")).to_dict()
+    data_info = (
+        meta.get("data_info")
+        or DataInfo(  # logged before tasks: a classifier on rows of numbers
+            task="classification",
+            input_shape=shape,
+            output_width=len(meta.get("classes") or []),
+            target="label",
+            feature_names=meta.get("feature_names") or [],
+            classes=meta.get("classes"),
+        ).to_dict()
+    )
     try:
         task = task_of(data_info, meta.get("task_options"))
     except Exception as err:  # a user task whose module this replica cannot import
-        raise ServingError(f"{uri} was trained with task {data_info.get('task')!r}, which cannot be loaded here: "
-                           f"{err}") from err
+        raise ServingError(
+            f"{uri} was trained with task {data_info.get('task')!r}, which cannot be loaded here: {err}"
+        ) from err
     model = load_torch(uri)
-    return ServedModel(name, version, model, task, int(np.prod(shape)), np.dtype(tensor["dtype"]),
-                       meta.get("classes"), meta.get("feature_names"))
+    return ServedModel(
+        name,
+        version,
+        model,
+        task,
+        int(np.prod(shape)),
+        np.dtype(tensor["dtype"]),
+        meta.get("classes"),
+        meta.get("feature_names"),
+    )
 
 
 def load_torch(uri: str):
@@ -138,16 +169,20 @@ def load_torch(uri: str):
     try:
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["pytorch"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
-        raise ServingError(f"{uri} has no readable MLmodel with a pytorch flavor ({type(err).__name__}: {err}); "
-                           "Shipyard serves models logged by its pipeline (shipyard.track.runs.log_model)") from None
+        raise ServingError(
+            f"{uri} has no readable MLmodel with a pytorch flavor ({type(err).__name__}: {err}); "
+            "Shipyard serves models logged by its pipeline (shipyard.track.runs.log_model)"
+        ) from None
     data = local / "data"
     found = sorted(p.name for p in data.iterdir()) if data.is_dir() else []
     if flavor.get("model_data") != "data" or flavor.get("code") or found != [EXPORTED_MODEL_FILE]:
-        raise ServingError(f"{uri} is not a torch.export model (MLmodel: model_data={flavor.get('model_data')!r}, "
-                           f"code={flavor.get('code')!r}; data/ holds {found or 'nothing'}; expected data/ with "
-                           f"only {EXPORTED_MODEL_FILE} and no code): a pickled model runs arbitrary code when loaded, "
-                           "so Shipyard refuses it. Re-register it through the pipeline (shipyard.track.runs.log_model "
-                           "saves torch.export weights and graph)")
+        raise ServingError(
+            f"{uri} is not a torch.export model (MLmodel: model_data={flavor.get('model_data')!r}, "
+            f"code={flavor.get('code')!r}; data/ holds {found or 'nothing'}; expected data/ with "
+            f"only {EXPORTED_MODEL_FILE} and no code): a pickled model runs arbitrary code when loaded, "
+            "so Shipyard refuses it. Re-register it through the pipeline (shipyard.track.runs.log_model "
+            "saves torch.export weights and graph)"
+        )
     path = data / EXPORTED_MODEL_FILE
     try:
         _validate_pt2_archive_is_pickle_free(str(path))  # every record JSON, text or weights_only-loadable
@@ -157,6 +192,7 @@ def load_torch(uri: str):
 
 
 # -- the champion alias and its history ---------------------------------------------------------------
+
 
 def champion_version(name: str) -> str | None:
     import mlflow
@@ -206,6 +242,7 @@ def write_history(name: str, history: list[str] | tuple[str, ...]) -> None:
 
 # -- promotion claims (shipyard.track.promotion.steps) --------------------------------------------------------
 
+
 def promotion_view(name: str) -> View:
     """The versions claimed by a promoter (one request), then the alias and its history (a second one): in this
     order a promoter that finds no claim deciding reads, after that moment, the champion it reports."""
@@ -222,8 +259,12 @@ def promotion_view(name: str) -> View:
         claims.append(Claim(str(mv.version), phase, heartbeat))
     model = client.get_registered_model(name)
     champion = model.aliases.get(CHAMPION)
-    return View(None if champion is None else str(champion), tuple(json.loads(model.tags.get(HISTORY_TAG, "[]"))),
-                tuple(claims), time.time())
+    return View(
+        None if champion is None else str(champion),
+        tuple(json.loads(model.tags.get(HISTORY_TAG, "[]"))),
+        tuple(claims),
+        time.time(),
+    )
 
 
 def mark_claim(name: str, version: str, phase: str) -> None:
@@ -254,8 +295,10 @@ def rollback(name: str) -> tuple[str, str]:
     if current is not None and history and history[-1] != current:
         history.append(current)  # the alias was moved outside Shipyard: roll back from where it is now
     if len(history) < 2:
-        raise ServingError(f"no previous champion of {name!r} is recorded (history {history}); pick a version "
-                           f"with `shipyard promote {name} <version>`")
+        raise ServingError(
+            f"no previous champion of {name!r} is recorded (history {history}); pick a version "
+            f"with `shipyard promote {name} <version>`"
+        )
     history.pop()
     previous = history[-1]
     client = mlflow.MlflowClient()

@@ -2,6 +2,7 @@
 
 Only the driver (and rank 0 of a Train job, see train.py) talks to MLflow.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,13 +16,12 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from shipyard.track import promotion, registry
 from shipyard.config import PROJECT_ROOT, Config
 from shipyard.errors import ConfigError, TrackingError
+from shipyard.track import promotion, registry
 from shipyard.track.promotion import Decision
 
 log = logging.getLogger(__name__)
-
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -33,8 +33,10 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
     except requests.RequestException as err:
-        raise TrackingError(f"tracking.uri {uri} does not answer ({err.__class__.__name__}); start it with "
-                            "`mlflow server --host 127.0.0.1 --port <port>` or fix tracking.uri") from err
+        raise TrackingError(
+            f"tracking.uri {uri} does not answer ({err.__class__.__name__}); start it with "
+            "`mlflow server --host 127.0.0.1 --port <port>` or fix tracking.uri"
+        ) from err
 
 
 def setup(cfg: Config) -> str:
@@ -44,7 +46,7 @@ def setup(cfg: Config) -> str:
     uri = cfg.tracking_uri
     check_reachable(uri)
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
@@ -52,7 +54,7 @@ def setup(cfg: Config) -> str:
         return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # else artifacts land in ./mlruns of whatever folder the driver started in
-        location = (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+        location = (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
     try:
         exp_id = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent pipeline
@@ -63,10 +65,12 @@ def setup(cfg: Config) -> str:
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -91,18 +95,23 @@ def resumable_run(cfg: Config, which: str) -> tuple[str, str, str | None]:
     unfinished = [r for r in runs if r.info.status != "FINISHED"]
     if not unfinished:
         what = f"named '{which}'" if which != "latest" else f"of pipeline '{cfg.name}'"
-        raise ConfigError(f"--resume: no unfinished pipeline run {what} in experiment '{cfg.tracking.experiment}' "
-                          f"at {cfg.tracking_uri} (finished runs: {[r.info.run_name for r in runs[:5]]}); "
-                          "run without --resume to start a new one")
+        raise ConfigError(
+            f"--resume: no unfinished pipeline run {what} in experiment '{cfg.tracking.experiment}' "
+            f"at {cfg.tracking_uri} (finished runs: {[r.info.run_name for r in runs[:5]]}); "
+            "run without --resume to start a new one"
+        )
     run = unfinished[0]
     logged, now = run.data.params, {k: str(v) for k, v in cfg.flat().items()}
     changed = [k for k in sorted(now) if k in logged and logged[k] != now[k]]
     if changed:
-        raise ConfigError(f"--resume continues run '{run.info.run_name}' with the config it started with, but "
-                          f"{', '.join(f'{k} is {now[k]} (was {logged[k]})' for k in changed[:5])}: pass the "
-                          f"same values ({' '.join(f'{k}={logged[k]}' for k in changed[:5])}), or start a new run")
-    searches = client.search_runs([exp], f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
-                                         "tags.`shipyard.kind` = 'search'", max_results=1)
+        raise ConfigError(
+            f"--resume continues run '{run.info.run_name}' with the config it started with, but "
+            f"{', '.join(f'{k} is {now[k]} (was {logged[k]})' for k in changed[:5])}: pass the "
+            f"same values ({' '.join(f'{k}={logged[k]}' for k in changed[:5])}), or start a new run"
+        )
+    searches = client.search_runs(
+        [exp], f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`shipyard.kind` = 'search'", max_results=1
+    )
     return run.info.run_id, run.data.tags["shipyard.stamp"], searches[0].info.run_id if searches else None
 
 
@@ -121,12 +130,19 @@ def evaluate_model(model, task, x: np.ndarray, y: np.ndarray, batch_rows: int = 
     outputs = []
     with torch.no_grad():
         for start in range(0, len(x), batch_rows):
-            outputs.append(model(torch.from_numpy(x[start:start + batch_rows])).float())
+            outputs.append(model(torch.from_numpy(x[start : start + batch_rows])).float())
     return task.metrics(torch.cat(outputs), torch.tensor(y))
 
 
-def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any] | None, feature_names: list[str],
-              tags: dict[str, str], info: dict[str, Any] | None = None) -> str:
+def log_model(
+    model,
+    x_example: np.ndarray,
+    cfg: Config,
+    classes: list[Any] | None,
+    feature_names: list[str],
+    tags: dict[str, str],
+    info: dict[str, Any] | None = None,
+) -> str:
     """Log the model (torch.export format: weights, not a pickle) with its signature, register a version.
     `info` (the data stage's DataInfo as a dict) goes into the model's metadata: the endpoint parses requests
     and forms answers with the task it names."""
@@ -138,12 +154,19 @@ def log_model(model, x_example: np.ndarray, cfg: Config, classes: list[Any] | No
         logits = model(torch.as_tensor(x_example)).numpy()
     try:
         info = mlflow.pytorch.log_model(
-            model, name="model", signature=infer_signature(x_example, logits), input_example=x_example,
+            model,
+            name="model",
+            signature=infer_signature(x_example, logits),
+            input_example=x_example,
             registered_model_name=cfg.model_name,
-            # explicit requirements: inferring them costs ~7 s and trips over torch's +cpu label (MLflow 3.17, torch 2.13.0+cpu)
+            # explicit requirements: inferring them costs ~7 s and trips over torch's +cpu label
+            # (MLflow 3.17, torch 2.13.0+cpu)
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-            metadata={"classes": classes, "feature_names": feature_names,
-                      **({"data_info": info, "task_options": cfg.task.options} if info else {})},
+            metadata={
+                "classes": classes,
+                "feature_names": feature_names,
+                **({"data_info": info, "task_options": cfg.task.options} if info else {}),
+            },
         )
     except mlflow.exceptions.MlflowException:
         raise  # the tracking server or registry said no: its own message is the clearest
@@ -165,8 +188,8 @@ def score_version(name: str, version: str, x: np.ndarray, y: np.ndarray, task) -
     """The task's primary metric of a registered version on (x, y), a split `task` encoded; None if the version
     cannot take these rows. A version trained on other data may encode them otherwise (its own categories of a
     text column, its own class order): the rows are then re-encoded from their raw values as it encodes them."""
-    from shipyard.track.registry import load
     from shipyard.tasks import reencode
+    from shipyard.track.registry import load
 
     try:
         served = load(name, version)  # torch.export form only: nothing is unpickled
@@ -178,8 +201,9 @@ def score_version(name: str, version: str, x: np.ndarray, y: np.ndarray, task) -
         return None
 
 
-def promote_if_better(name: str, version: str, candidate_metric: float, x_test: np.ndarray, y_test: np.ndarray,
-                      task) -> tuple[Decision, float | None]:
+def promote_if_better(
+    name: str, version: str, candidate_metric: float, x_test: np.ndarray, y_test: np.ndarray, task
+) -> tuple[Decision, float | None]:
     """Move `champion` to `version` only if it beats the current champion on the same test rows, by the task's
     primary metric and its direction (a higher accuracy, a lower RMSE).
 
@@ -210,8 +234,15 @@ def promote_if_better(name: str, version: str, candidate_metric: float, x_test: 
         raise
 
 
-def _perform(request: promotion.Request, name: str, version: str, mine: dict[str, str], x_test: np.ndarray,
-             y_test: np.ndarray, task) -> Any:
+def _perform(
+    request: promotion.Request,
+    name: str,
+    version: str,
+    mine: dict[str, str],
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    task,
+) -> Any:
     """One request of `promotion.steps` on MLflow; returns its answer."""
     import mlflow
 
@@ -224,8 +255,13 @@ def _perform(request: promotion.Request, name: str, version: str, mine: dict[str
             for key in ("shipyard.data_hash", "shipyard.split"):
                 if accuracy is not None and theirs.get(key) != mine.get(key):
                     # its training rows may sit in this test split, which flatters it: say so, decide anyway
-                    log.warning("v%s was trained with another %s (%s, now %s): the comparison may favour it",
-                                other, key, theirs.get(key), mine.get(key))
+                    log.warning(
+                        "v%s was trained with another %s (%s, now %s): the comparison may favour it",
+                        other,
+                        key,
+                        theirs.get(key),
+                        mine.get(key),
+                    )
             return accuracy
         case promotion.Mark(phase=phase):
             registry.mark_claim(name, version, phase)
@@ -243,8 +279,14 @@ def _perform(request: promotion.Request, name: str, version: str, mine: dict[str
     return None
 
 
-def lineage_tags(cfg: Config, data_hash: str, parent_run_id: str, train_run_id: str, test_metric: float,
-                 metric_name: str = "accuracy") -> dict[str, str]:
+def lineage_tags(
+    cfg: Config,
+    data_hash: str,
+    parent_run_id: str,
+    train_run_id: str,
+    test_metric: float,
+    metric_name: str = "accuracy",
+) -> dict[str, str]:
     return {
         "shipyard.data_hash": data_hash,
         "shipyard.git_commit": git_commit(),

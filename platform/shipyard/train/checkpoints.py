@@ -7,6 +7,7 @@ trials are pruned here, as the search goes and once more at its end. And where a
 (`resume_point`): the newest checkpoint in storage that loads, whatever Ray Train's lagging snapshot names, and
 `repair_run_snapshot` for a snapshot a full disk left empty.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,7 @@ SNAPSHOT_GRACE_S = 30.0
 until then a resume would restore the trial from its checkpoints, so they are pruned this long after its end."""
 
 
-def checkpoints_to_delete(checkpoints: dict[str, float], keep_best: int, mode: str, protected: set[str]
-                          ) -> list[str]:
+def checkpoints_to_delete(checkpoints: dict[str, float], keep_best: int, mode: str, protected: set[str]) -> list[str]:
     """Paths (checkpoint -> its score) outside the best `keep_best` and not protected (a running trial's,
     the best trial's last)."""
     ranked = sorted(checkpoints, key=checkpoints.__getitem__, reverse=(mode == "max"))
@@ -103,15 +103,23 @@ def final_prune(cfg: Config, results, best_checkpoint: str | None) -> tuple[int,
             continue
         by_path: dict[str, float] = {}
         if "checkpoint_dir_name" in df:  # a one-process trial: <trial>/checkpoint_*
-            by_path.update({str(Path(r.path) / n): v for n, v in zip(df["checkpoint_dir_name"], df[objective(cfg)[0]])
-                            if isinstance(n, str)})
+            by_path.update(
+                {
+                    str(Path(r.path) / n): v
+                    for n, v in zip(df["checkpoint_dir_name"], df[objective(cfg)[0]])
+                    if isinstance(n, str)
+                }
+            )
         if "checkpoint_path" in df:  # a Train-job trial: the path rank 0 reported
             by_path.update({p: v for p, v in zip(df["checkpoint_path"], df[objective(cfg)[0]]) if isinstance(p, str)})
         for d in Path(r.path).rglob("checkpoint_*"):
             if d.is_dir():
                 scores[str(d)] = float(by_path.get(str(d), unscored))
-    _delete(checkpoints_to_delete(scores, cfg.tune.keep_checkpoints, objective(cfg)[1],
-                                  {best_checkpoint} if best_checkpoint else set()))
+    _delete(
+        checkpoints_to_delete(
+            scores, cfg.tune.keep_checkpoints, objective(cfg)[1], {best_checkpoint} if best_checkpoint else set()
+        )
+    )
     kept = [p for p in Path(results.experiment_path).rglob("checkpoint_*") if p.is_dir()]
     size = sum(f.stat().st_size for p in kept for f in p.rglob("*") if f.is_file())
     return len(kept), round(size / 2**20, 2)
@@ -167,19 +175,29 @@ def resume_point(run_dir: str | None, recorded: str | None) -> ResumePoint | Non
     if newest is None:
         if recorded is None:
             return None
-        return ResumePoint(None, None, "the checkpoint Ray Train recorded" +
-                           ("" if run_dir else " (remote storage is not scanned for newer ones)"))
+        return ResumePoint(
+            None,
+            None,
+            "the checkpoint Ray Train recorded"
+            + ("" if run_dir else " (remote storage is not scanned for newer ones)"),
+        )
     path, epoch = newest
     recorded_epoch = checkpoint_epoch(recorded) if recorded else None
     if recorded is None:
         why = "the newest intact checkpoint in storage; Ray Train had recorded none (no snapshot, or an unreadable one)"
     elif recorded_epoch is None:
-        why = f"the newest intact checkpoint in storage; the one Ray Train recorded ({Path(recorded).name}) does not load"
+        why = (
+            f"the newest intact checkpoint in storage; the one Ray Train recorded ({Path(recorded).name}) does not load"
+        )
     elif epoch > recorded_epoch:
-        why = (f"the newest intact checkpoint in storage; Ray Train's record names epoch {recorded_epoch + 1}, "
-               f"{epoch - recorded_epoch} finished epoch(s) behind (written before the driver or a worker died)")
+        why = (
+            f"the newest intact checkpoint in storage; Ray Train's record names epoch {recorded_epoch + 1}, "
+            f"{epoch - recorded_epoch} finished epoch(s) behind (written before the driver or a worker died)"
+        )
     else:
-        return ResumePoint(recorded, recorded_epoch, "the newest intact checkpoint in storage, the one Ray Train recorded")
+        return ResumePoint(
+            recorded, recorded_epoch, "the newest intact checkpoint in storage, the one Ray Train recorded"
+        )
     return ResumePoint(path, epoch, why)
 
 
@@ -197,5 +215,9 @@ def repair_run_snapshot(run_dir: Path) -> None:
     except ValueError:
         pass
     snapshot.rename(snapshot.with_suffix(".broken"))
-    log.warning("Ray Train's snapshot of %s was unreadable (a full disk?): set aside as %s; the workers go on from "
-                "the newest checkpoint that loads", run_dir.name, snapshot.with_suffix(".broken").name)
+    log.warning(
+        "Ray Train's snapshot of %s was unreadable (a full disk?): set aside as %s; the workers go on from "
+        "the newest checkpoint that loads",
+        run_dir.name,
+        snapshot.with_suffix(".broken").name,
+    )

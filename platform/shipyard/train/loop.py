@@ -6,6 +6,7 @@ Each epoch reports `train_loss`, `val_loss`, `val_<metric>` for each of the task
 val_rmse, ...), `epoch_time_s`, `samples_per_s` and, in Ray Train, a checkpoint (weights, optimizer, epoch, RNG
 state) from which a restarted worker group resumes.
 """
+
 from __future__ import annotations
 
 import collections
@@ -17,19 +18,20 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from shipyard.train.checkpoints import CHECKPOINT_FILE, ResumePoint, repair_run_snapshot, resume_point
 from shipyard.config import Config
 from shipyard.errors import TrainingError
+from shipyard.tasks import Task, make_task
+from shipyard.train.checkpoints import CHECKPOINT_FILE, ResumePoint, repair_run_snapshot, resume_point
 from shipyard.train.mlflow_queue import FLUSH_S, UNDELIVERED_FILE, QueuedMlflow, deliver_leftovers
 from shipyard.train.step import StepOptions, training_step
-from shipyard.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +70,23 @@ def fits_in_memory(rows: int, in_features: int) -> bool:
     return rows * (4 * in_features + 8) <= IN_MEMORY_BYTES
 
 
-def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train_batches, val_batches, task: Task,
-              world_size: int = 1, in_memory: bool = False, options: StepOptions = StepOptions()
-              ) -> dict[str, float]:
+def run_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_batches,
+    val_batches,
+    task: Task,
+    world_size: int = 1,
+    in_memory: bool = False,
+    options: StepOptions = StepOptions(),
+) -> dict[str, float]:
     """One pass over this worker's training batches, then validation. Pure torch: no Ray inside.
 
     `in_memory`: take all of the epoch's batches first, then train: a streaming iterator's threads formatting
     the next batch slow every step (MLP on digits, one process on a busy 2-core machine: 0.83-1.46 ms a
-    step streaming, 0.73-0.80 ms in memory, and the epoch faster too). `step_time_ms` is the median time of one training step (forward,
-    backward with DDP's all-reduce, optimizer), what shipyard.perf predicts; `data_time_s` the epoch's time
-    spent getting batches (loading them all, or waiting for each).
+    step streaming, 0.73-0.80 ms in memory, and the epoch faster too). `step_time_ms` is the median time of one
+    training step (forward, backward with DDP's all-reduce, optimizer), what shipyard.perf predicts;
+    `data_time_s` the epoch's time spent getting batches (loading them all, or waiting for each).
     """
     start = time.perf_counter()
     load_s = 0.0
@@ -101,13 +110,18 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, train_batches,
         wait_s.append(t1 - t0)
     train_time_s = time.perf_counter() - start
     val = {f"val_{k}": v for k, v in evaluate(model, val_batches, task).items()}
-    return {"train_loss": loss_sum / max(n, 1), **val,
-            "epoch_time_s": time.perf_counter() - start, "train_time_s": train_time_s,
-            "step_time_ms": statistics.median(step_s) * 1e3 if step_s else 0.0,
-            "data_wait_ms": statistics.median(wait_s) * 1e3 if wait_s else 0.0, "steps": len(step_s),
-            "data_time_s": load_s + sum(wait_s),
-            # all workers process similar shards in lockstep (DDP), so global throughput ~ world_size x local
-            "samples_per_s": n * world_size / max(train_time_s, 1e-9)}
+    return {
+        "train_loss": loss_sum / max(n, 1),
+        **val,
+        "epoch_time_s": time.perf_counter() - start,
+        "train_time_s": train_time_s,
+        "step_time_ms": statistics.median(step_s) * 1e3 if step_s else 0.0,
+        "data_wait_ms": statistics.median(wait_s) * 1e3 if wait_s else 0.0,
+        "steps": len(step_s),
+        "data_time_s": load_s + sum(wait_s),
+        # all workers process similar shards in lockstep (DDP), so global throughput ~ world_size x local
+        "samples_per_s": n * world_size / max(train_time_s, 1e-9),
+    }
 
 
 def iter_batches(ds, batch_size: int, seed: int | None = None, device: torch.device | str = "cpu"):
@@ -116,6 +130,7 @@ def iter_batches(ds, batch_size: int, seed: int | None = None, device: torch.dev
 
 
 # -- Ray Train ----------------------------------------------------------------------------------
+
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker. `config`: cfg tree, data shape, MLflow run to log into."""
@@ -144,8 +159,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(state["cuda_rng"])
         start_epoch = state["epoch"] + 1
         if rank == 0:
-            log.warning("resuming after epoch %d/%d from %s: %s", start_epoch, cfg.train.epochs,
-                        Path(point.path or checkpoint.path).name, point.why)
+            log.warning(
+                "resuming after epoch %d/%d from %s: %s",
+                start_epoch,
+                cfg.train.epochs,
+                Path(point.path or checkpoint.path).name,
+                point.why,
+            )
     model = ray.train.torch.prepare_model(model)  # DDP; moves the model to this worker's GPU when use_gpu
     device = ray.train.torch.get_device()
     # after prepare_model: load_state_dict moves optimizer state to where the parameters are now
@@ -160,8 +180,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger.log_dict(placement, "worker_placement.json")
     per_worker_batch = max(1, cfg.train.batch_size // world)
     if rank == 0:  # once per worker group: an elastic run says here when it shrank or grew
-        log.info("training on %d worker(s), %d rows each per step, epochs %d-%d", world, per_worker_batch,
-                 start_epoch + 1, cfg.train.epochs)
+        log.info(
+            "training on %d worker(s), %d rows each per step, epochs %d-%d",
+            world,
+            per_worker_batch,
+            start_epoch + 1,
+            cfg.train.epochs,
+        )
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
     report_s = 0.0
@@ -173,8 +198,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     primary = f"val_{task.primary_metric}"
     for epoch in range(start_epoch, cfg.train.epochs):
         train_batches = iter_batches(train_shard, per_worker_batch, cfg.train.seed + epoch, device)
-        metrics = run_epoch(model, optimizer, train_batches, iter_batches(val_ds, 512, device=device), task, world,
-                            in_memory, options)
+        metrics = run_epoch(
+            model, optimizer, train_batches, iter_batches(val_ds, 512, device=device), task, world, in_memory, options
+        )
         metrics["epoch"], metrics["epochs_done"] = epoch, epoch + 1  # epochs_done: the search schedulers' clock
         metrics["report_s"] = report_s  # the previous epoch's checkpoint + ray.train.report
         report_start = time.perf_counter()
@@ -182,18 +208,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ckpt = None
             if rank == 0:
                 inner = model.module if hasattr(model, "module") else model
-                torch.save({"model": inner.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "rng": torch.get_rng_state(),
-                            **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})},
-                           Path(tmp) / CHECKPOINT_FILE)
+                torch.save(
+                    {
+                        "model": inner.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch,
+                        "rng": torch.get_rng_state(),
+                        **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
+                    },
+                    Path(tmp) / CHECKPOINT_FILE,
+                )
                 ckpt = Checkpoint.from_directory(tmp)
                 timing = progress.after_epoch(metrics)  # adds predicted_step_time_ms
                 logger.log(metrics, epoch)
                 if not config.get("quiet"):
-                    log.info("epoch %d/%d | train_loss %.4f | val_loss %.4f | %s %.4f | %s | %.2f s | "
-                             "%.0f samples/s%s", epoch + 1, cfg.train.epochs, metrics["train_loss"],
-                             metrics["val_loss"], primary, metrics[primary], timing, metrics["epoch_time_s"],
-                             metrics["samples_per_s"], progress.eta())
+                    log.info(
+                        "epoch %d/%d | train_loss %.4f | val_loss %.4f | %s %.4f | %s | %.2f s | %.0f samples/s%s",
+                        epoch + 1,
+                        cfg.train.epochs,
+                        metrics["train_loss"],
+                        metrics["val_loss"],
+                        primary,
+                        metrics[primary],
+                        timing,
+                        metrics["epoch_time_s"],
+                        metrics["samples_per_s"],
+                        progress.eta(),
+                    )
                 warning = progress.warning(metrics)
                 if warning:
                     log.warning("%s", warning)
@@ -221,8 +262,11 @@ def _worker_placement(world: int) -> list[dict[str, str]]:
     """Ray node id and host of every rank, rank order: where a run really trained (a tag on its MLflow run)."""
     import ray
 
-    me = {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-          "node_ip": ray.util.get_node_ip_address()}
+    me = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(),
+        "node_ip": ray.util.get_node_ip_address(),
+    }
     if world == 1:
         return [me]
     everyone: list[Any] = [None] * world
@@ -287,21 +331,29 @@ class _Progress:
         if abs(off) <= self.pred["warn_off_by"]:
             return None
         self.warned = True
-        head = (f"{wall:.2f} ms per training step is {off:+.0%} off the prediction ({predicted:.2f} ms, "
-                f"plan.warn_off_by={self.pred['warn_off_by']}): ")
+        head = (
+            f"{wall:.2f} ms per training step is {off:+.0%} off the prediction ({predicted:.2f} ms, "
+            f"plan.warn_off_by={self.pred['warn_off_by']}): "
+        )
         data_ms = metrics["data_time_s"] * 1e3 / steps
         if data_ms > 0.25 * wall:
-            return head + (f"likely input-bound: {data_ms:.2f} ms of it went to getting the batch from Ray Data, the "
-                           f"step itself took {metrics['step_time_ms']:.2f} ms (larger batches, or more CPUs for "
-                           "data loading, help)")
+            return head + (
+                f"likely input-bound: {data_ms:.2f} ms of it went to getting the batch from Ray Data, the "
+                f"step itself took {metrics['step_time_ms']:.2f} ms (larger batches, or more CPUs for "
+                "data loading, help)"
+            )
         off = metrics["step_time_ms"] / max(predicted, 1e-9) - 1
         if self.world > 1 and self.pred["exposed_comm_ms"] > 0.2 * predicted and off > 0:
-            return head + (f"likely communication-bound: {self.pred['exposed_comm_ms']:.2f} ms of each step was "
-                           f"predicted for the gradient all-reduce over {self.pred['link']}; the network or the "
-                           "workers' placement is slower than calibrated (rerun shipyard calibrate on this cluster)")
-        return head + ("likely compute-bound: the ops ran " + ("slower" if off > 0 else "faster") + " than the "
-                       "hardware profile says: other load on these CPUs, another machine than the one calibrated, or "
-                       "a stale profile (rerun shipyard calibrate)")
+            return head + (
+                f"likely communication-bound: {self.pred['exposed_comm_ms']:.2f} ms of each step was "
+                f"predicted for the gradient all-reduce over {self.pred['link']}; the network or the "
+                "workers' placement is slower than calibrated (rerun shipyard calibrate on this cluster)"
+            )
+        return head + (
+            "likely compute-bound: the ops ran " + ("slower" if off > 0 else "faster") + " than the "
+            "hardware profile says: other load on these CPUs, another machine than the one calibrated, or "
+            "a stale profile (rerun shipyard calibrate)"
+        )
 
 
 def _local_run_dir(storage: str, run_name: str) -> str | None:
@@ -319,10 +371,21 @@ def _width(task: Task) -> int:
     return math.prod(task.info.input_shape)
 
 
-def make_trainer(cfg: Config, datasets: dict[str, Any], info: dict[str, Any], run_name: str, *,
-                 storage_path: str | None = None, num_workers: int | None = None, cpus_per_worker: float | None = None,
-                 tracking_uri: str | None = None, mlflow_run_id: str | None = None, callbacks: list | None = None,
-                 quiet: bool = False, prediction: dict[str, Any] | None = None):
+def make_trainer(
+    cfg: Config,
+    datasets: dict[str, Any],
+    info: dict[str, Any],
+    run_name: str,
+    *,
+    storage_path: str | None = None,
+    num_workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+    callbacks: list | None = None,
+    quiet: bool = False,
+    prediction: dict[str, Any] | None = None,
+):
     """A TorchTrainer over `train_loop_per_worker`: the pipeline's train stage, and each trial of a search
     with tune.workers_per_trial > 1 (then `callbacks=[TuneReportCallback()]` forwards rank 0's reports)."""
     import ray.train
@@ -331,37 +394,60 @@ def make_trainer(cfg: Config, datasets: dict[str, Any], info: dict[str, Any], ru
     storage = storage_path or str(cfg.storage_dir)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "info": info,
-                           "run_dir": _local_run_dir(storage, run_name),
-                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
-                           "quiet": quiet, "prediction": prediction,
-                           "train_rows": datasets["train"].count() if hasattr(datasets["train"], "count") else 0},
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "info": info,
+            "run_dir": _local_run_dir(storage, run_name),
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": mlflow_run_id,
+            "quiet": quiet,
+            "prediction": prediction,
+            "train_rows": datasets["train"].count() if hasattr(datasets["train"], "count") else 0,
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers or cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            num_workers=num_workers or cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
             elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
             resources_per_worker={"CPU": cpus_per_worker or cfg.scaling.cpus_per_worker},
-            placement_strategy=cfg.scaling.placement_strategy),
+            placement_strategy=cfg.scaling.placement_strategy,
+        ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # every rank validates on all of val
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage, callbacks=callbacks,
+            name=run_name,
+            storage_path=storage,
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             # Ray Train's own INFO lines (two per report and rank) would drown the one line per epoch
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
     )
 
 
-def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlflow_run_id: str | None = None,
-        prediction: dict[str, Any] | None = None) -> TrainResult:
+def fit(
+    cfg: Config,
+    splits,
+    run_name: str,
+    tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+    prediction: dict[str, Any] | None = None,
+) -> TrainResult:
     """Data-parallel training with Ray Train's TorchTrainer; returns the last checkpoint and metrics.
 
     `prediction` (the pipeline's plan: step_time_ms, epoch_s, ...) turns on the ETA, the predicted step time
     beside the measured one in each epoch's metrics, and the warning when they differ."""
     import ray.train
 
-    trainer = make_trainer(cfg, {"train": splits.train, "val": splits.val}, splits.info.to_dict(), run_name,
-                           tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, prediction=prediction)
+    trainer = make_trainer(
+        cfg,
+        {"train": splits.train, "val": splits.val},
+        splits.info.to_dict(),
+        run_name,
+        tracking_uri=tracking_uri,
+        mlflow_run_id=mlflow_run_id,
+        prediction=prediction,
+    )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
@@ -369,14 +455,16 @@ def fit(cfg: Config, splits, run_name: str, tracking_uri: str | None = None, mlf
             raise TrainingError(
                 f"training run {run_name} failed: the disk holding storage_path ({cfg.storage_dir}) or a worker's "
                 "temp folder is full. The checkpoints saved so far are intact there: free space (or set "
-                "storage_path to a larger disk, with the same path on every node) and rerun with --resume") from err
+                "storage_path to a larger disk, with the same path on every node) and rerun with --resume"
+            ) from err
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise TrainingError(f"training run {run_name} failed (train.max_failures={cfg.train.max_failures}): "
-                            f"{first_line}. The full error is above; worker logs are under the Ray session's "
-                            "logs/ folder (/tmp/ray/session_latest/logs on the head node)") from err
+        raise TrainingError(
+            f"training run {run_name} failed (train.max_failures={cfg.train.max_failures}): "
+            f"{first_line}. The full error is above; worker logs are under the Ray session's "
+            "logs/ folder (/tmp/ray/session_latest/logs on the head node)"
+        ) from err
     if result.checkpoint is None:
-        raise TrainingError(f"training run {run_name} ended without a checkpoint ({result.error}); "
-                            f"see {result.path}")
+        raise TrainingError(f"training run {run_name} ended without a checkpoint ({result.error}); see {result.path}")
     deliver_leftovers(result.checkpoint, tracking_uri, mlflow_run_id)
     return TrainResult(result.checkpoint, dict(result.metrics))
 

@@ -8,6 +8,7 @@
 A thread delivers the calls in order, retrying while the server is down (a restart, a network cut); a call
 is plain JSON, so what is still queued at the end can wait in a file (RELIABILITY.md, "tracking outage").
 """
+
 from __future__ import annotations
 
 import collections
@@ -107,8 +108,12 @@ class QueuedMlflow:
                     continue
                 if self.down_since is None:  # down, or failing (5xx): keep it queued, retry
                     self.down_since = time.monotonic()
-                    log.warning("MLflow tracking server unreachable (%s: %s): training goes on; metrics are "
-                                "queued and delivered when it is back", type(err).__name__, str(err)[:200])
+                    log.warning(
+                        "MLflow tracking server unreachable (%s: %s): training goes on; metrics are "
+                        "queued and delivered when it is back",
+                        type(err).__name__,
+                        str(err)[:200],
+                    )
                 with self.cond:
                     self.sending = False
                     self.cond.notify_all()
@@ -116,8 +121,11 @@ class QueuedMlflow:
                 failures += 1
                 continue
             if self.down_since is not None:
-                log.warning("MLflow tracking server back after %.0f s: delivering %d queued calls",
-                            time.monotonic() - self.down_since, len(self.pending))
+                log.warning(
+                    "MLflow tracking server back after %.0f s: delivering %d queued calls",
+                    time.monotonic() - self.down_since,
+                    len(self.pending),
+                )
                 self.down_since = None
             failures = 0
             with self.cond:
@@ -177,12 +185,21 @@ def deliver_leftovers(checkpoint, tracking_uri: str | None, run_id: str | None) 
             failed.append((call, args))
             last_error = f"{type(err).__name__}: {str(err)[:200]}"
     if failed:
-        log.error("LOST: %d of %d MLflow calls from training (metrics logged while the tracking server at %s was "
-                  "down) could not be delivered (%s); they are in %s of checkpoint %s", len(failed), len(calls),
-                  tracking_uri, last_error, UNDELIVERED_FILE, checkpoint.path)
+        log.error(
+            "LOST: %d of %d MLflow calls from training (metrics logged while the tracking server at %s was "
+            "down) could not be delivered (%s); they are in %s of checkpoint %s",
+            len(failed),
+            len(calls),
+            tracking_uri,
+            last_error,
+            UNDELIVERED_FILE,
+            checkpoint.path,
+        )
     if len(failed) < len(calls):
-        log.warning("delivered %d MLflow calls that training queued while the tracking server was down",
-                    len(calls) - len(failed))
+        log.warning(
+            "delivered %d MLflow calls that training queued while the tracking server was down",
+            len(calls) - len(failed),
+        )
     kept = Path(checkpoint.path) / UNDELIVERED_FILE
     if kept.is_file():  # local storage: keep only what is still undelivered (a resumed run must not resend)
         kept.write_text(json.dumps(failed)) if failed else kept.unlink()

@@ -6,11 +6,13 @@ performance model counts (shipyard.perf.layers.count_step_work runs it on the me
 What is configurable on every task: `train.precision` (bf16-mixed: the forward under torch.autocast, the loss in fp32),
 `train.grad_accum_steps` (micro-batches per optimizer step) and `train.grad_clip_norm`.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,9 +36,14 @@ def _no_mark(phase: str) -> None:
     return None
 
 
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                  loss_fn: LossFn, options: StepOptions = StepOptions(),
-                  mark: Callable[[str], None] = _no_mark) -> float:
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    loss_fn: LossFn,
+    options: StepOptions = StepOptions(),
+    mark: Callable[[str], None] = _no_mark,
+) -> float:
     """One optimizer step on `batch` ({"x", "y"}); returns the batch's mean loss.
 
     The batch is split in `grad_accum_steps` micro-batches; each one's loss is weighted by its share of the

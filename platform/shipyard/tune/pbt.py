@@ -3,6 +3,7 @@ that change the model's parameter shapes) and how a perturbed value stays in the
 
     mutated, kept = pbt_keys(cfg, in_features, num_classes)   # kept: key -> the shape difference it makes
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,7 +18,7 @@ from shipyard.tasks.models import build_model
 def _space_values(spec: dict[str, list[Any]]) -> list[Any]:
     """The values of a space entry that bound what a trial can get: every choice, or a range's two ends (Tune's
     randint excludes its high)."""
-    (dist, args), = spec.items()
+    ((dist, args),) = spec.items()
     if dist in ("choice", "grid"):
         return list(args)
     return [args[0], args[1] - 1] if dist == "randint" else list(args)
@@ -50,14 +51,17 @@ def shape_keys(cfg: Config, in_features: int, num_classes: int) -> dict[str, str
             try:
                 seen.append((value, param_shapes(model, in_features, num_classes)))
             except Exception as err:
-                raise ConfigError(f"tune.space.{key}: model.name={model.name} does not build with {key}={value!r} "
-                                  f"({type(err).__name__}: {err}); fix the value or the model") from err
+                raise ConfigError(
+                    f"tune.space.{key}: model.name={model.name} does not build with {key}={value!r} "
+                    f"({type(err).__name__}: {err}); fix the value or the model"
+                ) from err
         (first, shapes), *rest = seen
         for value, other in rest:
             if other != shapes:
                 name = next(n for n in [*shapes, *other] if shapes.get(n) != other.get(n))
-                out[key] = (f"{key}={first!r} vs {value!r}: {name} {shapes.get(name, 'absent')} vs "
-                            f"{other.get(name, 'absent')}")
+                out[key] = (
+                    f"{key}={first!r} vs {value!r}: {name} {shapes.get(name, 'absent')} vs {other.get(name, 'absent')}"
+                )
                 break
     return out
 
@@ -74,7 +78,8 @@ def pbt_keys(cfg: Config, in_features: int, num_classes: int) -> tuple[list[str]
             f"tune.scheduler=pbt: every key of tune.space changes the model's parameter shapes "
             f"({'; '.join(fixed.values())}), and a trial cannot continue from weights of another shape, so PBT has "
             f"nothing to mutate. Add a key it can mutate (e.g. train.lr: {{loguniform: [0.0005, 0.01]}}) or use "
-            f"tune.scheduler=asha")
+            f"tune.scheduler=asha"
+        )
     return mutated, fixed
 
 
@@ -83,7 +88,7 @@ def clip_to_space(config: dict[str, Any], space: dict[str, dict[str, list[Any]]]
     0.8 or 1.2 without bounds, and a value such as model.dropout 1.08 would fail the trial's config."""
     out = dict(config)
     for key, spec in space.items():
-        (dist, args), = spec.items()
+        ((dist, args),) = spec.items()
         if key in out and dist in ("uniform", "loguniform", "randint"):
             low, high = _space_values(spec)
             out[key] = type(out[key])(min(max(out[key], low), high))

@@ -3,6 +3,7 @@
 Uses `Figure` + `FigureCanvasAgg` directly rather than pyplot: no global figure state, no GUI
 backend, safe inside Ray workers and headless CI.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,11 +23,11 @@ OUTCOME_COLOURS = {"completed": "tab:green", "stopped": "tab:orange", "errored":
 @dataclass
 class TrialHistory:
     trial_id: str
-    config: dict[str, Any]    # sampled hyperparameters, dotted keys e.g. {"train.lr": 0.003, "model.width": 64}
+    config: dict[str, Any]  # sampled hyperparameters, dotted keys e.g. {"train.lr": 0.003, "model.width": 64}
     status: str  # "completed", "errored", "stopped at rung 2 (epoch 9)", "stopped at epoch 4", "paused" ...
-    epochs: list[int]         # 1-based epoch numbers reported
-    metric: list[float]       # objective per reported epoch (same length as epochs)
-    elapsed_s: list[float]    # wall seconds since the search started, per reported epoch
+    epochs: list[int]  # 1-based epoch numbers reported
+    metric: list[float]  # objective per reported epoch (same length as epochs)
+    elapsed_s: list[float]  # wall seconds since the search started, per reported epoch
 
 
 def outcome(status: str) -> str:
@@ -79,7 +80,7 @@ def _best(h: TrialHistory, mode: str) -> float | None:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)   # a bool is a choice, not a magnitude
+    return isinstance(v, (int, float)) and not isinstance(v, bool)  # a bool is a choice, not a magnitude
 
 
 def _scatter_param(ax: Axes, key: str, points: list[tuple[Any, float, str]], metric: str) -> None:
@@ -87,12 +88,12 @@ def _scatter_param(ax: Axes, key: str, points: list[tuple[Any, float, str]], met
     if all(_is_number(v) for v in values):
         xs = [float(v) for v in values]
         if xs and min(xs) > 0 and max(xs) / min(xs) >= 100:
-            ax.set_xscale("log")   # loguniform ranges (e.g. lr 1e-4..1e-2) are unreadable on a linear axis
+            ax.set_xscale("log")  # loguniform ranges (e.g. lr 1e-4..1e-2) are unreadable on a linear axis
     else:
         categories = sorted({str(v) for v in values})
         xs = [float(categories.index(str(v))) for v in values]
         ax.set_xticks(range(len(categories)), categories, rotation=30, fontsize=8)
-        ax.set_xlim(-0.5, len(categories) - 0.5)   # keep the end categories off the frame
+        ax.set_xlim(-0.5, len(categories) - 0.5)  # keep the end categories off the frame
     ax.scatter(xs, [y for _, y, _ in points], c=[OUTCOME_COLOURS[k] for _, _, k in points], alpha=0.8)
     ax.set(xlabel=key, ylabel=f"best {metric}")
 
@@ -108,12 +109,17 @@ def _objective_vs_params_figure(histories: list[TrialHistory], metric: str, mode
         return fig
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys):
-        points = [(h.config[key], best, outcome(h.status)) for h in histories
-                  if key in h.config and (best := _best(h, mode)) is not None]
+        points = [
+            (h.config[key], best, outcome(h.status))
+            for h in histories
+            if key in h.config and (best := _best(h, mode)) is not None
+        ]
         _scatter_param(ax, key, points, metric)
     present = [k for k in OUTCOME_COLOURS if any(outcome(h.status) == k and h.epochs for h in histories)]
-    fig.legend(handles=[Line2D([], [], color=OUTCOME_COLOURS[k], marker="o", linestyle="", label=k) for k in present],
-               loc="outside right upper")
+    fig.legend(
+        handles=[Line2D([], [], color=OUTCOME_COLOURS[k], marker="o", linestyle="", label=k) for k in present],
+        loc="outside right upper",
+    )
     fig.suptitle(f"best {metric} ({mode}) per hyperparameter")
     return fig
 
@@ -123,9 +129,12 @@ def objective_vs_params(histories: list[TrialHistory], metric: str, mode: str, p
     return _save(_objective_vs_params_figure(histories, metric, mode), path)
 
 
-def write_search_plots(histories: list[TrialHistory], metric: str, mode: str, rungs: list[int],
-                       out_dir: Path) -> list[Path]:
+def write_search_plots(
+    histories: list[TrialHistory], metric: str, mode: str, rungs: list[int], out_dir: Path
+) -> list[Path]:
     """Write learning_curves.png and objective_vs_params.png into out_dir; returns both paths."""
     out_dir = Path(out_dir)
-    return [learning_curves(histories, metric, rungs, out_dir / "learning_curves.png"),
-            objective_vs_params(histories, metric, mode, out_dir / "objective_vs_params.png")]
+    return [
+        learning_curves(histories, metric, rungs, out_dir / "learning_curves.png"),
+        objective_vs_params(histories, metric, mode, out_dir / "objective_vs_params.png"),
+    ]

@@ -3,6 +3,7 @@
 Pure maths, no Ray: the rung settings are explained in the run's output before the search starts, and the
 same `Schedule` names each trial's outcome (MLflow tag, progress lines, plots) afterwards.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,7 @@ log = logging.getLogger(__name__)
 EPOCHS = "epochs_done"
 """The schedulers' clock: epochs a trial has trained, reported with each epoch's metrics. Not Tune's
 training_iteration, which restarts when a multi-worker trial resumes from its Train job's own checkpoint."""
+
 
 def asha_rungs(max_t: int, grace_period: int, reduction_factor: float) -> list[int]:
     """Epochs at which ASHA compares a trial with its peers: grace * rf^k below max_t.
@@ -42,7 +44,7 @@ def hyperband_brackets(max_t: int, reduction_factor: float) -> list[tuple[int, l
     s_max_1 = int(round(math.log(max_t) / math.log(eta))) + 1
     brackets = []
     for s in range(s_max_1):
-        n0, r = int(math.ceil(s_max_1 / (s + 1) * eta ** s)), int(max_t * eta ** -s)
+        n0, r = int(math.ceil(s_max_1 / (s + 1) * eta**s)), int(max_t * eta**-s)
         if r == 0:
             continue
         halvings = []
@@ -56,6 +58,7 @@ def hyperband_brackets(max_t: int, reduction_factor: float) -> list[tuple[int, l
 @dataclass(frozen=True)
 class Schedule:
     """When the scheduler judges trials: the statuses of trials and the rung marks of the plots come from it."""
+
     max_t: int
     rungs: list[int]
     ends: tuple[int, ...] = ()
@@ -85,21 +88,44 @@ def explain_schedule(cfg: Config) -> Schedule:
     t, max_t = cfg.tune, cfg.train.epochs
     if t.scheduler == "asha":
         rungs = asha_rungs(max_t, min(t.grace_period, max_t), t.reduction_factor)
-        log.info("ASHA: max_t %d epochs, grace_period %d, reduction_factor %g -> rungs at epochs %s: at each rung "
-                 "a trial goes on only if it is in the top 1/%g of the trials that reached it", max_t,
-                 t.grace_period, t.reduction_factor, rungs, t.reduction_factor)
+        log.info(
+            "ASHA: max_t %d epochs, grace_period %d, reduction_factor %g -> rungs at epochs %s: at each rung "
+            "a trial goes on only if it is in the top 1/%g of the trials that reached it",
+            max_t,
+            t.grace_period,
+            t.reduction_factor,
+            rungs,
+            t.reduction_factor,
+        )
         return Schedule(max_t, rungs)
     if t.scheduler == "hyperband":
         brackets = hyperband_brackets(max_t, t.reduction_factor)
         first = 1
         for i, (n, halvings, last) in enumerate(brackets, 1):
-            log.info("HyperBand bracket %d: trials %d-%d, halved at epochs %s (the top 1/%g go on), its last "
-                     "trials stop at epoch %d", i, first, first + n - 1, halvings or "never", t.reduction_factor, last)
+            log.info(
+                "HyperBand bracket %d: trials %d-%d, halved at epochs %s (the top 1/%g go on), its last "
+                "trials stop at epoch %d",
+                i,
+                first,
+                first + n - 1,
+                halvings or "never",
+                t.reduction_factor,
+                last,
+            )
             first += n
-        log.info("HyperBand pauses a trial at a rung until its bracket has caught up: running trials are limited "
-                 "by CPUs (tune.cpus_per_trial), not by tune.max_concurrent_trials")
-        return Schedule(max_t, sorted({h for _, hs, _ in brackets for h in hs}),
-                        tuple(sorted({last for _, _, last in brackets if last < max_t})))
-    log.info("scheduler %s over %d epochs%s", t.scheduler, max_t,
-             f", perturbing every {t.perturbation_interval} epochs" if t.scheduler == "pbt" else "")
+        log.info(
+            "HyperBand pauses a trial at a rung until its bracket has caught up: running trials are limited "
+            "by CPUs (tune.cpus_per_trial), not by tune.max_concurrent_trials"
+        )
+        return Schedule(
+            max_t,
+            sorted({h for _, hs, _ in brackets for h in hs}),
+            tuple(sorted({last for _, _, last in brackets if last < max_t})),
+        )
+    log.info(
+        "scheduler %s over %d epochs%s",
+        t.scheduler,
+        max_t,
+        f", perturbing every {t.perturbation_interval} epochs" if t.scheduler == "pbt" else "",
+    )
     return Schedule(max_t, [])

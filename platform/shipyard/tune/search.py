@@ -5,6 +5,7 @@
 The search space uses the config's own dotted keys (`train.lr`), so a trial's config is
 `apply_overrides(cfg, trial_config)` and its MLflow params carry the same names.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,15 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-from shipyard.train.checkpoints import checkpoint_keeper, final_prune
 from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError, TrainingError
+from shipyard.tasks import make_task, objective
+from shipyard.train.checkpoints import checkpoint_keeper, final_prune
 from shipyard.tune.pbt import clip_to_space, param_shapes, pbt_keys
 from shipyard.tune.plots import TrialHistory, write_search_plots
 from shipyard.tune.schedules import EPOCHS, Schedule, explain_schedule, rung_counts
 from shipyard.tune.trials import TRIAL_DRIVER_CPU, trials_at_once, tune_trial, tune_trial_ddp
-from shipyard.tasks import make_task, objective
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def build_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     for key, spec in space.items():
         if len(spec) != 1:
             raise ConfigError(f"tune.space.{key}: give exactly one distribution, e.g. {{loguniform: [1e-4, 1e-2]}}")
-        (dist, args), = spec.items()
+        ((dist, args),) = spec.items()
         if dist in ("choice", "grid"):
             if not args:
                 raise ConfigError(f"tune.space.{key}.{dist}: the list of values is empty")
@@ -63,12 +63,14 @@ def check_space(cfg: Config) -> None:
         what = "tune.search=optuna" if cfg.tune.search == "optuna" else "tune.scheduler=pbt"
         raise ConfigError(f"tune.space.{grids[0]}: grid is not supported with {what}; use choice instead")
     if cfg.tune.workers_per_trial > 1 and cfg.tune.scheduler in ("pbt", "hyperband"):
-        raise ConfigError(f"tune.scheduler={cfg.tune.scheduler} pauses or clones trials through Tune checkpoints, "
-                          "which a multi-worker trial (a Ray Train job) does not hand to Tune; use asha or fifo, or "
-                          "tune.workers_per_trial=1")
+        raise ConfigError(
+            f"tune.scheduler={cfg.tune.scheduler} pauses or clones trials through Tune checkpoints, "
+            "which a multi-worker trial (a Ray Train job) does not hand to Tune; use asha or fifo, or "
+            "tune.workers_per_trial=1"
+        )
     for key, spec in cfg.tune.space.items():
-        (dist, args), = spec.items()
-        for value in (args if dist in ("choice", "grid") else args[:1]):
+        ((dist, args),) = spec.items()
+        for value in args if dist in ("choice", "grid") else args[:1]:
             apply_overrides(cfg, {key: value}, source=f"tune.space.{key}")
     if cfg.tune.scheduler == "pbt":
         try:
@@ -90,8 +92,10 @@ def check_errored_trials(total: int, errors: list[str], trial_logs: str) -> str 
     None errored: None."""
     if not errors:
         return None
-    what = (f"{len(errors)} of {total} trials errored; the first: {errors[0]}. Trial logs: {trial_logs} (error.txt "
-            "in each errored trial's folder)")
+    what = (
+        f"{len(errors)} of {total} trials errored; the first: {errors[0]}. Trial logs: {trial_logs} (error.txt "
+        "in each errored trial's folder)"
+    )
     if 2 * len(errors) > total:
         raise TrainingError(f"the search failed: {what}. Fix the cause and run again")
     return f"{what}; the best of the other {total - len(errors)} is used"
@@ -124,8 +128,15 @@ def _progress_callback(cfg: Config, total: int, schedule: Schedule):
             self.done += 1
             last = trial.last_result or {}
             status = schedule.status(last.get(EPOCHS, 0), errored)
-            log.info("trial %d/%d %s: %s, %s %.4f", self.done, total, trial.trial_id, status, objective(cfg)[0],
-                     last.get(objective(cfg)[0], float("nan")))
+            log.info(
+                "trial %d/%d %s: %s, %s %.4f",
+                self.done,
+                total,
+                trial.trial_id,
+                status,
+                objective(cfg)[0],
+                last.get(objective(cfg)[0], float("nan")),
+            )
 
     return TrialProgress()
 
@@ -147,13 +158,22 @@ class SearchSummary:
 
 def _scheduler(cfg: Config, space: dict[str, Any], mutated: list[str]):
     """Tune's scheduler for tune.scheduler; with PBT, `mutated` are the space keys it may change in a trial."""
-    from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, PopulationBasedTraining,
-                                     TrialScheduler)
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        FIFOScheduler,
+        HyperBandScheduler,
+        PopulationBasedTraining,
+        TrialScheduler,
+    )
 
     t = cfg.tune
     if t.scheduler == "asha":
-        return ASHAScheduler(time_attr=EPOCHS, max_t=cfg.train.epochs,
-                             grace_period=min(t.grace_period, cfg.train.epochs), reduction_factor=t.reduction_factor)
+        return ASHAScheduler(
+            time_attr=EPOCHS,
+            max_t=cfg.train.epochs,
+            grace_period=min(t.grace_period, cfg.train.epochs),
+            reduction_factor=t.reduction_factor,
+        )
     if t.scheduler == "hyperband":
         return HyperBandScheduler(time_attr=EPOCHS, max_t=cfg.train.epochs, reduction_factor=t.reduction_factor)
     if t.scheduler == "pbt":
@@ -173,8 +193,12 @@ def _scheduler(cfg: Config, space: dict[str, Any], mutated: list[str]):
                     return TrialScheduler.CONTINUE
                 return super().on_trial_result(tune_controller, trial, result)
 
-        return PBT(time_attr=EPOCHS, perturbation_interval=t.perturbation_interval, hyperparam_mutations=mutations,
-                   custom_explore_fn=functools.partial(clip_to_space, space=t.space))
+        return PBT(
+            time_attr=EPOCHS,
+            perturbation_interval=t.perturbation_interval,
+            hyperparam_mutations=mutations,
+            custom_explore_fn=functools.partial(clip_to_space, space=t.space),
+        )
     return FIFOScheduler()
 
 
@@ -208,7 +232,9 @@ def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedu
                 client = self.mlflow_util._get_client()
                 found = client.search_runs(
                     [client.get_run(parent_run_id).info.experiment_id],
-                    f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.trial_name = '{trial}'", max_results=1)
+                    f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.trial_name = '{trial}'",
+                    max_results=1,
+                )
                 if not found:
                     return super().log_trial_start(trial)
                 self._trial_runs[trial] = found[0].info.run_id  # a resumed search: the same run goes on
@@ -221,8 +247,11 @@ def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedu
 
         def log_trial_result(self, iteration: int, trial, result: dict):
             # Tune's training_iteration restarts at 1 when a multi-worker trial resumes from its Train checkpoint
-            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=result,
-                                         step=result.get(EPOCHS, result.get("training_iteration")))
+            self.mlflow_util.log_metrics(
+                run_id=self._trial_runs[trial],
+                metrics_to_log=result,
+                step=result.get(EPOCHS, result.get("training_iteration")),
+            )
 
         def log_trial_end(self, trial, failed: bool = False):
             status = schedule.status((trial.last_result or {}).get(EPOCHS, 0), failed)
@@ -232,12 +261,17 @@ def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedu
             if _run_status(status) == "KILLED":
                 self.mlflow_util._get_client().set_terminated(run_id, status="KILLED")
 
-    return TrialRunLogger(tracking_uri=tracking_uri, experiment_name=experiment, save_artifact=False,
-                          tags={"mlflow.parentRunId": parent_run_id, "shipyard.kind": "trial"})
+    return TrialRunLogger(
+        tracking_uri=tracking_uri,
+        experiment_name=experiment,
+        save_artifact=False,
+        tags={"mlflow.parentRunId": parent_run_id, "shipyard.kind": "trial"},
+    )
 
 
-def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id: str, resume: bool = False
-           ) -> SearchSummary:
+def search(
+    cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id: str, resume: bool = False
+) -> SearchSummary:
     """Run the configured search; every trial becomes a child MLflow run of `parent_run_id` (the search run).
 
     With `resume`, a search of the same `run_name` whose driver died goes on from its last saved state:
@@ -252,38 +286,61 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     mutated: list[str] = []
     if pbt:
         mutated, fixed = pbt_keys(cfg, *make_task(cfg.task, splits.info).net_shape())
-        log.info("PBT mutates %s%s", ", ".join(mutated),
-                 f"; keeps {', '.join(fixed)} as each trial sampled it, since it changes the model's parameter "
-                 f"shapes ({'; '.join(fixed.values())}): an exploit copies it from the cloned trial with the "
-                 "checkpoint" if fixed else "")
+        log.info(
+            "PBT mutates %s%s",
+            ", ".join(mutated),
+            f"; keeps {', '.join(fixed)} as each trial sampled it, since it changes the model's parameter "
+            f"shapes ({'; '.join(fixed.values())}): an exploit copies it from the cloned trial with the "
+            "checkpoint"
+            if fixed
+            else "",
+        )
     at_once = trials_at_once(cfg, [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]])
     if at_once < min(cfg.tune.max_concurrent_trials, cfg.tune.num_samples):
-        log.warning("only %d trial(s) of %g CPUs fit on this cluster at once (tune.max_concurrent_trials=%d)",
-                    at_once, cfg.tune.cpus_per_trial, cfg.tune.max_concurrent_trials)
+        log.warning(
+            "only %d trial(s) of %g CPUs fit on this cluster at once (tune.max_concurrent_trials=%d)",
+            at_once,
+            cfg.tune.cpus_per_trial,
+            cfg.tune.max_concurrent_trials,
+        )
     multi = cfg.tune.workers_per_trial > 1
-    trainable = tune.with_parameters(tune_trial_ddp if multi else tune_trial, base=cfg.model_dump(mode="json"),
-                                     train_ds=splits.train, val_ds=splits.val, info=splits.info.to_dict())
+    trainable = tune.with_parameters(
+        tune_trial_ddp if multi else tune_trial,
+        base=cfg.model_dump(mode="json"),
+        train_ds=splits.train,
+        val_ds=splits.val,
+        info=splits.info.to_dict(),
+    )
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU if multi else cfg.tune.cpus_per_trial})
     path = Path(cfg.storage_dir) / run_name
     # Tune snapshots the experiment every >= 10 s by default; a trial that ends after the last snapshot of a
     # killed driver is restored and run again from its last snapshotted checkpoint: snapshot often
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if resume and tune.Tuner.can_restore(str(path)):
-        log.info("resuming the search saved at %s: finished trials are kept, the others restart from their "
-                 "latest checkpoint", path)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=space)
+        log.info(
+            "resuming the search saved at %s: finished trials are kept, the others restart from their "
+            "latest checkpoint",
+            path,
+        )
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True, param_space=space)
     else:
         if resume:
             log.warning("no saved search at %s to resume: starting it afresh", path)
         tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric=objective(cfg)[0], mode=objective(cfg)[1],
-                                        num_samples=cfg.tune.num_samples, scheduler=_scheduler(cfg, space, mutated),
-                                        search_alg=_search_alg(cfg, at_once),
-                                        reuse_actors=not multi),  # trial start-up (process + torch import)
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=objective(cfg)[0],
+                mode=objective(cfg)[1],
+                num_samples=cfg.tune.num_samples,
+                scheduler=_scheduler(cfg, space, mutated),
+                search_alg=_search_alg(cfg, at_once),
+                reuse_actors=not multi,
+            ),  # trial start-up (process + torch import)
             run_config=tune.RunConfig(
-                name=run_name, storage_path=str(cfg.storage_dir), verbose=0,
+                name=run_name,
+                storage_path=str(cfg.storage_dir),
+                verbose=0,
                 # a function trial's last report is not marked done: without this stop rule HyperBand pauses a
                 # trial that reached max_t, and if it is its bracket's last, the search hangs (seen on Ray 2.60)
                 stop={EPOCHS: cfg.train.epochs},
@@ -291,35 +348,53 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
                 # tune.keep_checkpoints. Not with PBT: an exploit clones the checkpoint its source saved at its last
                 # perturbation, and the cloning trial loads it when it restarts, after its source may have saved
                 # more (Tune's num_to_keep keeps only the best few and the latest) or ended (the keeper prunes ended
-                # trials): the clone then fails with FileNotFoundError. So with PBT every checkpoint stays until the search ends
+                # trials): the clone then fails with FileNotFoundError. So with PBT every checkpoint stays until the
+                # search ends
                 # and final_prune keeps the best tune.keep_checkpoints: disk grows by a checkpoint per trial-epoch.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=None if pbt else 1,
-                                                        checkpoint_score_attribute=objective(cfg)[0],
-                                                        checkpoint_score_order=objective(cfg)[1]),
-                callbacks=[_progress_callback(cfg, cfg.tune.num_samples, schedule),
-                           *([] if pbt else [checkpoint_keeper(cfg)]),
-                           _trial_logger(tracking_uri, cfg.tracking.experiment, parent_run_id, schedule, pbt)]),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=None if pbt else 1,
+                    checkpoint_score_attribute=objective(cfg)[0],
+                    checkpoint_score_order=objective(cfg)[1],
+                ),
+                callbacks=[
+                    _progress_callback(cfg, cfg.tune.num_samples, schedule),
+                    *([] if pbt else [checkpoint_keeper(cfg)]),
+                    _trial_logger(tracking_uri, cfg.tracking.experiment, parent_run_id, schedule, pbt),
+                ],
+            ),
         )
     started = time.time()
     results = tuner.fit()
     fit_s = round(time.time() - started, 2)
     ok = [r for r in results if r.error is None and r.metrics and objective(cfg)[0] in r.metrics]
-    errored = check_errored_trials(len(results), [_error_line(r.error) for r in results if r.error is not None],
-                                   results.experiment_path)
+    errored = check_errored_trials(
+        len(results), [_error_line(r.error) for r in results if r.error is not None], results.experiment_path
+    )
     if not ok:
-        raise TrainingError(f"no trial of the search reported {objective(cfg)[0]}. Trial logs: "
-                            f"{results.experiment_path}")
+        raise TrainingError(
+            f"no trial of the search reported {objective(cfg)[0]}. Trial logs: {results.experiment_path}"
+        )
     if errored:
         log.warning("%s", errored)
     best = results.get_best_result(metric=objective(cfg)[0], mode=objective(cfg)[1], scope="last")
     histories = _histories(cfg, results, schedule, started)
     best_checkpoint = best.checkpoint.path if best.checkpoint else best.metrics.get("checkpoint_path")
     if best_checkpoint and not Path(best_checkpoint).exists():  # a Train-job trial: its job's newest
-        best_checkpoint = str(max((d for d in Path(best.path).rglob("checkpoint_*") if d.is_dir()),
-                                  key=lambda d: d.stat().st_mtime, default=best_checkpoint))
+        best_checkpoint = str(
+            max(
+                (d for d in Path(best.path).rglob("checkpoint_*") if d.is_dir()),
+                key=lambda d: d.stat().st_mtime,
+                default=best_checkpoint,
+            )
+        )
     kept, disk_mb = final_prune(cfg, results, best_checkpoint)
-    log.info("checkpoints: %d kept (%.1f MiB) under %s; the best trial's is %s", kept, disk_mb,
-             results.experiment_path, best_checkpoint)
+    log.info(
+        "checkpoints: %d kept (%.1f MiB) under %s; the best trial's is %s",
+        kept,
+        disk_mb,
+        results.experiment_path,
+        best_checkpoint,
+    )
     if schedule.rungs:
         counts = rung_counts([h.epochs[-1] if h.epochs else 0 for h in histories], schedule.rungs, schedule.max_t)
         log.info("trials reaching each rung (epoch: trials): %s", counts)
@@ -327,16 +402,29 @@ def search(cfg: Config, splits, run_name: str, tracking_uri: str, parent_run_id:
     _settle_trial_runs(tracking_uri, parent_run_id, histories)
     _log_search_outputs(cfg, histories, schedule.rungs, tracking_uri, parent_run_id, kept, disk_mb)
     overrides = {k: best.config[k] for k in cfg.tune.space}
-    return SearchSummary(overrides, float(best.metrics[objective(cfg)[0]]), len(results), summary, histories,
-                         fit_s, best_checkpoint, kept, disk_mb, results.experiment_path)
+    return SearchSummary(
+        overrides,
+        float(best.metrics[objective(cfg)[0]]),
+        len(results),
+        summary,
+        histories,
+        fit_s,
+        best_checkpoint,
+        kept,
+        disk_mb,
+        results.experiment_path,
+    )
 
 
 def _histories(cfg: Config, results, schedule: Schedule, started: float) -> list[TrialHistory]:
     """Per-trial learning curves from each trial's result log (it survives a driver restart)."""
     out = []
     frames = [r.metrics_dataframe for r in results]
-    stamps = [df["reported_at_s"].iloc[0] - df["time_this_iter_s"].iloc[0] for df in frames
-              if df is not None and len(df) and "reported_at_s" in df]
+    stamps = [
+        df["reported_at_s"].iloc[0] - df["time_this_iter_s"].iloc[0]
+        for df in frames
+        if df is not None and len(df) and "reported_at_s" in df
+    ]
     t0 = min([started, *stamps])
     for r, df in zip(results, frames):
         rows = df if df is not None and objective(cfg)[0] in getattr(df, "columns", []) else None
@@ -345,9 +433,16 @@ def _histories(cfg: Config, results, schedule: Schedule, started: float) -> list
             epochs = rows[EPOCHS].astype(int).tolist()
             elapsed = (rows["reported_at_s" if "reported_at_s" in rows else "timestamp"] - t0).tolist()
         status = schedule.status(epochs[-1] if epochs else 0, r.error is not None)
-        out.append(TrialHistory(str((r.metrics or {}).get("trial_id", Path(r.path).name)),
-                                {k: r.config.get(k) for k in cfg.tune.space}, status, epochs,
-                                rows[objective(cfg)[0]].astype(float).tolist() if rows is not None else [], elapsed))
+        out.append(
+            TrialHistory(
+                str((r.metrics or {}).get("trial_id", Path(r.path).name)),
+                {k: r.config.get(k) for k in cfg.tune.space},
+                status,
+                epochs,
+                rows[objective(cfg)[0]].astype(float).tolist() if rows is not None else [],
+                elapsed,
+            )
+        )
     return out
 
 
@@ -378,8 +473,15 @@ def _settle_trial_runs(tracking_uri: str, parent_run_id: str, histories: list[Tr
             client.set_terminated(run.info.run_id, status=_run_status(history.status))
 
 
-def _log_search_outputs(cfg: Config, histories: list[TrialHistory], rungs: list[int], tracking_uri: str,
-                        run_id: str, kept: int, disk_mb: float) -> None:
+def _log_search_outputs(
+    cfg: Config,
+    histories: list[TrialHistory],
+    rungs: list[int],
+    tracking_uri: str,
+    run_id: str,
+    kept: int,
+    disk_mb: float,
+) -> None:
     """Onto the search run: the checkpoint disk report and the PNG plots (learning curves, objective per param)."""
     from mlflow import MlflowClient
 

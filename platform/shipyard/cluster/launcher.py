@@ -72,7 +72,7 @@ JSON_TYPES = {
 
 
 def check_launcher(cfg: dict[str, Any], allow_public: bool = False) -> list[Finding]:
-    from ray.autoscaler._private.providers import _DEFAULT_CONFIGS, _get_default_config
+    from shipyard.private_apis import launcher_default_config, launcher_provider_types
 
     provider = cfg.get("provider")
     if not isinstance(provider, dict) or not isinstance(provider.get("type"), str):
@@ -84,7 +84,7 @@ def check_launcher(cfg: dict[str, Any], allow_public: bool = False) -> list[Find
                 "`provider: {type: aws, region: us-west-2}`",
             )
         ]
-    ptype, known = provider["type"], sorted({*_DEFAULT_CONFIGS, "external"})
+    ptype, known = provider["type"], sorted({*launcher_provider_types(), "external"})
     if ptype == "kuberay":
         return [
             Finding(
@@ -106,7 +106,7 @@ def check_launcher(cfg: dict[str, Any], allow_public: bool = False) -> list[Find
         ] + _launcher_rules(cfg, allow_public)
     # Ray fills every top-level key the file leaves out from the provider's defaults (fillout_defaults), so
     # Shipyard's rules read the same merged file `ray up` runs: an omitted head_start_ray_commands is Ray's.
-    defaults = _get_default_config(provider)
+    defaults = launcher_default_config(provider)
     merged = {**defaults, **cfg}
     findings = _launcher_rules(merged, allow_public)
     if ptype == "aws" and not _mapping(merged, "docker").get("image"):  # in a container the AMI's Python is unused
@@ -135,12 +135,15 @@ def check_launcher(cfg: dict[str, Any], allow_public: bool = False) -> list[Find
 
 
 def _ray_preflight(cfg: dict[str, Any], ptype: str) -> list[Finding]:
-    """`ray up`'s pure pre-flight steps (ray.autoscaler._private.util), collecting every schema error."""
+    """`ray up`'s pure pre-flight steps (private to Ray: shipyard.private_apis), collecting every schema error."""
     import click
     import jsonschema
     import ray.autoscaler
-    from ray.autoscaler._private import util
-    from ray.autoscaler._private.local.config import prepare_local
+
+    from shipyard.private_apis import launcher_prepare_local as prepare_local
+    from shipyard.private_apis import launcher_util
+
+    util = launcher_util()
 
     findings: list[Finding] = []
     staged = copy.deepcopy(cfg)

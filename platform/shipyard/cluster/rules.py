@@ -117,7 +117,7 @@ def _path(parts: Parts) -> str:
 
 @contextlib.contextmanager
 def _ray_log(logger_name: str) -> Iterator[list[logging.LogRecord]]:
-    """The WARNING+ records of Ray's logger (ray.autoscaler._private.util's among them), kept from the handler of
+    """The WARNING+ records of Ray's logger (those of `ray up`'s own checks among them), kept from the handler of
     the `ray` logger, which holds the real stderr; INFO ("setting max workers for head node type to 0") is dropped."""
     logger, records, handler = logging.getLogger(logger_name), [], logging.Handler(logging.WARNING)
     handler.emit = records.append  # type: ignore[method-assign]

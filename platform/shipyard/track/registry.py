@@ -163,7 +163,8 @@ def load_torch(uri: str):
     import mlflow
     import torch
     import yaml
-    from mlflow.pytorch import _validate_pt2_archive_is_pickle_free
+
+    from shipyard.private_apis import check_pt2_is_pickle_free
 
     local = Path(mlflow.artifacts.download_artifacts(uri))
     try:
@@ -185,7 +186,7 @@ def load_torch(uri: str):
         )
     path = data / EXPORTED_MODEL_FILE
     try:
-        _validate_pt2_archive_is_pickle_free(str(path))  # every record JSON, text or weights_only-loadable
+        check_pt2_is_pickle_free(str(path))  # every record JSON, text or weights_only-loadable
     except mlflow.exceptions.MlflowException as err:
         raise ServingError(f"{uri} refused: {str(err).splitlines()[0][:300]}") from None
     return torch.export.load(str(path)).module()

@@ -17,7 +17,6 @@ import socket
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from shipyard.config import Config
 from shipyard.errors import TrainingError
 from shipyard.tasks import Task, make_task
 from shipyard.train.checkpoints import CHECKPOINT_FILE, ResumePoint, repair_run_snapshot, resume_point
-from shipyard.train.mlflow_queue import FLUSH_S, UNDELIVERED_FILE, QueuedMlflow, deliver_leftovers
+from shipyard.train.mlflow_queue import FLUSH_S, UNDELIVERED_FILE, WORKER_ENV, QueuedMlflow, deliver_leftovers
 from shipyard.train.step import StepOptions, training_step
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,20 @@ def run_epoch(
 
 def iter_batches(ds, batch_size: int, seed: int | None = None, device: torch.device | str = "cpu"):
     kwargs = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_ROWS, "local_shuffle_seed": seed} if seed is not None else {}
-    return ds.iter_torch_batches(batch_size=batch_size, device=device, **kwargs)
+    return ds.iter_torch_batches(batch_size=batch_size, device=device, collate_fn=_writable_collate(), **kwargs)
+
+
+def _writable_collate():
+    """Ray Data's blocks are read-only memory; torch warns (once per process) when a tensor wraps one. Copy
+    such a column instead (one batch's bytes, small beside its step) rather than set a process-wide filter."""
+    import numpy as np
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class WritableTensors(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in batch.items()}
+
+    return WritableTensors()
 
 
 # -- Ray Train ----------------------------------------------------------------------------------
@@ -140,7 +152,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = Config.model_validate(config["cfg"])
     _log_to_driver()
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only Ray Data blocks
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)
@@ -421,6 +432,7 @@ def make_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             # Ray Train's own INFO lines (two per report and rank) would drown the one line per epoch
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": WORKER_ENV},  # merged into the job's runtime env by Ray
         ),
     )
 

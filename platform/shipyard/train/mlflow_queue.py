@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -41,6 +40,12 @@ def _send(client, run_id: str, call: str, args) -> None:
         getattr(client, call)(run_id, *args)
 
 
+WORKER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+"""Set in a Train worker's environment when Ray starts it (shipyard.train.loop.make_trainer): the delivery thread
+retries forever at its own pace, and MLflow's own retries (7, exponential, up to minutes a call) would only hold
+each call back."""
+
+
 class QueuedMlflow:
     """Per-epoch metrics into the MLflow run the driver created; only rank 0 holds one of these.
 
@@ -61,10 +66,6 @@ class QueuedMlflow:
         if tracking_uri and run_id:
             from mlflow import MlflowClient
 
-            # the delivery thread retries forever at its own pace: MLflow's own retries (7, exponential, up to
-            # minutes a call) would only hold each call back
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
             self.client, self.run_id = MlflowClient(tracking_uri), run_id
             threading.Thread(target=self._deliver, name="shipyard-mlflow", daemon=True).start()
 

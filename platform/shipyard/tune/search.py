@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import tempfile
 import time
 from collections import Counter
@@ -226,10 +225,12 @@ def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedu
     stopped early, FAILED when errored)."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+    from shipyard.private_apis import mlflow_client_of, trial_runs_of
+
     class TrialRunLogger(MLflowLoggerCallback):
         def log_trial_start(self, trial):
-            if trial not in self._trial_runs:
-                client = self.mlflow_util._get_client()
+            if trial not in trial_runs_of(self):
+                client = mlflow_client_of(self)
                 found = client.search_runs(
                     [client.get_run(parent_run_id).info.experiment_id],
                     f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.trial_name = '{trial}'",
@@ -237,29 +238,29 @@ def _trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedu
                 )
                 if not found:
                     return super().log_trial_start(trial)
-                self._trial_runs[trial] = found[0].info.run_id  # a resumed search: the same run goes on
+                trial_runs_of(self)[trial] = found[0].info.run_id  # a resumed search: the same run goes on
                 client.update_run(found[0].info.run_id, status="RUNNING")
             if not pbt:
                 return
             step = (trial.last_result or {}).get(EPOCHS, 0)
             numeric = {f"pbt.{k}": v for k, v in trial.config.items() if isinstance(v, (int, float))}
-            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=numeric, step=step)
+            self.mlflow_util.log_metrics(run_id=trial_runs_of(self)[trial], metrics_to_log=numeric, step=step)
 
         def log_trial_result(self, iteration: int, trial, result: dict):
             # Tune's training_iteration restarts at 1 when a multi-worker trial resumes from its Train checkpoint
             self.mlflow_util.log_metrics(
-                run_id=self._trial_runs[trial],
+                run_id=trial_runs_of(self)[trial],
                 metrics_to_log=result,
                 step=result.get(EPOCHS, result.get("training_iteration")),
             )
 
         def log_trial_end(self, trial, failed: bool = False):
             status = schedule.status((trial.last_result or {}).get(EPOCHS, 0), failed)
-            run_id = self._trial_runs[trial]
-            self.mlflow_util._get_client().set_tag(run_id, "shipyard.trial_status", status)
+            run_id = trial_runs_of(self)[trial]
+            mlflow_client_of(self).set_tag(run_id, "shipyard.trial_status", status)
             super().log_trial_end(trial, failed)  # FINISHED, or FAILED when errored
             if _run_status(status) == "KILLED":
-                self.mlflow_util._get_client().set_terminated(run_id, status="KILLED")
+                mlflow_client_of(self).set_terminated(run_id, status="KILLED")
 
     return TrialRunLogger(
         tracking_uri=tracking_uri,
@@ -313,9 +314,7 @@ def search(
     )
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU if multi else cfg.tune.cpus_per_trial})
     path = Path(cfg.storage_dir) / run_name
-    # Tune snapshots the experiment every >= 10 s by default; a trial that ends after the last snapshot of a
-    # killed driver is restored and run again from its last snapshotted checkpoint: snapshot often
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Tune snapshots the experiment every TUNE_GLOBAL_CHECKPOINT_S (1 s, set at start-up: shipyard.startup)
     if resume and tune.Tuner.can_restore(str(path)):
         log.info(
             "resuming the search saved at %s: finished trials are kept, the others restart from their "

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +71,6 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
     from ray import tune
 
     cfg = apply_overrides(base, trial_config, source="tune trial")
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only Ray Data blocks
     torch.manual_seed(cfg.train.seed)
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))  # trials run side by side
     task = make_task(cfg.task, info)
@@ -143,9 +141,9 @@ def _wait_for_last_report(timeout_s: float = 30.0) -> None:
     this read of it). If the trial function returned as soon as the Train run did, Tune would end the trial before
     it read the last report, and the trial's status came out one epoch short (seen on Ray 2.60). So stay until
     Tune, having read it, stops the trial (the `stop` rule at train.epochs, or the scheduler)."""
-    from ray.train._internal.session import get_session
+    from shipyard.private_apis import train_report_queue
 
-    q = getattr(get_session(), "_inter_actor_queue", None)
+    q = train_report_queue()
     deadline = time.time() + timeout_s
     while q is not None and not q.empty() and time.time() < deadline:
         time.sleep(0.05)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from shipyard.config import load_config, parse_overrides  # noqa: E402
+from shipyard import load_config  # noqa: E402
+from shipyard.config import parse_overrides  # noqa: E402
 
 SPACE = {
     "train.lr": {"loguniform": [1e-5, 1e-1]},

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
 
-from shipyard.config import load_config  # noqa: E402
+from shipyard import load_config  # noqa: E402
 
 
 def cpu_name() -> str:

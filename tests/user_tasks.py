@@ -8,7 +8,7 @@ pull a mean-squared-error fit around) and reports its own metrics; Shipyard does
 import numpy as np
 import torch
 
-from shipyard.tasks import DataInfo, Splits, Task
+from shipyard import DataInfo, Splits, Task
 
 
 class MedianRegression(Task):

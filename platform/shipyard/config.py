@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from shipyard.config_yaml import Dumper as _Dumper
+from shipyard.config_yaml import load as _yaml_load
 from shipyard.errors import ConfigError
 from shipyard.serve_config import AutoscalingConfig, EndpointConfig, InPlaceConfig, ServeConfig  # noqa: F401
 from shipyard.serve_config import Section as _Section
@@ -259,29 +261,6 @@ class Config(_Section):
 
 
 # -- loading and overriding ------------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` as a string; read it as the float every user means."""
-
-
-class _Dumper(yaml.SafeDumper):
-    """Quotes strings such as "1e5" that _Loader would read back as floats."""
-
-
-for _cls in (_Loader, _Dumper):
-    _cls.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(
-            r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"
-            r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
-        ),
-        list("-+0123456789."),
-    )
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

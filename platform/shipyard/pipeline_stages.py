@@ -161,7 +161,7 @@ def train_and_register(cfg: Config, task: Task, splits: Splits, parent_id: str, 
     name = task.primary_metric
     prediction = None
     if plan is not None:
-        from shipyard.perf.plan import summary_lines
+        from shipyard.perf.report import summary_lines
 
         for line in summary_lines(plan):
             log.info("%s", line)

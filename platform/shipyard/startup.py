@@ -3,7 +3,7 @@ environment reaches, and Serve's fast ingress.
 
 The entry points call `configure_process` first: the `shipyard` command and the pipeline scripts
 (shipyard.cli), serving/app.py, harness.localcluster and the test session. A script that calls
-`shipyard.run_pipeline` itself calls `shipyard.configure_process()` first. Nothing else in the library writes
+`shipyard.run` itself calls `shipyard.configure_process()` first. Nothing else in the library writes
 os.environ (tests/unit/test_layout.py checks it). A value the user has set always wins.
 """
 

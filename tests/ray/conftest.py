@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from shipyard.startup import configure_process
+from shipyard import configure_process
 from tests.helpers import free_port, kill_leftovers, our_raylet_pid, raylet_processes
 
 # before ray.init: every ray.train.report waits about one controller poll (Ray 2.60). The pipeline's own
@@ -55,7 +55,7 @@ def workdir(tmp_path, hardware_profile):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process on loopback (harness.localcluster.MlflowServer), stopped by pid: its URL."""
-    from harness.localcluster import MlflowServer
+    from harness.processes import MlflowServer
 
     with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
         yield server.url

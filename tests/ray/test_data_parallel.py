@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from shipyard.config import load_config
+from shipyard import load_config
 from shipyard.data.tables import to_numpy
 from shipyard.tasks import make_task
 from shipyard.train.checkpoints import CHECKPOINT_FILE
-from shipyard.train.loop import fit, make_optimizer
+from shipyard.train.epoch import make_optimizer
+from shipyard.train.loop import fit
 from shipyard.train.step import StepOptions, training_step
 from tests.helpers import report
 

@@ -9,8 +9,7 @@ import pytest
 import requests
 import torch
 
-from shipyard.config import load_config
-from shipyard.serve.endpoint import build_app
+from shipyard import build_app, load_config
 from shipyard.serve.ingress import wait_until_routed
 from shipyard.tasks.models import mlp
 from shipyard.track import runs as tracking

@@ -134,7 +134,7 @@ def training_worker_pids(ray) -> list[int]:
 def outage(ray_local, hardware_profile, tmp_path_factory):
     """The pipeline's training with its MLflow server stopped during epoch 3 and back during epoch 5. The outage
     never touches training, so this run is also the undisturbed baseline the worker-kill test compares with."""
-    from harness.localcluster import MlflowServer
+    from harness.processes import MlflowServer
 
     tmp = tmp_path_factory.mktemp("outage")
     address = ray_local.get_runtime_context().gcs_address

@@ -11,10 +11,9 @@ import pytest
 import requests
 
 from pipelines.digit_images import WORDS, write_digit_images
+from shipyard import DataError, load_config
 from shipyard.cli import run_pipeline
-from shipyard.config import load_config
 from shipyard.data.tables import to_numpy
-from shipyard.errors import DataError
 from shipyard.tasks import make_task
 from shipyard.tasks.images import decode, prepare
 from tests.helpers import report, shutdown_serve
@@ -140,7 +139,8 @@ def test_a_request_image_over_the_pixel_limit_is_refused_from_its_header():
     """A 5000 x 5000 PNG of zeros is ~25 KiB: under the body limit, but 25 megapixels once decoded."""
     from PIL import Image
 
-    from shipyard.tasks import RequestError, task_of
+    from shipyard import RequestError
+    from shipyard.tasks import task_of
 
     buf = io.BytesIO()
     Image.new("L", (5000, 5000)).save(buf, "PNG")

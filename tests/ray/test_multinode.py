@@ -118,8 +118,8 @@ def test_shipyards_ports_on_loopback_and_rays_refuse_clients_without_the_token(c
 
 
 def test_attaching_with_the_wrong_token_is_refused_at_once(cluster, monkeypatch):
+    from shipyard import PlatformError
     from shipyard.cluster.attach import check_cluster_address, gcs_accepts_token
-    from shipyard.errors import PlatformError
 
     assert gcs_accepts_token(cluster.address, token=cluster.token) is True
     monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)

@@ -58,7 +58,7 @@ def race(mlflow_server, tmp_path_factory):
     import mlflow
     import torch
 
-    from shipyard.config import load_config
+    from shipyard import load_config
     from shipyard.track import runs as tracking
 
     x, y, x_test, y_test = _digits()

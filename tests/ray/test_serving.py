@@ -20,9 +20,8 @@ import schemathesis
 import torch
 from hypothesis import HealthCheck, settings
 
+from shipyard import build_app, load_config
 from shipyard.cli import main as shipyard_main
-from shipyard.config import load_config
-from shipyard.serve.endpoint import build_app
 from shipyard.serve.ingress import wait_until_routed
 from shipyard.tasks import task_of
 from shipyard.tasks.models import mlp
@@ -213,7 +212,7 @@ def test_api_key_is_required_where_configured(deploy, monkeypatch):
 
 
 def test_api_key_env_unset_fails_at_build_time(monkeypatch):
-    from shipyard.errors import ServingError
+    from shipyard import ServingError
 
     monkeypatch.delenv("SVC_NO_SUCH_KEY", raising=False)
     with pytest.raises(ServingError, match=r"api_key_env=SVC_NO_SUCH_KEY but \$SVC_NO_SUCH_KEY is empty or unset"):
@@ -529,7 +528,7 @@ def test_a_model_with_a_planted_pickle_is_refused_without_running_it(registry_ur
 
     from mlflow.models import infer_signature
 
-    from shipyard.errors import ServingError
+    from shipyard import ServingError
 
     uri, _ = registry_uri
     marker = tmp_path / "pwned"

@@ -8,10 +8,9 @@ import pandas as pd
 import pytest
 from sklearn.datasets import make_classification
 
+from shipyard import DataError, load_config
 from shipyard.cli import run_pipeline
-from shipyard.config import load_config
 from shipyard.data.tables import load_table
-from shipyard.errors import DataError
 from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[2]

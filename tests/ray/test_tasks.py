@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import requests
 
+from shipyard import load_config
 from shipyard.cli import run_pipeline
-from shipyard.config import load_config
 from shipyard.data.tables import to_numpy
 from shipyard.tasks import make_task
 from tests.helpers import report, shutdown_serve

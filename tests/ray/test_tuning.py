@@ -7,9 +7,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from shipyard.config import load_config
+from shipyard import TrainingError, load_config
 from shipyard.data.tables import load_table
-from shipyard.errors import TrainingError
 from shipyard.track import runs as tracking
 from shipyard.tune.search import search
 

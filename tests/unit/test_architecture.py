@@ -16,7 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = ROOT / "platform" / "shipyard"
 
 LAYERS = [
-    {"shipyard.errors", "shipyard.config", "shipyard.serve_config", "shipyard.private_apis"},  # shared
+    {
+        "shipyard.errors",
+        "shipyard.config",
+        "shipyard.config_yaml",
+        "shipyard.serve_config",
+        "shipyard.private_apis",
+    },  # shared
     {"shipyard.cluster"},  # attaching to Ray, checking cluster files
     {"shipyard.data"},  # 1. data
     {"shipyard.tasks"},  # what is trained: the task seam, the networks
@@ -28,6 +34,7 @@ LAYERS = [
     {
         "shipyard.pipeline",
         "shipyard.pipeline_stages",
+        "shipyard.report",
         "shipyard.cli",
         "shipyard.startup",
         "shipyard",

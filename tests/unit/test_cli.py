@@ -51,7 +51,7 @@ def test_resume_without_an_unfinished_run_fails_before_ray(tmp_path):
 def test_resume_refuses_a_changed_config_naming_the_key_and_the_value_to_pass(tmp_path):
     import mlflow
 
-    from shipyard.config import load_config
+    from shipyard import load_config
     from shipyard.track import runs as tracking
 
     cfg = load_config(ROOT / "pipelines/configs/digits.yaml", {"tracking.uri": f"sqlite:///{tmp_path}/m.db"})

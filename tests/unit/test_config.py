@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from shipyard.config import Config, _yaml_load, apply_overrides, load_config, parse_overrides, valid_keys
-from shipyard.errors import ConfigError
+from shipyard import Config, ConfigError, apply_overrides, load_config
+from shipyard.config import parse_overrides, valid_keys
+from shipyard.config_yaml import load as _yaml_load
 from shipyard.tune.search import check_space
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,17 +5,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from shipyard import DataError
 from shipyard.config import DataConfig
-from shipyard.data.tables import (
-    _csv_convert,
-    _explain_csv,
-    _feature_columns,
-    _first_missing,
-    _missing,
-    check_source,
-    split_of,
-)
-from shipyard.errors import DataError
+from shipyard.data.explain import explain_csv, first_missing, missing_mask
+from shipyard.data.tables import _csv_convert, _feature_columns, check_source, split_of
 
 
 def frame(n=2000, seed=0):
@@ -124,7 +117,7 @@ def test_text_below_the_first_block_is_explained_with_column_value_and_line(tmp_
     path = write(df, tmp_path / "f.csv")
     head = check_source(DataConfig(path=path))  # the first block holds only numbers: fine so far
     ray_error = ValueError(f"Failed to read CSV file: {path}. Please check the CSV file has correct format")
-    assert _explain_csv(ray_error, path, _csv_convert(head, "label")) == (
+    assert explain_csv(ray_error, path, _csv_convert(head, "label")) == (
         f"{path}: column 'b' holds 'abc' on line 39992, where its first rows hold numbers; fix or delete "
         "that value, or drop the column"
     )
@@ -144,10 +137,10 @@ def test_the_first_row_with_a_missing_value_is_found(tmp_path, name, where):
     df.loc[7, "b"] = np.inf
     path = write(df, tmp_path / name)
     fmt = name.rsplit(".", 1)[1]
-    assert _first_missing([Path(path)], fmt, ["a", "b", "label"], path) == where
-    assert _first_missing([Path(path)], fmt, ["label"], path) is None
+    assert first_missing([Path(path)], fmt, ["a", "b", "label"], path) == where
+    assert first_missing([Path(path)], fmt, ["label"], path) is None
 
 
 def test_missing_and_infinite_values_are_found_per_row():
     df = pd.DataFrame({"a": [1.0, np.nan, 3.0, 4.0], "b": [1.0, 2.0, -np.inf, 4.0], "y": ["x", "y", "z", None]})
-    assert _missing(df).tolist() == [False, True, True, True]
+    assert missing_mask(df).tolist() == [False, True, True, True]

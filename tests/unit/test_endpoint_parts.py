@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shipyard.config import EndpointConfig, load_config
-from shipyard.errors import ConfigError, ServingError
-from shipyard.serve.endpoint import AppArgs, UserConfig, _Guard, build_app
+from shipyard import ConfigError, ServingError, build_app, load_config
+from shipyard.config import EndpointConfig
+from shipyard.serve.endpoint import AppArgs, UserConfig, _Guard
 from shipyard.track.registry import ModelRef
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from shipyard.config import load_config
-from shipyard.tasks import DataInfo, task_of
+from shipyard import DataInfo, load_config
+from shipyard.tasks import task_of
 from shipyard.track import runs as tracking
 
 

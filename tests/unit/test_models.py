@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from shipyard import ConfigError
 from shipyard.config import ModelConfig
-from shipyard.errors import ConfigError
 from shipyard.tasks.models import build_model
 
 

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from shipyard.cli import format_summary, format_trials
-from shipyard.config import load_config
-from shipyard.errors import ConfigError, TrainingError
+from shipyard import ConfigError, TrainingError, load_config
+from shipyard.report import format_summary, format_trials
 from shipyard.tune.pbt import clip_to_space, pbt_keys, shape_keys
 from shipyard.tune.search import check_errored_trials, check_space
 

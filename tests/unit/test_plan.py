@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from shipyard.config import load_config
-from shipyard.errors import ConfigError
+from shipyard import ConfigError, load_config, make_plan
 from shipyard.perf.devices import Device, Interconnect, Profile
-from shipyard.perf.plan import make_plan, worker_counts
+from shipyard.perf.plan import worker_counts
 from shipyard.train.loop import _Progress
 
 ROOT = Path(__file__).resolve().parents[2]

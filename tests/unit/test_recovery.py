@@ -126,7 +126,7 @@ def test_a_resumed_train_run_finds_the_version_it_registered_before(tmp_path, mo
     monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
     import numpy as np
 
-    from shipyard.config import load_config
+    from shipyard import load_config
     from shipyard.pipeline_stages import _version_of_run
     from shipyard.tasks.models import mlp
     from shipyard.track import runs as tracking

@@ -2,8 +2,7 @@
 
 import pytest
 
-from shipyard.config import load_config
-from shipyard.errors import ConfigError
+from shipyard import ConfigError, load_config
 from shipyard.train.checkpoints import checkpoints_to_delete
 from shipyard.tune.schedules import Schedule, asha_rungs, hyperband_brackets, rung_counts, trial_status
 from shipyard.tune.search import check_space

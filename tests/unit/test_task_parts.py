@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from shipyard.config import load_config
-from shipyard.errors import ConfigError
-from shipyard.tasks import DataInfo, RequestError, make_task, objective, task_of
+from shipyard import ConfigError, DataInfo, RequestError, load_config
+from shipyard.tasks import make_task, objective, task_of
 from shipyard.tasks.models import mlp
 from shipyard.track.promotion import Gate, choose, decide
 from shipyard.train.step import StepOptions, training_step

@@ -10,13 +10,13 @@ import numpy as np
 from shipyard.errors import DataError
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def categories(train, column: str, rows: int, max_categories: int, source: str) -> list[Any]:
     """The distinct values of a text column in the train split, or a DataError when it is not categorical."""
-    values = sorted(str(v) for v in train.unique(column) if not _is_missing(v))
+    values = sorted(str(v) for v in train.unique(column) if not is_missing(v))
     if len(values) > max_categories or (rows >= 20 and len(values) > rows / 2):
         kind = "free text or an identifier" if len(values) > rows / 2 else "too many categories to one-hot encode"
         raise DataError(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,11 @@ import numpy as np
 import pandas as pd
 
 from shipyard.config import DataConfig
+from shipyard.data.explain import explain_csv, first_missing, not_numbers, row_position
 from shipyard.data.ray_errors import clear_errors as _clear_errors
 from shipyard.data.splits import DataInfo, Splits
 from shipyard.data.stats import categories as _categories
+from shipyard.data.stats import is_missing
 from shipyard.data.stats import mean_std as _mean_std
 from shipyard.errors import DataError
 
@@ -71,8 +72,8 @@ def check_source(cfg: DataConfig):
     if first is None:
         raise DataError(NO_ROWS.format(source=cfg.path))
     examples = {
-        name: f"{value!r} on {_position(f, fmt, row, cfg.path)}"
-        for name, (row, value) in _not_numbers(first.to_pandas()).items()
+        name: f"{value!r} on {row_position(f, fmt, row, cfg.path)}"
+        for name, (row, value) in not_numbers(first.to_pandas()).items()
     }
     _feature_columns(first.schema, cfg.label, cfg.path, examples)
     return first.schema
@@ -116,83 +117,6 @@ def _csv_convert(schema=None, label: str | None = None):
         }
     )
     return csv.ConvertOptions(strings_can_be_null=True, column_types=numeric)
-
-
-def _position(file: Path | str, fmt: str, row: int, source: str) -> str:
-    """A data row (0-based) as a user finds it: a CSV's line (the header is line 1), a parquet row's index."""
-    where = f"line {row + 2}" if fmt == "csv" else f"row index {row}"
-    return where if Path(file).resolve() == Path(source).expanduser().resolve() else f"{where} of {file}"
-
-
-def _not_numbers(frame: pd.DataFrame) -> dict[str, tuple[int, Any]]:
-    """For each text column that mostly holds numbers: its first value that is not a number, and that value's
-    row (0-based). A text column of mostly words is a categorical feature, not a mistake."""
-    found = {}
-    for name in frame.columns:
-        col = frame[name]
-        if col.dtype.kind in "biuf":
-            continue
-        bad = (col.notna() & pd.to_numeric(col, errors="coerce").isna()).to_numpy()
-        if bad.any() and bad.sum() < 0.5 * col.notna().sum():
-            row = int(np.argmax(bad))
-            found[name] = (row, col.iloc[row])
-    return found
-
-
-def _missing(frame: pd.DataFrame) -> np.ndarray:
-    """Per row: does any of its values miss (empty, null, NaN) or is it infinite?"""
-    miss = frame.isna().to_numpy()
-    numeric = [i for i, dt in enumerate(frame.dtypes) if dt.kind in "f"]
-    if numeric:
-        miss[:, numeric] |= np.isinf(frame.iloc[:, numeric].to_numpy())
-    return miss.any(axis=1)
-
-
-def _first_missing(files: list[Path], fmt: str, columns: list[str], source: str, convert=None) -> str | None:
-    """Where the first row with a missing or infinite value in `columns` is, e.g. "line 14"; None if none.
-    Streams the files with pyarrow on the driver: only once Ray Data has found such rows."""
-    for f in files:
-        seen = 0
-        with contextlib.closing(_batches(f, fmt, convert)) as blocks:
-            for batch in blocks:
-                miss = _missing(batch.select(columns).to_pandas())
-                if miss.any():
-                    return _position(f, fmt, seen + int(np.argmax(miss)), source)
-                seen += batch.num_rows
-    return None
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
-
-
-def _explain_csv(err: Exception, source: str, convert) -> str | None:
-    """Why Ray Data could not read a local CSV, from pyarrow's own reason (Ray keeps only "Failed to read CSV
-    file"), read again on the driver. The usual cause: text below the first block in a column of numbers."""
-    import pyarrow as pa
-    from pyarrow import csv
-
-    m = re.search(r"Failed to read CSV file: (.+?)\. Please check", str(err))
-    if not m or not Path(m[1]).is_file():
-        return None
-    reader = csv.open_csv(m[1], read_options=csv.ReadOptions(use_threads=False), convert_options=convert)
-    try:
-        with reader:
-            for _ in reader:
-                pass
-    except pa.ArrowInvalid as arrow:
-        c = re.match(r"In CSV column #(\d+): Row #(\d+): CSV conversion error to (\w+): invalid value (.*)", str(arrow))
-        if not c:  # a ragged row, a stray quote: pyarrow names the row
-            return f"{source}: cannot parse {m[1]}: {str(arrow)[:500]}"
-        kind = {"double": "numbers", "int64": "whole numbers", "bool": "true/false", "null": "no values"}.get(
-            c[3], c[3]
-        )
-        return (
-            f"{source}: column '{reader.schema.names[int(c[1])]}' holds {c[4]} on "
-            f"{_position(m[1], 'csv', int(c[2]) - 2, source)}, where its first rows hold {kind}; "
-            "fix or delete that value, or drop the column"
-        )
-    return None
 
 
 def _hash_files(path: str) -> str:
@@ -292,7 +216,7 @@ def load_table(cfg: DataConfig, task: str = "classification", regression: bool =
     fmt = SUFFIXES[files[0].suffix] if files else None
     convert = _csv_convert(head, cfg.label) if fmt == "csv" else None
     ds, label, digest = _read(cfg, convert)
-    explain = (lambda err: _explain_csv(err, source, convert)) if convert else None
+    explain = (lambda err: explain_csv(err, source, convert)) if convert else None
     with _clear_errors(f"{source}: cannot parse the file", explain):  # ragged rows, mixed types: found here
         schema = ds.schema()
         if schema is None:
@@ -310,7 +234,7 @@ def load_table(cfg: DataConfig, task: str = "classification", regression: bool =
         raise DataError(NO_ROWS.format(source=source))
     classes = None
     if labels is not None:
-        classes = sorted((v for v in labels if not _is_missing(v)), key=lambda v: (str(type(v)), v))
+        classes = sorted((v for v in labels if not is_missing(v)), key=lambda v: (str(type(v)), v))
         if len(classes) < 2 and len(classes) == len(labels):  # with missing labels, those are reported below
             raise DataError(
                 f"{source}: every row has the label {classes[0]!r} in column '{label}'; a "
@@ -368,7 +292,7 @@ def load_table(cfg: DataConfig, task: str = "classification", regression: bool =
         if n_bad:
             cols = [columns[i] for i in sorted(bad.unique("bad"))]
             try:  # where the first one is, for the user to look at: a bonus, never in the error's way
-                where = _first_missing(files, fmt, columns, source, convert) if files else None
+                where = first_missing(files, fmt, columns, source, convert) if files else None
             except (OSError, ValueError):
                 where = None
             first_on = f" (the first on {where})" if where else ""

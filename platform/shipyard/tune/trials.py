@@ -18,7 +18,7 @@ from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError
 from shipyard.tasks import make_task
 from shipyard.train.checkpoints import CHECKPOINT_FILE
-from shipyard.train.loop import fits_in_memory, iter_batches, make_optimizer, run_epoch
+from shipyard.train.epoch import fits_in_memory, iter_batches, make_optimizer, run_epoch
 from shipyard.train.step import StepOptions
 from shipyard.tune.schedules import EPOCHS
 

@@ -1,0 +1,115 @@
+"""One epoch of training and validation on one worker, in plain torch: no Ray inside (Ray Train runs it per worker,
+shipyard.train.loop; a single-process trial runs it directly, shipyard.tune.trials)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from shipyard.config import Config
+from shipyard.tasks import Task
+from shipyard.train.step import StepOptions, training_step
+
+SHUFFLE_BUFFER_ROWS = 10_000
+
+
+IN_MEMORY_BYTES = 256 * 2**20
+"""A worker's epoch of training batches up to this size is loaded before its first step (run_epoch)."""
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: Task) -> dict[str, float]:
+    """The task's metrics over all batches' outputs at once (a split's outputs are small: rows x outputs)."""
+    model.eval()
+    outputs, targets = [], []
+    with torch.no_grad():
+        for b in batches:
+            outputs.append(model(b["x"]).float().cpu())
+            targets.append(b["y"].cpu())
+    if not outputs:
+        return {}
+    return task.metrics(torch.cat(outputs), torch.cat(targets))
+
+
+def fits_in_memory(rows: int, in_features: int) -> bool:
+    """Whether an epoch's batches (float32 features, int64 labels) fit under IN_MEMORY_BYTES."""
+    return rows * (4 * in_features + 8) <= IN_MEMORY_BYTES
+
+
+def run_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_batches,
+    val_batches,
+    task: Task,
+    world_size: int = 1,
+    in_memory: bool = False,
+    options: StepOptions = StepOptions(),
+) -> dict[str, float]:
+    """One pass over this worker's training batches, then validation. Pure torch: no Ray inside.
+
+    `in_memory`: take all of the epoch's batches first, then train: a streaming iterator's threads formatting
+    the next batch slow every step (MLP on digits, one process on a busy 2-core machine: 0.83-1.46 ms a
+    step streaming, 0.73-0.80 ms in memory, and the epoch faster too). `step_time_ms` is the median time of one
+    training step (forward, backward with DDP's all-reduce, optimizer), what shipyard.perf predicts;
+    `data_time_s` the epoch's time spent getting batches (loading them all, or waiting for each).
+    """
+    start = time.perf_counter()
+    load_s = 0.0
+    if in_memory:
+        train_batches = list(train_batches)
+        load_s = time.perf_counter() - start
+    model.train()
+    loss_sum, n = 0.0, 0
+    step_s: list[float] = []
+    wait_s: list[float] = []
+    batches = iter(train_batches)
+    while True:
+        t0 = time.perf_counter()
+        b = next(batches, None)
+        t1 = time.perf_counter()
+        if b is None:
+            break
+        loss_sum += training_step(model, optimizer, b, task.loss, options) * len(b["y"])
+        n += len(b["y"])
+        step_s.append(time.perf_counter() - t1)
+        wait_s.append(t1 - t0)
+    train_time_s = time.perf_counter() - start
+    val = {f"val_{k}": v for k, v in evaluate(model, val_batches, task).items()}
+    return {
+        "train_loss": loss_sum / max(n, 1),
+        **val,
+        "epoch_time_s": time.perf_counter() - start,
+        "train_time_s": train_time_s,
+        "step_time_ms": statistics.median(step_s) * 1e3 if step_s else 0.0,
+        "data_wait_ms": statistics.median(wait_s) * 1e3 if wait_s else 0.0,
+        "steps": len(step_s),
+        "data_time_s": load_s + sum(wait_s),
+        # all workers process similar shards in lockstep (DDP), so global throughput ~ world_size x local
+        "samples_per_s": n * world_size / max(train_time_s, 1e-9),
+    }
+
+
+def iter_batches(ds, batch_size: int, seed: int | None = None, device: torch.device | str = "cpu"):
+    kwargs = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_ROWS, "local_shuffle_seed": seed} if seed is not None else {}
+    return ds.iter_torch_batches(batch_size=batch_size, device=device, collate_fn=_writable_collate(), **kwargs)
+
+
+def _writable_collate():
+    """Ray Data's blocks are read-only memory; torch warns (once per process) when a tensor wraps one. Copy
+    such a column instead (one batch's bytes, small beside its step) rather than set a process-wide filter."""
+    import numpy as np
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class WritableTensors(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in batch.items()}
+
+    return WritableTensors()

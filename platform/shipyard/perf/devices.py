@@ -137,7 +137,8 @@ DEVICES: dict[str, Device] = {
 
 INTERCONNECTS: dict[str, Interconnect] = {
     # NVLink: per-GPU bandwidth one direction (the data sheets give both directions together: A100 600 GB/s,
-    # H100/H200 900 GB/s); NCCL reaches ~80 % of it as bus bandwidth (nccl-tests, PERFORMANCE.md).
+    # H100/H200 900 GB/s); NCCL reaches ~80 % of it as bus bandwidth (PERFORMANCE.md of NVIDIA's nccl-tests
+    # repository).
     # Latency per ring step: ~2 us, so that a small all-reduce over 8 GPUs (14 steps) lands in the tens of
     # microseconds NCCL's small-message all-reduces take on NVLink (order of magnitude; not measured here).
     "nvlink3": Interconnect("nvlink3", 300.0 * 0.8, 2.0, "A100 data sheet: NVLink 600 GB/s bidirectional"),

@@ -54,7 +54,7 @@ def expected_trial_epochs(
 def asha_survivors(arrivals: float, reduction_factor: float) -> float:
     """Expected trials that go on from a rung `arrivals` trials reach one after another.
 
-    Ray's ASHA (tune/schedulers/async_hyperband.py, _Bracket.on_result) stops an arriving trial whose metric is
+    Ray's ASHA (ray/tune/schedulers/async_hyperband.py, _Bracket.on_result) stops an arriving trial whose metric is
     below the (1 - 1/rf) percentile (numpy's linear interpolation) of the metrics recorded at that rung before
     it, so early arrivals go on more often than 1/rf. With metrics in random order, the k-th arrival ranks j-th
     among the k-1 before it with probability 1/k for each j; it passes when it lies above the interpolated

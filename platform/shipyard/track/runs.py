@@ -1,6 +1,6 @@
 """MLflow: the parent run of a pipeline, the logged model, the registry and the `champion` alias.
 
-Only the driver (and rank 0 of a Train job, see train.py) talks to MLflow.
+Only the driver (and rank 0 of a Train job, see shipyard.train.loop) talks to MLflow.
 """
 
 from __future__ import annotations

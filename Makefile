@@ -32,6 +32,7 @@ format: install
 test: install lint
 	./scripts/test.sh
 
+# The inner loop: pure logic and white-box tests, no Ray, no subprocess (under a minute).
 test-unit: install
 	$(PY) -m pytest tests/unit -q
 

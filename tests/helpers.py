@@ -176,3 +176,13 @@ def probe_without_token(ip: str, port: int) -> str:
 def report(message: str) -> None:
     """Print a line that the end of the test run repeats (tests/conftest.py): where a fault landed, a figure."""
     print(f"[report] {message}", flush=True)
+
+
+def hand_made_profile(tmp_path) -> Path:
+    """A hardware profile of round numbers (0.1 TFLOP/s, 20 GB/s, 1 ms per op), written to tmp_path/hw.json."""
+    from shipyard.perf.devices import Device, Interconnect, Profile
+
+    device = Device("cpu:test", "cpu", {"fp32": 0.1}, 20.0, 1.0, 1.0, 3.0, "hand-made", threads=1)
+    path = tmp_path / "hw.json"
+    path.write_text(Profile(device, Interconnect("gloo-loopback", 1.0, 100.0, "hand-made", 0.0)).to_json())
+    return path

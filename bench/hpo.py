@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from shipyard import load_config  # noqa: E402
+from shipyard import configure_process, load_config  # noqa: E402
 from shipyard.config import parse_overrides  # noqa: E402
 
 SPACE = {
@@ -79,7 +79,7 @@ def main() -> None:
         "storage_path": str(tmp / "results"),
         **parse_overrides(args.overrides),
     }
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    configure_process(fast_ingress=False)  # this script's start-up: Ray's settings, as a pipeline has them
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         cfg = load_config(None, base)

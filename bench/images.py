@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
 
-from shipyard import load_config  # noqa: E402
+from shipyard import configure_process, load_config  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -162,6 +162,7 @@ def main() -> None:
     )
     import ray
 
+    configure_process(fast_ingress=False)  # this script's start-up: Ray's settings, as a pipeline has them
     init_ray(None)
     try:
         t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
-from shipyard import load_config  # noqa: E402
+from shipyard import configure_process, load_config  # noqa: E402
 
 
 def measure_case(cfg, splits, name: str, tracking_uri: str) -> dict:
@@ -147,6 +147,7 @@ def main() -> None:
         "tracking.uri": tracking_uri,
     }
     started = time.perf_counter()
+    configure_process(fast_ingress=False)  # this script's start-up: Ray's settings, as a pipeline has them
     init_ray(None)
     cases = []
     try:

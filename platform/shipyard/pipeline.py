@@ -23,6 +23,7 @@ from shipyard.cluster.attach import init_ray
 from shipyard.config import Config
 from shipyard.errors import ConfigError, ServingError
 from shipyard.pipeline_stages import DataResult, ServeResult, TrainResult, TuneResult
+from shipyard.startup import configure_process
 from shipyard.tasks import make_task, objective
 from shipyard.track import runs as tracking
 from shipyard.tune import search as tuning
@@ -104,6 +105,9 @@ def run(
         log.info("resuming pipeline run %s-%s (%s)", cfg.name, stamp, parent_id)
     stages = Stages()
     with stages("ray", "starting or attaching to Ray"):
+        # what an entry point sets at start-up (a no-op then), for a script that calls run() itself: Ray reads
+        # these when it starts, which is next
+        configure_process(fast_ingress=cfg.serve.enabled and cfg.serve.fast_ingress, address=address)
         started_ray = init_ray(address, cfg)
     keep = cfg.serve.keep_running if keep_serving is None else keep_serving
     served: ServeResult | None = None
@@ -136,6 +140,7 @@ def run(
                 what = f"{cfg.tune.num_samples} trials, {cfg.tune.scheduler}, at most {cfg.tune.max_concurrent_trials}"
                 with stages("tune", f"{what} at a time"):
                     tuned = stage.tune(cfg, data.splits, stamp, search_id, bool(resume))
+                stage.log_best(cfg, tuned)
             best_cfg = tuned.best_cfg if tuned else cfg
             with stages("train", f"{cfg.scaling.workers_text} Ray Train workers x {best_cfg.train.epochs} epochs"):
                 trained = stage.train_and_register(best_cfg, data.task, data.splits, parent_id, stamp)

@@ -98,14 +98,6 @@ def tune(cfg: Config, splits: Splits, stamp: str, search_id: str | None, resume:
             cfg, splits, f"{cfg.name}-tune-{stamp}", cfg.tracking_uri, srun.info.run_id, resume=resume
         )
         mlflow.log_metric(f"best_{objective(cfg)[0]}", found.best_metric)
-    log.info(
-        "best trial: %s (%s %.4f); trials %s",
-        found.best_overrides,
-        objective(cfg)[0],
-        found.best_metric,
-        found.trial_status,
-    )
-    mlflow.log_params({f"best.{k}": v for k, v in found.best_overrides.items()})
     return TuneResult(
         best_cfg=apply_overrides(cfg, found.best_overrides, source="best trial"),
         best_overrides=found.best_overrides,
@@ -120,6 +112,20 @@ def tune(cfg: Config, splits: Splits, stamp: str, search_id: str | None, resume:
             "checkpoint_disk_mb": found.checkpoint_disk_mb,
         },
     )
+
+
+def log_best(cfg: Config, tuned: TuneResult) -> None:
+    """The best trial, in the log and as `best.*` params of the parent run."""
+    import mlflow
+
+    log.info(
+        "best trial: %s (%s %.4f); trials %s",
+        tuned.best_overrides,
+        objective(cfg)[0],
+        tuned.best_metric,
+        tuned.trial_status,
+    )
+    mlflow.log_params({f"best.{k}": v for k, v in tuned.best_overrides.items()})
 
 
 def predict(cfg: Config, splits: Splits) -> Plan | None:

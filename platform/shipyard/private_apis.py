@@ -14,7 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-VERIFIED_ON = {"ray": "2.60.0", "mlflow": "3.17.2"}
+VERIFIED_ON = {"ray": "2.60.0", "mlflow": "3.17.2", "torch": "2.13.0"}
+
+IN_PLACE = {"perf/layers.py": ("_count_flops", "_schemas")}
+"""Uses that cannot sit behind a function here (a subclass overriding torch's hook, an attribute read on every
+op it counts): listed in USES all the same, and allowed in place by tests/unit/test_private_apis.py."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,18 @@ def check_pt2_is_pickle_free(path: Any) -> None:
     _attr("mlflow.pytorch", "_validate_pt2_archive_is_pickle_free")(path)
 
 
+def _signature_is(fn: Callable, params: list[str]) -> None:
+    found = list(inspect.signature(fn).parameters)
+    assert found == params, f"parameters are {found}, expected {params}"
+
+
+def _schemas_of_mm() -> None:
+    import torch
+
+    schemas = torch.ops.aten.mm._schemas
+    assert next(iter(schemas.values())).returns[0].alias_info is None  # mm returns a new tensor
+
+
 def _callback_attrs() -> None:
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -162,6 +178,21 @@ USES: list[PrivateUse] = [
         "tune.search: a resumed search's trial goes on in its own MLflow run; outcome tags on trial runs",
         "the callback keeps its client and its trial -> run map private and has no hook for either",
         _callback_attrs,
+    ),
+    PrivateUse(
+        "torch.utils.flop_counter.FlopCounterMode._count_flops",
+        "perf.layers: the FLOP counter's per-op hook, overridden to record each op's layer, phase and bytes moved",
+        "FlopCounterMode reports FLOPs per module only; no public hook sees each op with its output",
+        lambda: _signature_is(
+            _attr("torch.utils.flop_counter", "FlopCounterMode", "_count_flops"),
+            ["self", "func_packet", "out", "args", "kwargs"],
+        ),
+    ),
+    PrivateUse(
+        "torch._ops.OpOverloadPacket._schemas",
+        "perf.layers: whether an op returns a view (moves no bytes), from its schema's alias info",
+        "the schemas of an op's overloads are public only through torch._C; the packet's map is the plain path",
+        lambda: _schemas_of_mm(),
     ),
     PrivateUse(
         "mlflow.pytorch._validate_pt2_archive_is_pickle_free",

@@ -1,10 +1,10 @@
 """What a Shipyard process sets once, at its start-up, before it starts Ray: Ray's settings that only the
-environment reaches, and Serve's fast ingress.
+environment reaches, token mode for a cluster client, and Serve's fast ingress.
 
 The entry points call `configure_process` first: the `shipyard` command and the pipeline scripts
-(shipyard.cli), serving/app.py, harness.localcluster and the test session. A script that calls
-`shipyard.run` itself calls `shipyard.configure_process()` first. Nothing else in the library writes
-os.environ (tests/unit/test_layout.py checks it). A value the user has set always wins.
+(shipyard.cli), serving/app.py, the bench scripts and the test session; `shipyard.run` calls it too, before it
+starts Ray (a no-op when an entry point already did). Nothing else in the library writes os.environ
+(tests/unit/test_architecture.py checks it). A value the user has set always wins.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def workdir(tmp_path, hardware_profile):
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` process on loopback (harness.localcluster.MlflowServer), stopped by pid: its URL."""
+    """A real `mlflow server` process on loopback (harness.processes.MlflowServer), stopped by pid: its URL."""
     from harness.processes import MlflowServer
 
     with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -153,10 +154,10 @@ def _dashboard_url(context) -> str:
 
 def _token_mode_if_token() -> None:
     """A cluster started with `ray start` checks tokens, but a client sends one only in token mode
-    (Ray 2.60): switch it on when a token exists and the user has not chosen a mode. An entry point did so
-    at start-up (shipyard.startup); for a caller that did not, Ray's own helper sets the mode and refreshes
-    the config Ray read at import."""
-    if "RAY_AUTH_MODE" in os.environ:
+    (Ray 2.60): switch it on when a token exists and the user has not chosen a mode. Before Ray is imported,
+    shipyard.startup.configure_process does so (Ray reads the mode once, at import); once it is imported (a
+    notebook, a test), Ray's own helper sets the mode and refreshes the config it read."""
+    if "RAY_AUTH_MODE" in os.environ or "ray" not in sys.modules:
         return
     from shipyard.private_apis import enable_token_auth_if_token_available
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -103,13 +104,17 @@ def iter_batches(ds, batch_size: int, seed: int | None = None, device: torch.dev
 
 
 def _writable_collate():
-    """Ray Data's blocks are read-only memory; torch warns (once per process) when a tensor wraps one. Copy
-    such a column instead (one batch's bytes, small beside its step) rather than set a process-wide filter."""
+    """Ray Data's blocks are read-only memory; torch warns (once per process) that a tensor wrapping one must not
+    be written, and the training step never writes its inputs. Silenced here, for this call only: a copy of
+    every batch would cost a large image batch milliseconds, and a process-wide filter would hide it for
+    everyone."""
     import numpy as np
     from ray.data.collate_fn import NumpyBatchCollateFn
 
-    class WritableTensors(NumpyBatchCollateFn):
+    class Tensors(NumpyBatchCollateFn):
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            return {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in batch.items()}
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return {k: torch.as_tensor(v) for k, v in batch.items()}
 
-    return WritableTensors()
+    return Tensors()

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from shipyard.config_yaml import Dumper as _Dumper
 from shipyard.config_yaml import load as _yaml_load
 from shipyard.errors import ConfigError
+from shipyard.scaling_config import ScalingConfig  # noqa: F401 (re-exported: shipyard.config.ScalingConfig)
 from shipyard.serve_config import AutoscalingConfig, EndpointConfig, InPlaceConfig, ServeConfig  # noqa: F401
 from shipyard.serve_config import Section as _Section
 
@@ -106,56 +107,14 @@ class TrainConfig(_Section):
     """Clip the gradients' global L2 norm to this before each optimizer step (torch.nn.utils.clip_grad_norm_)."""
 
 
-class ScalingConfig(_Section):
-    num_workers: int | tuple[int, int] = 2
-    """Data-parallel Ray Train workers for the final training run: a number, or `[min, max]` for elastic
-    training (Ray Train's `(min_workers, max_workers)`): the run starts with as many as fit, goes on with fewer
-    when a node is lost, and grows back when there is room. The global batch (train.batch_size) stays the same."""
-    resize_check_s: float = Field(60.0, gt=0)
-    """Elastic only: how often a healthy run looks for room for more workers (elastic_resize_monitor_interval_s)."""
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
-    """Where Ray puts the workers (ScalingConfig.placement_strategy): PACK fills a node first (all-reduce stays
-    inside it), SPREAD prefers one worker per node, STRICT_SPREAD demands it (waits for enough nodes)."""
-
-    @field_validator("num_workers", mode="before")
-    @classmethod
-    def _workers_range(cls, v: Any) -> int | tuple[int, int]:
-        """One message for every wrong shape (pydantic's own would list each branch of the union)."""
-        pair = isinstance(v, (list, tuple)) and len(v) == 2
-        items = list(v) if pair else [v]
-        if (
-            not all(isinstance(n, int) and not isinstance(n, bool) for n in items)
-            or min(items) < 1
-            or (pair and v[1] < v[0])
-        ):
-            raise ValueError(
-                "give a number of workers >= 1, or [min, max] with 1 <= min <= max for elastic "
-                "training, e.g. 4 or [1, 4]"
-            )
-        return tuple(v) if pair else v
-
-    @property
-    def max_workers(self) -> int:
-        """The most workers the run trains on: what the plan prices."""
-        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
-
-    @property
-    def workers_text(self) -> str:
-        if isinstance(self.num_workers, int):
-            return str(self.num_workers)
-        low, high = self.num_workers
-        return f"{low}-{high} (elastic)"
-
-
 Distribution = Literal["uniform", "loguniform", "randint", "choice", "grid"]
 
 
 class TuneConfig(_Section):
     enabled: bool = True
     num_samples: int = Field(4, ge=1)
-    max_concurrent_trials: int = Field(2, ge=1)
+    max_concurrent_trials: int | Literal["auto"] = 2
+    """Trials at once; `auto`: as many as fit the cluster's CPUs (tune.cpus_per_trial each), up to num_samples."""
     scheduler: Literal["asha", "hyperband", "pbt", "fifo"] = "asha"
     """asha: asynchronous successive halving (stops weak trials at rungs); hyperband: synchronous brackets of
     successive halving (pauses trials at a rung until their bracket catches up); pbt: population-based training
@@ -184,6 +143,13 @@ class TuneConfig(_Section):
     """Seed of the search algorithm: the same seed samples the same trial configs."""
     space: dict[str, dict[Distribution, list[Any]]] = Field(default_factory=dict)
     """Search space: `{"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.hidden": {"choice": [64, 128]}}`."""
+
+    @field_validator("max_concurrent_trials", mode="before")
+    @classmethod
+    def _at_once(cls, v: Any) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("give a number of trials >= 1, or auto (as many as fit the cluster), e.g. 2 or auto")
 
 
 class TrackingConfig(_Section):

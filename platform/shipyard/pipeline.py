@@ -22,6 +22,7 @@ from shipyard import pipeline_stages as stage
 from shipyard.cluster.attach import init_ray
 from shipyard.config import Config
 from shipyard.errors import ConfigError, ServingError
+from shipyard.pipeline_plan import predict, resolve_auto
 from shipyard.pipeline_stages import DataResult, ServeResult, TrainResult, TuneResult
 from shipyard.startup import configure_process
 from shipyard.tasks import make_task, objective
@@ -62,6 +63,11 @@ def preflight(cfg: Config, resume: str | None = None) -> None:
     tracking.check_reachable(cfg.tracking_uri)
     if cfg.plan.enabled:
         _check_plan(cfg)
+    elif cfg.scaling.num_workers == "auto":
+        raise ConfigError(
+            "scaling.num_workers=auto chooses from the plan, and plan.enabled=false; set plan.enabled=true or "
+            "give a number, e.g. scaling.num_workers=2"
+        )
 
 
 def _check_plan(cfg: Config) -> None:
@@ -125,16 +131,18 @@ def run(
             tracking.log_config(cfg)
             with stages("data", f"reading {cfg.data.path or cfg.data.builtin} with Ray Data ({cfg.task.name})"):
                 data = stage.load_data(cfg)
+            plan = None
             if cfg.plan.enabled:
                 with stages("plan", "pricing the run (shipyard.perf; the first run on a machine measures it)"):
-                    plan = stage.predict(cfg, data.splits)
-                if plan is not None and plan.search_wall_s is not None and cfg.tune.enabled:
-                    log.info(
-                        "plan: the search trains ~%.0f trial-epochs (rung maths), ~%.0f s wall with %d at a time",
-                        plan.search_trial_epochs,
-                        plan.search_wall_s,
-                        cfg.tune.max_concurrent_trials,
-                    )
+                    plan = predict(cfg, data.splits)
+            cfg, auto = resolve_auto(cfg, plan)  # `auto` worker and trial counts made numbers
+            if plan is not None and plan.search_wall_s is not None and cfg.tune.enabled:
+                log.info(
+                    "plan: the search trains ~%.0f trial-epochs (rung maths), ~%.0f s wall with %d at a time",
+                    plan.search_trial_epochs,
+                    plan.search_wall_s,
+                    cfg.tune.max_concurrent_trials,
+                )
             tuned = None
             if cfg.tune.enabled and cfg.tune.space:
                 what = f"{cfg.tune.num_samples} trials, {cfg.tune.scheduler}, at most {cfg.tune.max_concurrent_trials}"
@@ -143,7 +151,7 @@ def run(
                 stage.log_best(cfg, tuned)
             best_cfg = tuned.best_cfg if tuned else cfg
             with stages("train", f"{cfg.scaling.workers_text} Ray Train workers x {best_cfg.train.epochs} epochs"):
-                trained = stage.train_and_register(best_cfg, data.task, data.splits, parent_id, stamp)
+                trained = stage.train_and_register(best_cfg, data.task, data.splits, parent_id, stamp, auto)
             mlflow.log_metrics({f"test_{trained.test_metric_name}": trained.test_metric})
             if cfg.serve.enabled:
                 with stages("serve", f"deploying models:/{cfg.model_name}@champion on {cfg.serve.host}"):

@@ -15,13 +15,14 @@ from shipyard.config import Config, EndpointConfig, apply_overrides
 from shipyard.data.splits import Splits
 from shipyard.data.tables import to_numpy
 from shipyard.errors import ServingError
+from shipyard.pipeline_plan import predict
 from shipyard.tasks import Task, make_task, objective
 from shipyard.track import registry
 from shipyard.track import runs as tracking
 from shipyard.tune import search as tuning
 
 if TYPE_CHECKING:
-    from shipyard.perf.plan import Plan
+    pass
 
 log = logging.getLogger("shipyard.pipeline")  # one logger for the driver's lines, as before the split
 
@@ -128,35 +129,9 @@ def log_best(cfg: Config, tuned: TuneResult) -> None:
     mlflow.log_params({f"best.{k}": v for k, v in tuned.best_overrides.items()})
 
 
-def predict(cfg: Config, splits: Splits) -> Plan | None:
-    """The performance model's plan for cfg on the data found, or None where it cannot price the run."""
-    from shipyard.perf.plan import DataShape, default_profile_path, make_plan
-
-    if cfg.scaling.use_gpu and cfg.plan.hardware == "local":
-        log.info("plan: skipped: plan.hardware=local prices CPUs; set plan.hardware=h100 (a100, h200) for GPU workers")
-        return None
-    path = default_profile_path(cfg)
-    try:
-        if cfg.plan.hardware == "local" and not path.is_file():
-            from shipyard.perf.calibration import calibrate
-
-            log.info("plan: no hardware profile at %s yet: measuring this machine first (shipyard calibrate)", path)
-            calibrate(path, threads=max(1, int(cfg.scaling.cpus_per_worker)))
-        shape = DataShape(sum(splits.rows.values()), splits.in_features, splits.num_classes, splits.info)
-        return make_plan(cfg, cfg.plan.hardware, profile=path, shape=shape, rows=splits.rows)
-    except Exception as err:  # a prediction is advice: training goes on without one
-        log.warning(
-            "plan: no prediction for this run (%s: %s); run `shipyard calibrate` to write %s, or set "
-            "plan.enabled=false",
-            type(err).__name__,
-            err,
-            path,
-            exc_info=log.isEnabledFor(logging.DEBUG),
-        )
-        return None
-
-
-def train_and_register(cfg: Config, task: Task, splits: Splits, parent_id: str, stamp: str) -> TrainResult:
+def train_and_register(
+    cfg: Config, task: Task, splits: Splits, parent_id: str, stamp: str, auto: str | None = None
+) -> TrainResult:
     """Train the chosen config on all workers, score it on the test split, register it and put it through the
     promotion gate."""
     import mlflow
@@ -177,6 +152,7 @@ def train_and_register(cfg: Config, task: Task, splits: Splits, parent_id: str, 
             "exposed_comm_ms": plan.step.exposed_comm_ms,
             "warn_off_by": cfg.plan.warn_off_by,
             "link": plan.link.name if plan.link else None,
+            "auto": auto,  # what `auto` chose: the first steady epoch says whether the measurement agrees
         }
     earlier = _earlier_train_run(parent_id)  # a resumed pipeline goes on in the train run its killed driver began
     if earlier:

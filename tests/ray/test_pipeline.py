@@ -25,10 +25,17 @@ BAD = {"train.epochs": 1, "train.lr": 1e-5, "tune.enabled": False}
 
 
 def test_digits_promotes_only_better_models_and_serves_the_champion(ray_local, workdir, serve_port, tmp_path):
-    # 1. a poor first model: the first version always becomes champion
-    first = run_pipeline(DIGITS, overrides({**workdir, **BAD, "serve.port": serve_port}))
+    # 1. a poor first model: the first version always becomes champion. Its worker count is the plan's choice
+    auto = {"scaling.num_workers": "auto", "tune.max_concurrent_trials": "auto"}
+    first = run_pipeline(DIGITS, overrides({**workdir, **BAD, **auto, "serve.port": serve_port}))
     assert first["promoted"] and first["model_version"] == "1" and first["served_version"] == "1"
     assert "trials" not in first  # tune.enabled=false: no search
+    client = mlflow.MlflowClient(workdir["tracking.uri"])
+    params = client.get_run(first["parent_run_id"]).data.params
+    chosen = int(params["auto.scaling.num_workers"])  # the session's Ray has 2 CPUs: 1 or 2 fit
+    assert chosen in (1, 2) and params["auto.tune.max_concurrent_trials"] == "2"  # 2 CPUs, 1 per trial
+    check = client.get_run(first["train_run_id"]).data.tags["shipyard.auto_check"]  # said after the only epoch
+    assert check.startswith(f"scaling.num_workers=auto chose {chosen} worker(s): measured ") and "agree" in check
 
     # 2. the real pipeline (search + training) beats it on the same test rows and takes the alias
     summary_path = tmp_path / "summary.json"

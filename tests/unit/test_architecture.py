@@ -21,6 +21,7 @@ LAYERS = [
         "shipyard.config",
         "shipyard.config_yaml",
         "shipyard.serve_config",
+        "shipyard.scaling_config",
         "shipyard.private_apis",
     },  # shared
     {"shipyard.cluster"},  # attaching to Ray, checking cluster files
@@ -34,6 +35,7 @@ LAYERS = [
     {
         "shipyard.pipeline",
         "shipyard.pipeline_stages",
+        "shipyard.pipeline_plan",
         "shipyard.report",
         "shipyard.cli",
         "shipyard.startup",

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 
 from shipyard import ConfigError, load_config, make_plan
+from shipyard.perf.estimate import ScalingRow, choose_workers, trials_to_fill
 from shipyard.perf.plan import worker_counts
-from shipyard.train.loop import _Progress
+from shipyard.pipeline_plan import auto_choices
+from shipyard.train.progress import Progress
 from tests.helpers import hand_made_profile as _profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +62,7 @@ def _epoch(step_ms, wait_ms=0.0, steps=10):
     ],
 )
 def test_progress_warns_once_with_the_likely_cause(metrics, world, cause):
-    p = _Progress(PRED, epochs_left=5, world=world)
+    p = Progress(PRED, epochs_left=5, world=world)
     p.after_epoch(dict(metrics))
     assert p.warning(metrics) is None  # the first epoch warms up: no verdict yet
     m = dict(metrics)
@@ -70,7 +72,7 @@ def test_progress_warns_once_with_the_likely_cause(metrics, world, cause):
 
 
 def test_progress_is_quiet_within_tolerance_and_eta_follows_measured_epochs():
-    p = _Progress(PRED, epochs_left=4, world=1)
+    p = Progress(PRED, epochs_left=4, world=1)
     for _ in range(2):
         p.after_epoch(_epoch(2.2))
     assert p.warning(_epoch(2.2)) is None
@@ -90,3 +92,61 @@ def test_the_plan_prices_precision_and_gradient_accumulation():
     # one optimizer step, plus adding up the micro-batches' gradients; not four optimizer steps
     assert fp32.step.optimizer_ms <= accum.step.optimizer_ms < 2 * fp32.step.optimizer_ms
     assert accum.step.forward_ms > fp32.step.forward_ms  # 4 passes: the per-op overhead is paid 4 times
+
+
+def _row(workers: int, samples_per_s: float) -> ScalingRow:
+    speedup = samples_per_s / 1000.0
+    return ScalingRow(workers, 1, 64, 1.0, 0.0, samples_per_s, speedup, speedup / workers, 1.0)
+
+
+def test_auto_workers_are_the_most_that_stay_70_percent_efficient_and_fit():
+    rows = [_row(1, 1000), _row(2, 1900), _row(4, 3000), _row(8, 4000)]  # efficiency 1.0, 0.95, 0.75, 0.5
+    assert choose_workers(rows, fit_workers=16).workers == 4  # 8 would be 50 % efficient
+    assert choose_workers(rows, fit_workers=2).workers == 2  # 4 do not fit
+    assert choose_workers(rows, fit_workers=0).workers == 1  # nothing fits: one worker
+    assert choose_workers([_row(1, 1000), _row(2, 900)], fit_workers=2).workers == 1  # no faster with 2
+
+
+def test_auto_trials_fill_the_cluster_up_to_the_number_of_trials():
+    assert trials_to_fill(cluster_cpus=8, cpus_per_trial=1, num_samples=4) == 4
+    assert trials_to_fill(cluster_cpus=8, cpus_per_trial=3, num_samples=4) == 2
+    assert trials_to_fill(cluster_cpus=1, cpus_per_trial=2, num_samples=4) == 1
+
+
+def test_auto_in_the_plan_and_the_pipeline_choice():
+    """The plan prices the chosen count; the pipeline takes it, capped by what fits, and fills the cluster with
+    trials; without a plan, auto workers are refused with the fix."""
+    big = {"model.name": "cnn", "model.hidden": 256, "train.batch_size": 2048}
+    cfg = load_config(DIGITS, big)
+    auto = load_config(DIGITS, {**big, "scaling.num_workers": "auto", "tune.max_concurrent_trials": "auto"})
+    assert auto.scaling.workers_text == "auto" and auto.scaling.max_workers is None
+    plan = make_plan(auto, "h100", fit_workers=8)
+    assert plan.step.workers == choose_workers(plan.strong, 8).workers > 1  # large convolutions scale on NVLink
+    assert any(n.startswith("scaling.num_workers=auto") for n in plan.notes)
+    assert auto_choices(auto, plan, fit_workers=2, cpus=6) == {
+        "scaling.num_workers": 2,
+        "tune.max_concurrent_trials": 4,
+    }
+    with pytest.raises(ConfigError, match="give a number instead, e.g. scaling.num_workers=2"):
+        auto_choices(auto, None, fit_workers=2, cpus=6)
+    assert auto_choices(cfg, None, fit_workers=2, cpus=6) == {}
+
+
+def test_auto_values_are_checked_with_one_message():
+    for key, bad in (("scaling.num_workers", "many"), ("tune.max_concurrent_trials", 0)):
+        with pytest.raises(ConfigError, match=f"{key}.*or auto"):
+            load_config(DIGITS, {key: bad})
+
+
+def test_progress_says_whether_the_auto_choice_held():
+    p = Progress({**PRED, "auto": "scaling.num_workers=auto chose 2 worker(s)"}, epochs_left=3, world=2)
+    p.after_epoch(_epoch(2.1))
+    assert p.auto_check(_epoch(2.1)) is None  # the first epoch warms up
+    p.after_epoch(_epoch(2.1))
+    line = p.auto_check(_epoch(2.1))
+    assert line.startswith("scaling.num_workers=auto chose 2 worker(s): measured 2.10 ms") and "agrees" in line
+    assert p.auto_check(_epoch(2.1)) is None  # once
+    off = Progress({**PRED, "auto": "auto"}, epochs_left=1, world=2)
+    off.after_epoch(_epoch(5.0))  # the only epoch: said at once
+    assert "does not agree" in off.auto_check(_epoch(5.0))
+    assert Progress(PRED, epochs_left=1, world=2).auto_check(_epoch(5.0)) is None  # not chosen by auto

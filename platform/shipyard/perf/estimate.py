@@ -191,3 +191,17 @@ def recommend_workers(rows: Sequence[ScalingRow], min_efficiency: float = 0.7) -
         if row.efficiency >= min_efficiency and row.samples_per_s > best.samples_per_s:
             best = row
     return best
+
+
+def choose_workers(rows: Sequence[ScalingRow], fit_workers: int, min_efficiency: float = 0.7) -> ScalingRow:
+    """`scaling.num_workers: auto`: of the worker counts that fit the cluster (`fit_workers`), the one
+    recommend_workers picks (the most workers whose efficiency stays >= `min_efficiency` while throughput grows);
+    one worker when nothing else fits."""
+    fitting = [r for r in rows if r.workers <= max(1, fit_workers)]
+    return recommend_workers(fitting or rows[:1], min_efficiency)
+
+
+def trials_to_fill(cluster_cpus: float, cpus_per_trial: float, num_samples: int) -> int:
+    """`tune.max_concurrent_trials: auto`: as many trials as fit the cluster's CPUs at once, up to the number of
+    trials."""
+    return max(1, min(num_samples, int(cluster_cpus // cpus_per_trial)))

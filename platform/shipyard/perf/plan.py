@@ -32,10 +32,12 @@ from shipyard.perf.devices import (
 from shipyard.perf.estimate import (
     ScalingRow,
     StepEstimate,
+    choose_workers,
     estimate_step,
     forward_time_ms,
     recommend_workers,
     scaling_table,
+    trials_to_fill,
 )
 from shipyard.perf.layers import StepWork, count_step_work
 from shipyard.perf.search import expected_trial_epochs, search_wall_s
@@ -161,11 +163,14 @@ def make_plan(
     dtype: str = "fp32",
     shape: DataShape | None = None,
     rows: dict[str, int] | None = None,
+    fit_workers: int | None = None,
+    cluster_cpus: float | None = None,
 ) -> Plan:
     """Price cfg's training and search on `hardware` (`local`: the calibrated profile; or a catalog name).
 
     `shape` and `rows` (train/val row counts): the pipeline passes what its data stage found; otherwise they
-    come from the data's metadata and the configured split fractions."""
+    come from the data's metadata and the configured split fractions. `fit_workers`, `cluster_cpus`: the most
+    workers, and the CPUs, that `auto` worker and trial counts must fit (default: the priced nodes)."""
     from shipyard.tasks import make_task
     from shipyard.train.step import StepOptions
 
@@ -244,7 +249,16 @@ def make_plan(
             f"strong scaling gives each of N workers {gb} // N rows, as training does: the global batch "
             f"becomes ({gb} // N) x N where N does not divide {gb}"
         )
+    fit_workers = fit_workers or per_node * max(node_counts)
+    fit_cpus = cluster_cpus if cluster_cpus is not None else fit_workers * cfg.scaling.cpus_per_worker
     n = cfg.scaling.max_workers  # elastic: priced at its full size
+    if n is None:  # scaling.num_workers: auto
+        chosen = choose_workers(strong, fit_workers)
+        n = chosen.workers
+        notes.append(
+            f"scaling.num_workers=auto: {n} worker(s), the most whose predicted efficiency stays >= 70 % and that "
+            f"fit ({fit_workers} fit): {chosen.efficiency:.0%} efficient, {chosen.samples_per_s:.0f} samples/s"
+        )
     _, link = placement(n)
     if hardware == "local" and max(node_counts) > 1 and len(prof.nodes) <= 1:
         notes.append(
@@ -263,7 +277,10 @@ def make_plan(
         trial_epochs = expected_trial_epochs(
             t.scheduler, t.num_samples, cfg.train.epochs, t.grace_period, t.reduction_factor
         )
-        wall = search_wall_s(trial_epochs, t.num_samples, trial_epoch_s, t.max_concurrent_trials)
+        at_once = t.max_concurrent_trials
+        if at_once == "auto":
+            at_once = trials_to_fill(fit_cpus, t.cpus_per_trial, t.num_samples)
+        wall = search_wall_s(trial_epochs, t.num_samples, trial_epoch_s, at_once)
     return Plan(
         hardware,
         device,

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import socket
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from shipyard.tasks import Task, make_task
 from shipyard.train.checkpoints import CHECKPOINT_FILE, ResumePoint, repair_run_snapshot, resume_point
 from shipyard.train.epoch import fits_in_memory, iter_batches, make_optimizer, run_epoch
 from shipyard.train.mlflow_queue import FLUSH_S, UNDELIVERED_FILE, WORKER_ENV, QueuedMlflow, deliver_leftovers
+from shipyard.train.progress import Progress
 from shipyard.train.step import StepOptions
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     report_s = 0.0
     # the plan priced the full worker group: an elastic run that shrank has no prediction to compare with
     prediction = config.get("prediction") if world == cfg.scaling.max_workers else None
-    progress = _Progress(prediction, cfg.train.epochs - start_epoch, world) if rank == 0 else None
+    progress = Progress(prediction, cfg.train.epochs - start_epoch, world) if rank == 0 else None
     in_memory = fits_in_memory(config.get("train_rows", 0) // world, _width(task))
     options = StepOptions.of(cfg.train)
     primary = f"val_{task.primary_metric}"
@@ -148,6 +148,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         metrics["samples_per_s"],
                         progress.eta(),
                     )
+                checked = progress.auto_check(metrics)
+                if checked:
+                    log.info("%s", checked)
+                    logger.set_tag("shipyard.auto_check", checked)
                 warning = progress.warning(metrics)
                 if warning:
                     log.warning("%s", warning)
@@ -201,72 +205,6 @@ def _log_to_driver() -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.endswith(".py") and "/ray/train/" in name:
             logging.getLogger(name).setLevel(logging.WARNING)
-
-
-class _Progress:
-    """Rank 0's view of the run against the plan: step time beside the prediction, an ETA, one warning."""
-
-    def __init__(self, prediction: dict[str, Any] | None, epochs_left: int, world: int):
-        self.pred = prediction
-        self.left = epochs_left
-        self.world = world
-        self.ratios: list[float] = []  # measured epoch wall (training, validation, report) / predicted epoch
-        self.last_end = time.perf_counter()
-        self.warned = False
-
-    def after_epoch(self, metrics: dict[str, float]) -> str:
-        now = time.perf_counter()
-        wall_s, self.last_end = now - self.last_end, now
-        self.left -= 1
-        step = f"{metrics['step_time_ms']:.2f} ms/step"
-        if not self.pred:
-            return step
-        predicted = self.pred["step_time_ms"]
-        metrics["predicted_step_time_ms"] = predicted
-        self.ratios.append(wall_s / max(self.pred["epoch_s"], 1e-9))
-        return f"{step} (model {predicted:.2f} ms, x{metrics['step_time_ms'] / max(predicted, 1e-9):.2f})"
-
-    def eta(self) -> str:
-        """Epochs left x the predicted epoch time x how far off the epochs so far ran (the median ratio; the
-        first epoch alone, which also warms up, only until there are others)."""
-        if not self.pred or not self.ratios:
-            return ""
-        ratios = self.ratios[1:] or self.ratios
-        return f" | ETA {self.left * self.pred['epoch_s'] * statistics.median(ratios):.1f} s"
-
-    def warning(self, metrics: dict[str, float]) -> str | None:
-        """Once, from the second epoch on (the first warms up): the likely cause of a step time off the plan."""
-        if not self.pred or self.warned or len(self.ratios) < 2:
-            return None
-        predicted, steps = self.pred["step_time_ms"], max(metrics["steps"], 1)
-        wall = metrics["train_time_s"] * 1e3 / steps  # per step of the training loop, getting batches included
-        off = wall / max(predicted, 1e-9) - 1
-        if abs(off) <= self.pred["warn_off_by"]:
-            return None
-        self.warned = True
-        head = (
-            f"{wall:.2f} ms per training step is {off:+.0%} off the prediction ({predicted:.2f} ms, "
-            f"plan.warn_off_by={self.pred['warn_off_by']}): "
-        )
-        data_ms = metrics["data_time_s"] * 1e3 / steps
-        if data_ms > 0.25 * wall:
-            return head + (
-                f"likely input-bound: {data_ms:.2f} ms of it went to getting the batch from Ray Data, the "
-                f"step itself took {metrics['step_time_ms']:.2f} ms (larger batches, or more CPUs for "
-                "data loading, help)"
-            )
-        off = metrics["step_time_ms"] / max(predicted, 1e-9) - 1
-        if self.world > 1 and self.pred["exposed_comm_ms"] > 0.2 * predicted and off > 0:
-            return head + (
-                f"likely communication-bound: {self.pred['exposed_comm_ms']:.2f} ms of each step was "
-                f"predicted for the gradient all-reduce over {self.pred['link']}; the network or the "
-                "workers' placement is slower than calibrated (rerun shipyard calibrate on this cluster)"
-            )
-        return head + (
-            "likely compute-bound: the ops ran " + ("slower" if off > 0 else "faster") + " than the "
-            "hardware profile says: other load on these CPUs, another machine than the one calibrated, or "
-            "a stale profile (rerun shipyard calibrate)"
-        )
 
 
 def _local_run_dir(storage: str, run_name: str) -> str | None:

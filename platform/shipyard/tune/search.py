@@ -216,7 +216,7 @@ def search(
             else "",
         )
     at_once = trials_at_once(cfg, [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]])
-    if at_once < min(cfg.tune.max_concurrent_trials, cfg.tune.num_samples):
+    if cfg.tune.max_concurrent_trials != "auto" and at_once < min(cfg.tune.max_concurrent_trials, cfg.tune.num_samples):
         log.warning(
             "only %d trial(s) of %g CPUs fit on this cluster at once (tune.max_concurrent_trials=%d)",
             at_once,

@@ -59,7 +59,8 @@ def trials_at_once(cfg: Config, node_cpus: list[float]) -> int:
                 "Lower tune.workers_per_trial or tune.cpus_per_trial"
             )
         fits = max(1, int(sum(node_cpus) // t.cpus_per_trial))
-    return min(fits, t.max_concurrent_trials, t.num_samples)
+    cap = t.num_samples if t.max_concurrent_trials == "auto" else t.max_concurrent_trials  # auto: as many as fit
+    return min(fits, cap, t.num_samples)
 
 
 def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val_ds, info: dict[str, Any]) -> None:

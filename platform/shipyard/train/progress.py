@@ -1,0 +1,89 @@
+"""Rank 0's view of a training run against the plan: each epoch's step time beside the prediction, an ETA, one
+warning with the likely cause when the run is off, and whether an `auto` worker count's prediction held."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+
+class Progress:
+    """Rank 0's view of the run against the plan: step time beside the prediction, an ETA, one warning."""
+
+    def __init__(self, prediction: dict[str, Any] | None, epochs_left: int, world: int):
+        self.pred = prediction
+        self.left = epochs_left
+        self.world = world
+        self.ratios: list[float] = []  # measured epoch wall (training, validation, report) / predicted epoch
+        self.last_end = time.perf_counter()
+        self.warned = self.checked = False
+
+    def after_epoch(self, metrics: dict[str, float]) -> str:
+        now = time.perf_counter()
+        wall_s, self.last_end = now - self.last_end, now
+        self.left -= 1
+        step = f"{metrics['step_time_ms']:.2f} ms/step"
+        if not self.pred:
+            return step
+        predicted = self.pred["step_time_ms"]
+        metrics["predicted_step_time_ms"] = predicted
+        self.ratios.append(wall_s / max(self.pred["epoch_s"], 1e-9))
+        return f"{step} (model {predicted:.2f} ms, x{metrics['step_time_ms'] / max(predicted, 1e-9):.2f})"
+
+    def eta(self) -> str:
+        """Epochs left x the predicted epoch time x how far off the epochs so far ran (the median ratio; the
+        first epoch alone, which also warms up, only until there are others)."""
+        if not self.pred or not self.ratios:
+            return ""
+        ratios = self.ratios[1:] or self.ratios
+        return f" | ETA {self.left * self.pred['epoch_s'] * statistics.median(ratios):.1f} s"
+
+    def auto_check(self, metrics: dict[str, float]) -> str | None:
+        """Once, after the first epoch past the warm-up (or the only one): whether the measured step agrees with
+        the step the plan predicted for the worker count `scaling.num_workers: auto` chose."""
+        if not self.pred or not self.pred.get("auto") or self.checked or (len(self.ratios) < 2 and self.left > 0):
+            return None
+        self.checked = True
+        predicted, steps = self.pred["step_time_ms"], max(metrics["steps"], 1)
+        wall = metrics["train_time_s"] * 1e3 / steps
+        off = wall / max(predicted, 1e-9) - 1
+        verdict = "agrees" if abs(off) <= self.pred["warn_off_by"] else "does not agree"
+        return (
+            f"{self.pred['auto']}: measured {wall:.2f} ms per training step against the predicted {predicted:.2f} ms "
+            f"({off:+.0%}); the measurement {verdict} (plan.warn_off_by={self.pred['warn_off_by']})"
+        )
+
+    def warning(self, metrics: dict[str, float]) -> str | None:
+        """Once, from the second epoch on (the first warms up): the likely cause of a step time off the plan."""
+        if not self.pred or self.warned or len(self.ratios) < 2:
+            return None
+        predicted, steps = self.pred["step_time_ms"], max(metrics["steps"], 1)
+        wall = metrics["train_time_s"] * 1e3 / steps  # per step of the training loop, getting batches included
+        off = wall / max(predicted, 1e-9) - 1
+        if abs(off) <= self.pred["warn_off_by"]:
+            return None
+        self.warned = True
+        head = (
+            f"{wall:.2f} ms per training step is {off:+.0%} off the prediction ({predicted:.2f} ms, "
+            f"plan.warn_off_by={self.pred['warn_off_by']}): "
+        )
+        data_ms = metrics["data_time_s"] * 1e3 / steps
+        if data_ms > 0.25 * wall:
+            return head + (
+                f"likely input-bound: {data_ms:.2f} ms of it went to getting the batch from Ray Data, the "
+                f"step itself took {metrics['step_time_ms']:.2f} ms (larger batches, or more CPUs for "
+                "data loading, help)"
+            )
+        off = metrics["step_time_ms"] / max(predicted, 1e-9) - 1
+        if self.world > 1 and self.pred["exposed_comm_ms"] > 0.2 * predicted and off > 0:
+            return head + (
+                f"likely communication-bound: {self.pred['exposed_comm_ms']:.2f} ms of each step was "
+                f"predicted for the gradient all-reduce over {self.pred['link']}; the network or the "
+                "workers' placement is slower than calibrated (rerun shipyard calibrate on this cluster)"
+            )
+        return head + (
+            "likely compute-bound: the ops ran " + ("slower" if off > 0 else "faster") + " than the "
+            "hardware profile says: other load on these CPUs, another machine than the one calibrated, or "
+            "a stale profile (rerun shipyard calibrate)"
+        )

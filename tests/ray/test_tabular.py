@@ -88,3 +88,23 @@ def test_bad_files_get_one_clear_error(ray_local, tmp_path, mutate, label, match
     with pytest.raises(DataError, match=match) as err:
         load_table(cfg.data)
     assert "Traceback" not in str(err.value) and len(str(err.value).splitlines()) == 1  # one clear line
+
+
+def test_train_split_statistics_match_pandas_over_many_blocks(ray_local):
+    """Means, deviations and distinct values are combined from per-block parts (shipyard.data.stats): the
+    same as pandas on the whole table, missing values left out, labels keeping their type."""
+    from shipyard.data.stats import categories, distinct, mean_std
+
+    frame = pd.DataFrame(
+        {
+            "a": [1.0, np.nan, 3.0, 4.0, 1e6, 2.5] * 50,
+            "t": ["x", None, "y", "x", "z", "y"] * 50,
+            "label": [0, 1, 2, 0, 1, 2] * 50,
+        }
+    )
+    ds = ray_local.data.from_pandas(frame).repartition(7).materialize()
+    assert ds.num_blocks() == 7
+    stats = mean_std(ds, ["a"])["a"]
+    assert stats["mean"] == pytest.approx(frame["a"].mean()) and stats["std"] == pytest.approx(frame["a"].std(ddof=0))
+    assert sorted(distinct(ds, "label")) == [0, 1, 2] and all(isinstance(v, int) for v in distinct(ds, "label"))
+    assert categories(ds, "t", len(frame), max_categories=10, source="t.csv") == ["x", "y", "z"]

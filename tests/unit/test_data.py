@@ -144,3 +144,19 @@ def test_the_first_row_with_a_missing_value_is_found(tmp_path, name, where):
 def test_missing_and_infinite_values_are_found_per_row():
     df = pd.DataFrame({"a": [1.0, np.nan, 3.0, 4.0], "b": [1.0, 2.0, -np.inf, 4.0], "y": ["x", "y", "z", None]})
     assert missing_mask(df).tolist() == [False, True, True, True]
+
+
+def test_moments_of_parts_combine_to_those_of_the_whole():
+    """Chan, Golub and LeVeque's pairwise update: the parts' (count, mean, M2) give the whole's exactly, also where
+    sum(x^2)/n - mean^2 would cancel (values near 1e9 that differ by units)."""
+    from shipyard.data.stats import combine_moments
+
+    x = np.array([1e9 + 1, 1e9 + 2, 1e9 + 3, 1e9 + 4, 1e9 + 6])
+    parts = [x[:2], x[2:3], x[3:]]
+    whole = (0, 0.0, 0.0)
+    for p in parts:
+        whole = combine_moments(whole, (len(p), float(p.mean()), float(((p - p.mean()) ** 2).sum())))
+    n, mean, m2 = whole
+    assert n == 5 and mean == pytest.approx(x.mean(), abs=1e-6)
+    assert m2 / n == pytest.approx(x.var(), rel=1e-9)  # 2.96: population variance
+    assert combine_moments((0, 0.0, 0.0), (0, 0.0, 0.0)) == (0, 0.0, 0.0)

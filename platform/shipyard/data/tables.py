@@ -27,6 +27,7 @@ from shipyard.data.explain import explain_csv, first_missing, not_numbers, row_p
 from shipyard.data.ray_errors import clear_errors as _clear_errors
 from shipyard.data.splits import DataInfo, Splits
 from shipyard.data.stats import categories as _categories
+from shipyard.data.stats import distinct as _distinct
 from shipyard.data.stats import is_missing
 from shipyard.data.stats import mean_std as _mean_std
 from shipyard.errors import DataError
@@ -224,7 +225,7 @@ def load_table(cfg: DataConfig, task: str = "classification", regression: bool =
         features = _feature_columns(schema, label, source)
         types = dict(zip(schema.names, schema.types))
         text = [f for f in features if not is_numeric_type(types[f])]
-        labels = None if regression else ds.unique(label)
+        labels = None if regression else _distinct(ds, label)
     if regression and not is_numeric_type(types[label]):
         raise DataError(
             f"{source}: task.name=regression needs a numeric target, but column '{label}' holds "

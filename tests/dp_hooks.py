@@ -2,8 +2,7 @@
 
 `recording_mlp` is an MLP without dropout whose forward, in training mode, saves its input batch to
 `<record_dir>/rank<r>-step<nnnnn>.npy`: the rows each rank saw, step by step, to be replayed in one process
-(which sets `record_dir` to None: it records nothing). In eval mode it appends the batch's row count to
-`<record_dir>/rank<r>-eval.txt`: how much of the validation split each rank evaluated.
+(which sets `record_dir` to None: it records nothing).
 """
 
 from pathlib import Path
@@ -23,16 +22,12 @@ class RecordingMLP(nn.Module):
         self.steps = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.record_dir is not None:
+        if self.training and self.record_dir is not None:
             import ray.train
 
             rank = ray.train.get_context().get_world_rank()
-            if self.training:
-                np.save(self.record_dir / f"rank{rank}-step{self.steps:05d}.npy", x.detach().cpu().numpy())
-                self.steps += 1
-            else:
-                with open(self.record_dir / f"rank{rank}-eval.txt", "a") as f:
-                    f.write(f"{x.shape[0]}\n")
+            np.save(self.record_dir / f"rank{rank}-step{self.steps:05d}.npy", x.detach().cpu().numpy())
+            self.steps += 1
         return self.net(x)
 
 

@@ -135,24 +135,11 @@ def test_two_workers_see_disjoint_shards_covering_the_split_and_match_one_proces
     with result.checkpoint.as_directory() as d:
         trained = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)["model"]
     worst = max((trained[k] - v).abs().max().item() for k, v in model.state_dict().items())
-    # validation: each rank evaluated its half of the split, and the metrics are those of the whole split
-    evaluated = {r: sum(int(n) for n in (record / f"rank{r}-eval.txt").read_text().split()) for r in (0, 1)}
-    x_val, y_val = to_numpy(splits.val)
-    assert evaluated[0] == evaluated[1] and len(x_val) - 1 <= sum(evaluated.values()) <= len(x_val), evaluated
-    model.eval()
-    with torch.no_grad():
-        one = replay_task.metrics(model(torch.from_numpy(x_val)).float(), torch.as_tensor(y_val))
-    metric = replay_task.primary_metric
-    gap = abs(result.metrics[f"val_{metric}"] - one[metric])
     report(
         f"{case}: {len(seen[0])} steps of 2 x {len(seen[0][0])} rows, {dropped} row(s) left out by the equal "
-        f"split; largest weight difference to one process on the same rows {worst:.2e}; validation "
-        f"{evaluated[0]} + {evaluated[1]} of {len(x_val)} rows, val_{metric} {result.metrics[f'val_{metric}']:.4f} "
-        f"(one process on the whole split {one[metric]:.4f})"
+        f"split; largest weight difference to one process on the same rows {worst:.2e}"
     )
     assert worst < 1e-4, json.dumps({k: (trained[k] - v).abs().max().item() for k, v in model.state_dict().items()})
-    tolerance = 1.0 / len(x_val) + 1e-4 if metric == "accuracy" else 0.05 * abs(one[metric]) + 1e-4  # <= 1 row left out
-    assert gap <= tolerance, (result.metrics, one)
 
 
 def test_bf16_mixed_with_four_micro_batches_on_two_workers_is_within_a_point_of_fp32(ray_local, workdir):

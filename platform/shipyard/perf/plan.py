@@ -42,7 +42,7 @@ from shipyard.perf.estimate import (
 from shipyard.perf.layers import StepWork, count_step_work
 from shipyard.perf.search import expected_trial_epochs, search_wall_s
 
-EVAL_BATCH = 512  # train.epoch.evaluate's batch (train_loop_per_worker iterates val in batches of 512)
+EVAL_BATCH = 512  # train._evaluate's batch (train_loop_per_worker iterates val in batches of 512)
 
 
 @dataclass(frozen=True)
@@ -267,16 +267,13 @@ def make_plan(
         )
     step = estimate_step(work(max(1, gb // n)), device, n, link, algorithm, dtype)
     steps = math.ceil(rows_train / (max(1, gb // n) * n))
-    # each of the n workers validates its share of val (train.epoch.evaluate gathers the outputs)
-    epoch_s = steps * step.step_time_ms / 1e3 + eval_s * math.ceil(rows_val / n) / max(rows_val, 1)
+    epoch_s = steps * step.step_time_ms / 1e3 + eval_s
     trial_epochs = wall = None
     if cfg.tune.enabled and cfg.tune.space:
         t = cfg.tune
         w = t.workers_per_trial
         trial_step = estimate_step(work(max(1, gb // w)), device, w, placement(w)[1], algorithm, dtype)
-        trial_epoch_s = math.ceil(
-            rows_train / (max(1, gb // w) * w)
-        ) * trial_step.step_time_ms / 1e3 + eval_s * math.ceil(rows_val / w) / max(rows_val, 1)
+        trial_epoch_s = math.ceil(rows_train / (max(1, gb // w) * w)) * trial_step.step_time_ms / 1e3 + eval_s
         trial_epochs = expected_trial_epochs(
             t.scheduler, t.num_samples, cfg.train.epochs, t.grace_period, t.reduction_factor
         )

@@ -27,33 +27,16 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: Task) -> dict[str, float]:
-    """The task's metrics over all batches' outputs at once (a split's outputs are small: rows x outputs).
-
-    Under torch.distributed each rank evaluates its own shard of the split, and the outputs of all ranks are
-    gathered before the metrics: every rank gets the metrics of the whole split, for a world-th of the forward
-    passes. (Every rank must call this, as it must call a DDP step.)"""
+    """The task's metrics over all batches' outputs at once (a split's outputs are small: rows x outputs)."""
     model.eval()
     outputs, targets = [], []
     with torch.no_grad():
         for b in batches:
             outputs.append(model(b["x"]).float().cpu())
             targets.append(b["y"].cpu())
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        outputs, targets = _gather_rows(outputs, targets)
     if not outputs:
         return {}
     return task.metrics(torch.cat(outputs), torch.cat(targets))
-
-
-def _gather_rows(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[list, list]:
-    """Every rank's batches, in rank order. all_gather_object: shards may differ in size or be empty, and it
-    works on gloo and NCCL alike (it moves the pickled lists between this run's own workers)."""
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return outputs, targets
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, (outputs, targets))
-    return [o for p in parts for o in p[0]], [t for p in parts for t in p[1]]
 
 
 def fits_in_memory(rows: int, in_features: int) -> bool:

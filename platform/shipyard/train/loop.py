@@ -263,8 +263,7 @@ def make_trainer(
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         datasets=datasets,
-        # each rank validates its share of val; evaluate gathers the outputs for the metrics of the whole split
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # every rank validates on all of val
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage,

@@ -100,10 +100,10 @@ def run_epoch(
 
 def iter_batches(ds, batch_size: int, seed: int | None = None, device: torch.device | str = "cpu"):
     kwargs = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_ROWS, "local_shuffle_seed": seed} if seed is not None else {}
-    return ds.iter_torch_batches(batch_size=batch_size, device=device, collate_fn=_writable_collate(), **kwargs)
+    return ds.iter_torch_batches(batch_size=batch_size, device=device, collate_fn=_tensor_collate(), **kwargs)
 
 
-def _writable_collate():
+def _tensor_collate():
     """Ray Data's blocks are read-only memory; torch warns (once per process) that a tensor wrapping one must not
     be written, and the training step never writes its inputs. Silenced here, for this call only: a copy of
     every batch would cost a large image batch milliseconds, and a process-wide filter would hide it for

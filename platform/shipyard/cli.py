@@ -201,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     plan_p.add_argument("--profile", type=Path, default=None, help="hardware profile (default: plan.profile)")
     plan_p.add_argument(
+        "--measure",
+        action="store_true",
+        help="run a few real training steps of the model here first (a few seconds, no Ray) and price every "
+        "configuration from them, op by op, instead of from the profile alone",
+    )
+    plan_p.add_argument(
         "--plot",
         type=Path,
         default=Path(".shipyard/plan.png"),
@@ -323,6 +329,7 @@ def plan_command(args: argparse.Namespace) -> None:
             args.profile,
             args.algorithm,
             args.dtype,
+            measure=args.measure,
         )
     except (KeyError, FileNotFoundError, ValueError) as err:
         raise PlatformError(str(err).strip("'\"")) from None

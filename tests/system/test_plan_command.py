@@ -109,3 +109,22 @@ def test_plan_prices_the_image_task_locally_and_on_catalog_hardware(tmp_path, di
     assert out.returncode == 0, out.stderr
     assert f"model {model} (" in out.stdout and "predicted step time" in out.stdout and "nvlink4" in out.stdout
     assert "1258 training rows" in out.stdout  # 1,797 files, the default 0.7 train fraction
+
+
+def test_plan_measure_times_the_real_step_here_and_prices_other_hardware_from_it(tmp_path):
+    """--measure: the real digits MLP runs a few steps in this process (no Ray); the plan says so, prints its
+    uncertainty, and a catalog GPU is priced from the same measurement (this machine's profile scales it)."""
+    profile = str(_profile(tmp_path))
+    out = shipyard("plan", DIGITS, "--measure", "--profile", profile, "--plot", str(tmp_path / "p.png"))
+    assert out.returncode == 0, out.stderr
+    note = next(line for line in out.stdout.splitlines() if "measured mode" in line)
+    assert "the real step ran here at 32 rows with 1 thread(s)" in note and "counted ops matched" in note
+    assert " ± " in out.stdout.split("predicted step time")[1].split("\n")[0]
+    assert "USDT" not in out.stderr  # the profiler's start/stop lines are held back
+    gpu = shipyard(
+        "plan", DIGITS, "--measure", "--hardware", "h100", "--profile", profile, "--plot", str(tmp_path / "g.png")
+    )
+    assert gpu.returncode == 0, gpu.stderr
+    assert "measured mode" in gpu.stdout and "nvlink4" in gpu.stdout
+    missing = shipyard("plan", DIGITS, "--measure", "--hardware", "h100", "--profile", str(tmp_path / "none.json"))
+    assert missing.returncode == 2 and "run `shipyard calibrate`" in missing.stderr

@@ -45,6 +45,11 @@ class Device:
     """Calibrated achieved rate per op class against op size, ascending: for `matmul` and `conv` (FLOPs of
     one op, TFLOP/s), for the others (bytes one op moves, GB/s). A class with a curve uses it instead of
     peak x fraction."""
+    model_name: str = ""
+    """The processor's model name (a calibrated CPU: /proc/cpuinfo's `model name`)."""
+    spread: float = 0.0
+    """Calibrated: the median over the probes of how far apart their repeated timings lay ((max - min) /
+    median): the profile's own noise, which the plan prints as its uncertainty (0: a data sheet)."""
 
     def compute_tflops(self, op_class: str, flops: float, dtype: str = "fp32") -> float:
         """Achieved FLOP/s of a matmul or conv op of `flops` FLOPs, in TFLOP/s."""

@@ -152,19 +152,21 @@ def scaling_table(
     weak: bool = False,
     algorithm: Algorithm = "ring",
     dtype: str = "fp32",
+    estimate: Callable[..., StepEstimate] = estimate_step,
 ) -> list[ScalingRow]:
     """Speed-up and efficiency for each worker count, against one worker with the same global batch.
 
     Strong scaling (default): the global batch stays `global_batch`, each worker takes global_batch // N
     (as Shipyard's Train workers do). Weak scaling: each worker keeps `global_batch`; the global batch grows.
-    `placement(n)` gives the nodes n workers span and the (slowest) link their all-reduce crosses.
+    `placement(n)` gives the nodes n workers span and the (slowest) link their all-reduce crosses. `estimate`
+    prices one step (estimate_step's arguments): the analytical model, or the measured mode's.
     """
-    base = estimate_step(work_for_batch(global_batch), device, 1, None, algorithm, dtype).samples_per_s
+    base = estimate(work_for_batch(global_batch), device, 1, None, algorithm, dtype).samples_per_s
     rows: list[ScalingRow] = []
     for n in workers:
         b = global_batch if weak else max(1, global_batch // n)
         nodes, link = placement(n)
-        step = estimate_step(work_for_batch(b), device, n, link, algorithm, dtype)
+        step = estimate(work_for_batch(b), device, n, link, algorithm, dtype)
         speedup = step.samples_per_s / base
         steps = math.ceil(rows_per_epoch / (b * n))
         rows.append(

@@ -122,6 +122,8 @@ class Plan:
     train_s: float
     param_count: int
     notes: tuple[str, ...] = ()
+    measured: Any = None
+    """The measured mode's MeasuredStep (shipyard.perf.measure) when the plan was made from one."""
 
 
 def _node_counts(spec: str) -> list[int]:
@@ -165,12 +167,14 @@ def make_plan(
     rows: dict[str, int] | None = None,
     fit_workers: int | None = None,
     cluster_cpus: float | None = None,
+    measure: bool = False,
 ) -> Plan:
     """Price cfg's training and search on `hardware` (`local`: the calibrated profile; or a catalog name).
 
     `shape` and `rows` (train/val row counts): the pipeline passes what its data stage found; otherwise they
     come from the data's metadata and the configured split fractions. `fit_workers`, `cluster_cpus`: the most
-    workers, and the CPUs, that `auto` worker and trial counts must fit (default: the priced nodes)."""
+    workers, and the CPUs, that `auto` worker and trial counts must fit (default: the priced nodes). `measure`:
+    run the model's real step here first and price every configuration from it (shipyard.perf.measure)."""
     from shipyard.tasks import make_task
     from shipyard.train.step import StepOptions
 
@@ -178,10 +182,12 @@ def make_plan(
     node_counts = _node_counts(nodes)
     if gpus_per_node is not None and gpus_per_node < 1:
         raise ConfigError(f"--gpus-per-node {gpus_per_node}: give at least 1")
-    if hardware == "local":
+    threads = max(1, int(cfg.scaling.cpus_per_worker))
+    if hardware == "local" or measure:  # the measured mode scales what it measures here by this profile
         prof = load_profile(profile or default_profile_path(cfg))
-        threads = max(1, int(cfg.scaling.cpus_per_worker))
-        device = with_threads(prof.device, threads)
+        here = with_threads(prof.device, threads)
+    if hardware == "local":
+        device = here
         intra = inter = prof.interconnect
         per_node = gpus_per_node or max(1, _local_cpus() // threads)  # CPU workers that fit on one node
         notes.append(f"local profile from {prof.measured_at} ({prof.device.source})")
@@ -228,6 +234,27 @@ def make_plan(
             options=options,
         )
 
+    measured = None
+    if measure:
+        from shipyard.perf.measure import measure_step
+
+        measured_batch = max(1, cfg.train.batch_size // (cfg.scaling.max_workers or 1))
+        measured = measure_step(
+            lambda: task.build_model(cfg.model), measured_batch, task.example_batch, task.loss, options, threads
+        )
+        notes.append(
+            f"measured mode: the real step ran here at {measured_batch} rows with {threads} thread(s): "
+            f"{measured.step_ms:.3f} ms (last rounds within {measured.spread:.0%}); {measured.matched} of "
+            f"{len(measured.op_ms)} counted ops matched; every other configuration scales it op by op"
+        )
+
+    def price(w: StepWork, dev: Device, n: int, lk: Interconnect | None, alg=algorithm, dt=dtype) -> StepEstimate:
+        if measured is None:
+            return estimate_step(w, dev, n, lk, alg, dt)
+        from shipyard.perf.measure import measured_estimate
+
+        return measured_estimate(measured, w, here, dev, n, lk, alg, dt)
+
     eval_work = count_step_work(
         lambda: task.build_model(cfg.model), min(EVAL_BATCH, rows_val), make_batch=task.example_batch, forward_only=True
     )
@@ -242,8 +269,8 @@ def make_plan(
     strong_counts = [n for n in counts if n <= gb]  # past N = global batch a worker would get no rows
     if len(strong_counts) < len(counts):
         notes.append(f"strong scaling stops at {strong_counts[-1]} workers: the global batch is {gb} rows")
-    strong = scaling_table(work, device, strong_counts, placement, gb, rows_train, algorithm=algorithm, dtype=dtype)
-    weak = scaling_table(work, device, counts, placement, gb, rows_train, weak=True, algorithm=algorithm, dtype=dtype)
+    strong = scaling_table(work, device, strong_counts, placement, gb, rows_train, False, algorithm, dtype, price)
+    weak = scaling_table(work, device, counts, placement, gb, rows_train, True, algorithm, dtype, price)
     if any(r.batch_per_worker * r.workers < gb for r in strong):
         notes.append(
             f"strong scaling gives each of N workers {gb} // N rows, as training does: the global batch "
@@ -265,14 +292,14 @@ def make_plan(
             f"more than one node priced with {inter.name}, measured on one host: run shipyard calibrate "
             "on the cluster to measure the network between nodes"
         )
-    step = estimate_step(work(max(1, gb // n)), device, n, link, algorithm, dtype)
+    step = price(work(max(1, gb // n)), device, n, link)
     steps = math.ceil(rows_train / (max(1, gb // n) * n))
     epoch_s = steps * step.step_time_ms / 1e3 + eval_s
     trial_epochs = wall = None
     if cfg.tune.enabled and cfg.tune.space:
         t = cfg.tune
         w = t.workers_per_trial
-        trial_step = estimate_step(work(max(1, gb // w)), device, w, placement(w)[1], algorithm, dtype)
+        trial_step = price(work(max(1, gb // w)), device, w, placement(w)[1])
         trial_epoch_s = math.ceil(rows_train / (max(1, gb // w) * w)) * trial_step.step_time_ms / 1e3 + eval_s
         trial_epochs = expected_trial_epochs(
             t.scheduler, t.num_samples, cfg.train.epochs, t.grace_period, t.reduction_factor
@@ -301,6 +328,7 @@ def make_plan(
         epoch_s * cfg.train.epochs,
         work(1).param_bytes // 4,
         tuple(notes),
+        measured,
     )
 
 

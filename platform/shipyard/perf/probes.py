@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,11 +29,27 @@ from torch.nn.functional import cross_entropy
 from shipyard.perf.devices import Device
 from shipyard.perf.estimate import op_time_s
 from shipyard.perf.layers import COMPUTE_CLASSES, count_ops, count_step_work
+from shipyard.perf.measure import relative_range
 from shipyard.train.step import training_step
 
 
-def _time_per_call_s(fn: Callable[[], object], min_time_s: float = 0.2, repeats: int = 5) -> float:
-    """Median over `repeats` of the mean time per call, in loops that together take about min_time_s."""
+def cpu_model_name() -> str:
+    """The CPU's model name as the kernel reports it (`AMD EPYC 7B13`); the architecture where it does not say."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _time_per_call_s(
+    fn: Callable[[], object], min_time_s: float = 0.2, repeats: int = 5, spreads: list[float] | None = None
+) -> float:
+    """Median over `repeats` of the mean time per call, in loops that together take about min_time_s; while the
+    repeats lie more than 10 % apart (relative_range), up to 3x as many repeats (another process taking the core
+    for a moment). The final spread is appended to `spreads` when given."""
     for _ in range(3):
         fn()
     n = 1
@@ -43,13 +60,15 @@ def _time_per_call_s(fn: Callable[[], object], min_time_s: float = 0.2, repeats:
         if time.perf_counter() - start >= min_time_s / repeats:
             break
         n *= 2
-    samples = []
-    for _ in range(repeats):
+    samples: list[float] = []
+    while len(samples) < repeats or (relative_range(samples[-repeats:]) > 0.1 and len(samples) < 3 * repeats):
         start = time.perf_counter()
         for _ in range(n):
             fn()
         samples.append((time.perf_counter() - start) / n)
-    return statistics.median(samples)
+    if spreads is not None:
+        spreads.append(relative_range(samples[-repeats:]))
+    return statistics.median(samples[-repeats:])
 
 
 def _fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -106,7 +125,7 @@ PROBES: tuple[tuple[str, tuple[int, ...], Callable[[int], Callable[[], object]]]
 )
 
 
-def op_overhead_us(budget_s: float = 0.5) -> float:
+def op_overhead_us(budget_s: float = 0.5, spreads: list[float] | None = None) -> float:
     """Mean time per op of a training step of a model too small for any op to do real work."""
 
     def build() -> nn.Module:
@@ -118,12 +137,12 @@ def op_overhead_us(budget_s: float = 0.5) -> float:
     model = build()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
     x, y = torch.randn(2, 4), torch.randint(0, 2, (2,))
-    t = _time_per_call_s(lambda: training_step(model, opt, {"x": x, "y": y}, cross_entropy), budget_s)
+    t = _time_per_call_s(lambda: training_step(model, opt, {"x": x, "y": y}, cross_entropy), budget_s, spreads=spreads)
     return t / len(count_step_work(build, 2, 4, 2).ops) * 1e6
 
 
 def _curve(
-    op_class: str, sizes, make, device: Device, budget_s: float
+    op_class: str, sizes, make, device: Device, budget_s: float, spreads: list[float] | None = None
 ) -> tuple[tuple[tuple[float, float], ...], float]:
     """(rate points, fixed cost per op in us) of one class from its probe at each size.
 
@@ -137,7 +156,7 @@ def _curve(
     for size in sizes:
         fn = make(size)
         ops = count_ops(fn)
-        t = _time_per_call_s(fn, budget_s)
+        t = _time_per_call_s(fn, budget_s, spreads=spreads)
         own = [o for o in ops if o.op_class == op_class]
         rest_s = sum(op_time_s(o, device) - device.op_overhead_us * 1e-6 for o in ops if o.op_class != op_class)
         work = sum(o.flops if op_class in COMPUTE_CLASSES else o.bytes_moved for o in own)
@@ -162,6 +181,7 @@ def measure_device(threads: int = 1, budget_s: float = 0.15) -> Device:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    spreads: list[float] = []
     try:
         device = Device(
             name=f"cpu:{platform.node()}",
@@ -170,15 +190,15 @@ def measure_device(threads: int = 1, budget_s: float = 0.15) -> Device:
             mem_bandwidth_gbps=0.0,
             matmul_fraction=1.0,
             elementwise_fraction=1.0,
-            op_overhead_us=round(op_overhead_us(budget_s * 4), 3),
+            op_overhead_us=round(op_overhead_us(budget_s * 4, spreads), 3),
             threads=threads,
             source=f"measured by shipyard calibrate on {platform.node()} ({os.cpu_count()} cores, "
-            f"{platform.processor() or platform.machine()}), torch {torch.__version__}, "
-            f"{threads} thread(s)",
+            f"{cpu_model_name()}), torch {torch.__version__}, {threads} thread(s)",
+            model_name=cpu_model_name(),
         )
         per_op_us: dict[str, float] = {}
         for op_class, sizes, make in PROBES:  # each class after those its probe also runs (element-wise first)
-            curve, per_op_us[op_class] = _curve(op_class, sizes, make, device, budget_s)
+            curve, per_op_us[op_class] = _curve(op_class, sizes, make, device, budget_s, spreads)
             device = replace(device, curves={**device.curves, op_class: curve})
         # a class whose ops cost more per op than a plain element-wise op (e.g. a conv's setup) pays the difference
         base = per_op_us["elementwise"]
@@ -189,4 +209,5 @@ def measure_device(threads: int = 1, budget_s: float = 0.15) -> Device:
         device,
         peak_tflops={"fp32": max(r for _, r in device.curves["matmul"])},
         mem_bandwidth_gbps=device.curves["elementwise"][-1][1],
+        spread=round(statistics.median(spreads), 4),
     )

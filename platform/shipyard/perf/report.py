@@ -16,7 +16,8 @@ def summary_lines(plan: Plan, top: int = 3) -> list[str]:
     s = plan.step
     layers = ", ".join(f"{lt.layer} {lt.kind} {_ms(lt.time_ms)} ms ({lt.bound})" for lt in s.top_layers(top))
     return [
-        f"plan ({plan.device.name}): step {_ms(s.step_time_ms)} ms per {s.batch_per_worker} rows on each of "
+        f"plan ({plan.device.name}): step {_ms(s.step_time_ms)} ms{_uncertainty(plan)} per {s.batch_per_worker} rows "
+        f"on each of "
         f"{s.workers} worker(s) (forward {_ms(s.forward_ms)}, backward {_ms(s.backward_ms)}, optimizer "
         f"{_ms(s.optimizer_ms)}, all-reduce {_ms(s.exposed_comm_ms)} not hidden, other DDP costs "
         f"{_ms(s.ddp_overhead_ms)}); epoch {plan.epoch_s:.2f} s; "
@@ -52,7 +53,7 @@ def format_plan(plan: Plan, cfg: Config, top: int = 5) -> str:
         )
     lines += [
         "",
-        f"predicted step time {_ms(s.step_time_ms)} ms (forward {_ms(s.forward_ms)}, backward "
+        f"predicted step time {_ms(s.step_time_ms)} ms{_uncertainty(plan)} (forward {_ms(s.forward_ms)}, backward "
         f"{_ms(s.backward_ms)}, optimizer {_ms(s.optimizer_ms)}, all-reduce {_ms(s.comm_ms)} of which "
         f"{_ms(s.exposed_comm_ms)} not hidden, other DDP costs {_ms(s.ddp_overhead_ms)}) with "
         f"scaling.num_workers={s.workers}",
@@ -129,3 +130,10 @@ def plot_scaling(plan: Plan, path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     return out
+
+
+def _uncertainty(plan: Plan) -> str:
+    """` ± 4 %`: half the spread of what the plan was made from (the measured mode's last timing rounds, else
+    the calibration's repeated probes); nothing for a data sheet."""
+    spread = plan.measured.spread if plan.measured is not None else plan.device.spread
+    return f" ± {spread / 2:.1%}" if spread > 0 else ""

@@ -1,29 +1,39 @@
-"""Validate the performance model: predicted vs measured step time through Ray Train, and Ray Train's overhead.
+"""Validate the performance model: predicted vs measured step time through Ray Train, where the error lies,
+and Ray Train's overhead per built-in model.
 
     python bench/perfmodel.py [--epochs 6] [--models mlp,cnn,transformer] [--batches 32,64,256] [--workers 1,2]
 
 Calibrates this machine (shipyard.perf.calibration: Ray tasks and two gloo peers), then for each model x global
 batch x worker count runs Shipyard's Ray Train path (TorchTrainer over Ray Data shards, DDP on gloo, a
 checkpoint, an MLflow log and a report per epoch) on digits and compares the measured step time (the median
-over the steps of each epoch after the first, then the median over those epochs) with the prediction
-of shipyard.perf for the same model and per-worker batch.
+over the steps of each epoch after the first, then the median over those epochs) with two predictions for the
+same model and per-worker batch: the analytical plan (shipyard.perf) and the measured mode (shipyard.perf.measure:
+each model's real step timed once in this process at 32 rows, every case scaled from it op by op).
 
-The training overhead ratio: the CNN at the default global batch (64) on 1 worker; steady-state samples/s
-through the Ray Train path (training rows / (epoch's training loop incl. waiting for batches + its checkpoint
-and report), epochs after the first) over the samples/s of the same training step in a plain loop over
-in-memory tensors in this process (1 torch thread, as the Ray worker with 1 CPU has).
+Error attribution: each case's step is also timed in this process (1 thread, in-memory tensors, no Ray) phase by
+phase (forward with the loss, backward, optimizer); the rest of the Ray step (exposed all-reduce, DDP's other
+costs, what the Ray Train worker adds) is the Ray step minus that plain step. Each case names the part whose
+prediction is furthest off.
 
-Last line: one JSON object {"cases", "median_rel_err", "max_rel_err", "train_overhead_ratio", ...}.
+The training overhead ratio, per built-in model: the model at the default global batch (64) on 1 worker;
+steady-state samples/s through the Ray Train path (training rows / (epoch's training loop incl. waiting for
+batches + its checkpoint and report), epochs after the first) over the samples/s of the same training step in a
+plain loop over in-memory tensors in this process (1 torch thread, as the Ray worker with 1 CPU has); the JSON's
+`train_overhead_ratio` is the worst model's.
+
+Last line: one JSON object {"cases", "median_rel_err", "max_rel_err", "measured_median_rel_err",
+"measured_max_rel_err", "train_overhead_ratio", "train_overhead_ratio_per_model", "cpu", ...}.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
-import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
 from shipyard import configure_process, load_config  # noqa: E402
+
+MEASURED_BATCH = 32
+"""The measured mode's one measurement per model, at a per-worker batch the cases use (64/2 and 32/1)."""
 
 
 def measure_case(cfg, splits, name: str, tracking_uri: str) -> dict:
@@ -73,9 +86,12 @@ def measure_case(cfg, splits, name: str, tracking_uri: str) -> dict:
     }
 
 
-def predict_case(cfg, splits, profile) -> dict:
+def predict_case(cfg, splits, profile, measured=None) -> dict:
+    """The analytical plan's step and its parts; with `measured` (the model's MeasuredStep), the measured
+    mode's step too."""
     from shipyard.perf.estimate import estimate_step
     from shipyard.perf.layers import count_step_work
+    from shipyard.perf.measure import measured_estimate
     from shipyard.tasks import make_task
 
     workers = cfg.scaling.max_workers
@@ -85,7 +101,96 @@ def predict_case(cfg, splits, profile) -> dict:
         lambda: task.build_model(cfg.model), per_worker, make_batch=task.example_batch, loss_fn=task.loss
     )
     est = estimate_step(work, profile.device, workers, profile.interconnect)
-    return {"predicted_step_time_ms": est.step_time_ms, "predicted_comm_ms": est.exposed_comm_ms}
+    out = {
+        "predicted_step_time_ms": est.step_time_ms,
+        "predicted_comm_ms": est.exposed_comm_ms,
+        "predicted_parts_ms": {
+            "forward": est.forward_ms,
+            "backward": est.backward_ms,
+            "optimizer": est.optimizer_ms,
+            "comm_and_overheads": est.exposed_comm_ms + est.ddp_overhead_ms,
+        },
+    }
+    if measured is not None:
+        m = measured_estimate(measured, work, profile.device, None, workers, profile.interconnect)
+        out["measured_mode_step_time_ms"] = m.step_time_ms
+    return out
+
+
+def plain_phases_ms(cfg, info, batch: int, budget_s: float = 1.5) -> dict:
+    """The training step of one worker's batch in this process (1 thread, in-memory tensors, no Ray), timed
+    phase by phase with the step's own marks: forward (with the loss), backward, optimizer; and the whole step."""
+    import torch
+
+    from shipyard.tasks import make_task
+    from shipyard.train.epoch import make_optimizer
+    from shipyard.train.step import training_step
+
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.train.seed)
+    task = make_task(cfg.task, info)
+    model = task.build_model(cfg.model)
+    opt = make_optimizer(cfg, model)
+    b = task.example_batch(batch)
+    b["x"] = torch.randn_like(b["x"])
+    stamps: dict[str, float] = {}
+    parts: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
+
+    def mark(phase: str) -> None:
+        stamps[phase] = time.perf_counter()
+
+    for _ in range(5):
+        training_step(model, opt, b, task.loss, mark=mark)
+    end = time.perf_counter() + budget_s
+    while time.perf_counter() < end or len(parts["step"]) < 20:
+        start = time.perf_counter()
+        training_step(model, opt, b, task.loss, mark=mark)
+        done = time.perf_counter()
+        parts["forward"].append(stamps["backward"] - stamps["forward"])
+        parts["backward"].append(stamps["optimizer"] - stamps["backward"])
+        parts["optimizer"].append(done - stamps["optimizer"])
+        parts["step"].append(done - start)
+    return {k: statistics.median(v) * 1e3 for k, v in parts.items()}
+
+
+def torchrun_samples_per_s(model: str, per_worker_batch: int, rows: int, epochs: int) -> float:
+    """Plain DDP on 2 processes (bench/torchrun_ddp.py under torchrun, gloo, rendezvous on this host)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "bench" / "torchrun_ddp.py"),
+            f"--model={model}",
+            f"--batch={per_worker_batch}",
+            f"--rows={rows}",
+            f"--epochs={epochs}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"torchrun baseline failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["samples_per_s"]
+
+
+def attribute(case: dict, plain: dict) -> tuple[str, float, dict]:
+    """Which part of the step holds the prediction's error: forward, backward and optimizer against the plain
+    process's phases; `comm_and_overheads` (the exposed all-reduce, DDP's other costs, and whatever the Ray Train
+    worker adds per step) against the Ray step minus the plain step. (part, its error in ms, every part's)."""
+    measured = {
+        "forward": plain["forward"],
+        "backward": plain["backward"],
+        "optimizer": plain["optimizer"],
+        "comm_and_overheads": case["step_time_ms"] - plain["step"],
+    }
+    errors = {k: case["predicted_parts_ms"][k] - v for k, v in measured.items()}
+    part = max(errors, key=lambda k: abs(errors[k]))
+    return part, errors[part], errors
 
 
 def plain_loop_samples_per_s(cfg, train_xy, info, epochs: int) -> float:
@@ -135,6 +240,8 @@ def main() -> None:
     from shipyard.data.tables import to_numpy
     from shipyard.perf.calibration import calibrate
     from shipyard.perf.devices import load_profile
+    from shipyard.perf.measure import measure_step
+    from shipyard.perf.probes import cpu_model_name
     from shipyard.tasks import make_task
 
     tmp = Path(tempfile.mkdtemp(prefix="shipyard-bench-perf-"))
@@ -154,16 +261,29 @@ def main() -> None:
         profile = load_profile(args.profile) if args.profile else calibrate(tmp / "hardware.json")
         splits = make_task(load_config(None, base).task).load(load_config(None, base).data)
         print(
-            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; digits "
-            f"({splits.rows['train']} training rows), {args.epochs} epochs per case; profile: "
-            f"{profile.device.op_overhead_us} us/op, gloo {profile.interconnect.latency_us} us + bytes / "
-            f"{profile.interconnect.bandwidth_gbps} GB/s"
+            f"machine: {cpu_model_name()}, {os.cpu_count()} CPUs; digits ({splits.rows['train']} training rows), "
+            f"{args.epochs} epochs per case; profile: {profile.device.op_overhead_us} us/op, gloo "
+            f"{profile.interconnect.latency_us} us + bytes / {profile.interconnect.bandwidth_gbps} GB/s; "
+            f"calibration spread {profile.device.spread:.1%}"
         )
+        models = args.models.split(",")
+        measured = {}
+        for model in models:  # the measured mode: each model's real step here once, every case priced from it
+            cfg = load_config(None, {**base, "model.name": model})
+            task = make_task(cfg.task, splits.info)
+            measured[model] = measure_step(
+                lambda task=task, cfg=cfg: task.build_model(cfg.model), MEASURED_BATCH, task.example_batch, task.loss
+            )
+            m = measured[model]
+            print(
+                f"measured mode, {model}: {m.step_ms:.3f} ms a step at {MEASURED_BATCH} rows here (last rounds "
+                f"within {m.spread:.1%}), {m.matched}/{len(m.op_ms)} counted ops matched"
+            )
         print(
             f"{'model':12s} {'batch':>5s} {'workers':>7s} {'predicted_ms':>12s} {'measured_ms':>11s} "
-            f"{'rel_err':>8s} {'data_wait_ms':>12s}"
+            f"{'rel_err':>8s} {'meas_mode_ms':>12s} {'rel_err':>8s} {'data_wait_ms':>12s}  error mostly in"
         )
-        for model in args.models.split(","):
+        for model in models:
             for batch in map(int, args.batches.split(",")):
                 for workers in map(int, args.workers.split(",")):
                     cfg = load_config(
@@ -173,41 +293,67 @@ def main() -> None:
                         "model": model,
                         "batch": batch,
                         "workers": workers,
-                        **predict_case(cfg, splits, profile),
+                        **predict_case(cfg, splits, profile, measured[model]),
                         **measure_case(cfg, splits, f"{model}-b{batch}-w{workers}", tracking_uri),
                     }
                     case["rel_err"] = (case["predicted_step_time_ms"] - case["step_time_ms"]) / case["step_time_ms"]
+                    case["measured_rel_err"] = (case["measured_mode_step_time_ms"] - case["step_time_ms"]) / case[
+                        "step_time_ms"
+                    ]
+                    plain = plain_phases_ms(cfg, splits.info, max(1, batch // workers))
+                    case["plain_parts_ms"] = plain
+                    part, err_ms, case["part_errors_ms"] = attribute(case, plain)
                     cases.append(case)
                     print(
                         f"{model:12s} {batch:5d} {workers:7d} {case['predicted_step_time_ms']:12.3f} "
-                        f"{case['step_time_ms']:11.3f} {case['rel_err']:+8.1%} {case['data_wait_ms']:12.3f}",
+                        f"{case['step_time_ms']:11.3f} {case['rel_err']:+8.1%} "
+                        f"{case['measured_mode_step_time_ms']:12.3f} {case['measured_rel_err']:+8.1%} "
+                        f"{case['data_wait_ms']:12.3f}  {part} {err_ms:+.3f} ms",
                         flush=True,
                     )
-        overhead_cfg = load_config(None, {**base, "model.name": "cnn", "scaling.num_workers": 1})
-        ray_case = next(
-            (
-                c
-                for c in cases
-                if c["model"] == "cnn" and c["workers"] == 1 and c["batch"] == overhead_cfg.train.batch_size
-            ),
-            None,
-        )
-        if ray_case is None:
-            ray_case = measure_case(overhead_cfg, splits, "cnn-overhead", tracking_uri)
+        # Ray Train's overhead per built-in model: its 1-worker case at the default global batch
+        overhead_cfgs = {m: load_config(None, {**base, "model.name": m, "scaling.num_workers": 1}) for m in models}
+        ray_cases = {}
+        for m, ocfg in overhead_cfgs.items():
+            ray_cases[m] = next(
+                (c for c in cases if c["model"] == m and c["workers"] == 1 and c["batch"] == ocfg.train.batch_size),
+                None,
+            ) or measure_case(ocfg, splits, f"{m}-overhead", tracking_uri)
         train_xy = to_numpy(splits.train)
     finally:
         ray.shutdown()
-    plain = plain_loop_samples_per_s(overhead_cfg, train_xy, splits.info, args.epochs)
-    ratio = ray_case["ray_samples_per_s"] / plain
+    ratios = {}
+    for m, ocfg in overhead_cfgs.items():
+        plain = plain_loop_samples_per_s(ocfg, train_xy, splits.info, args.epochs)
+        ratios[m] = ray_cases[m]["ray_samples_per_s"] / plain
+        print(
+            f"training overhead, {m}: global batch {ocfg.train.batch_size}, 1 worker: Ray Train path "
+            f"{ray_cases[m]['ray_samples_per_s']:.0f} samples/s (median per epoch: {ray_cases[m]['steps_per_epoch']} "
+            f"steps, checkpoint + report {ray_cases[m]['report_s']:.3f} s), plain loop {plain:.0f} samples/s -> "
+            f"ratio {ratios[m]:.3f}"
+        )
+    # what the platform costs a data-parallel step: Shipyard's 2-worker case against plain torchrun DDP
+    ddp = {}
+    for m, ocfg in overhead_cfgs.items():
+        two = next(
+            (c for c in cases if c["model"] == m and c["workers"] == 2 and c["batch"] == ocfg.train.batch_size), None
+        )
+        if two is None:
+            continue
+        plain_ddp = torchrun_samples_per_s(m, ocfg.train.batch_size // 2, splits.rows["train"], args.epochs)
+        ddp[m] = two["ray_samples_per_s"] / plain_ddp
+        print(
+            f"data-parallel overhead, {m}: global batch {ocfg.train.batch_size}, 2 workers: Shipyard "
+            f"{two['ray_samples_per_s']:.0f} samples/s, torchrun DDP (gloo, in-memory tensors) {plain_ddp:.0f} "
+            f"samples/s -> ratio {ddp[m]:.3f}"
+        )
     errs = [abs(c["rel_err"]) for c in cases]
+    merrs = [abs(c["measured_rel_err"]) for c in cases]
+    where = collections.Counter(max(c["part_errors_ms"], key=lambda k: abs(c["part_errors_ms"][k])) for c in cases)
     print(
-        f"training overhead: CNN, global batch {overhead_cfg.train.batch_size}, 1 worker: Ray Train path "
-        f"{ray_case['ray_samples_per_s']:.0f} samples/s (median per epoch: {ray_case['steps_per_epoch']} steps, "
-        f"checkpoint + report {ray_case['report_s']:.3f} s), plain loop {plain:.0f} samples/s -> ratio {ratio:.3f}"
-    )
-    print(
-        f"{len(cases)} cases in {time.perf_counter() - started:.0f} s: median |rel err| {statistics.median(errs):.1%}, "
-        f"worst {max(errs):.1%}"
+        f"{len(cases)} cases in {time.perf_counter() - started:.0f} s: analytical median |rel err| "
+        f"{statistics.median(errs):.1%}, worst {max(errs):.1%}; measured mode median {statistics.median(merrs):.1%}, "
+        f"worst {max(merrs):.1%}; the largest error per case lies in: {dict(where.most_common())}"
     )
     print(
         json.dumps(
@@ -215,11 +361,26 @@ def main() -> None:
                 "cases": len(cases),
                 "median_rel_err": round(statistics.median(errs), 4),
                 "max_rel_err": round(max(errs), 4),
-                "train_overhead_ratio": round(ratio, 3),
-                "per_case": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in cases],
+                "measured_median_rel_err": round(statistics.median(merrs), 4),
+                "measured_max_rel_err": round(max(merrs), 4),
+                "train_overhead_ratio": round(min(ratios.values()), 3),
+                "train_overhead_ratio_per_model": {m: round(r, 3) for m, r in ratios.items()},
+                "ddp_overhead_ratio": round(min(ddp.values()), 3) if ddp else None,
+                "ddp_overhead_ratio_per_model": {m: round(r, 3) for m, r in ddp.items()},
+                "cpu": cpu_model_name(),
+                "calibration_spread": profile.device.spread,
+                "per_case": [_rounded(c) for c in cases],
             }
         )
     )
+
+
+def _rounded(v):
+    if isinstance(v, float):
+        return round(v, 4)
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    return v
 
 
 if __name__ == "__main__":

@@ -190,6 +190,10 @@ class ImageClassification(Task):
                     include_paths=True,
                     partitioning=Partitioning("dir", base_dir=str(root), field_names=["label"]),
                 )
+                # the files' order, not the order their parallel reads finish in: the same folder and seed give
+                # the same rows in the same order, hence the same model (this dataset's own context: nothing
+                # process-wide changes)
+                ds.context.execution_options.preserve_order = True
                 encoded = ds.map_batches(encode, batch_format="numpy").materialize()
         except DataError as err:
             bad = bad_images(files, channels)  # name the file: Ray Data's error names a read task, not a file

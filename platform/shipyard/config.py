@@ -172,6 +172,11 @@ class PlanConfig(_Section):
     missing, the pipeline measures this machine first (~35 s) and writes it."""
     warn_off_by: float = Field(0.25, gt=0)
     """Warn (once per run) when the measured step time is off the prediction by more than this fraction."""
+    measure: bool = False
+    """Before training, run the model's real step on the driver's CPU for a few seconds and predict from it, op
+    by op (the measured mode of `shipyard plan --measure`); the analytical prediction is logged beside it
+    (param plan.analytical_step_time_ms). Local CPU plans only (plan.hardware=local). Off by default until
+    bench/perfmodel.py shows it closer than the analytical plan (BENCHMARKS.md: not yet)."""
 
 
 class Config(_Section):

@@ -102,6 +102,7 @@ def predict(cfg: Config, splits: Splits) -> Plan | None:
             rows=splits.rows,
             fit_workers=fit_workers,
             cluster_cpus=cpus,
+            measure=cfg.plan.measure and cfg.plan.hardware == "local",
         )
     except Exception as err:  # a prediction is advice: training goes on without one
         log.warning(

@@ -168,6 +168,11 @@ def train_and_register(
                     "plan.device": plan.device.name,
                     "plan.predicted_step_time_ms": round(plan.step.step_time_ms, 4),
                     "plan.predicted_epoch_s": round(plan.epoch_s, 4),
+                    **(
+                        {"plan.analytical_step_time_ms": round(plan.analytical_step.step_time_ms, 4)}
+                        if plan.analytical_step is not None
+                        else {}
+                    ),
                 }
             )
         result = fit(cfg, splits, f"{cfg.name}-train-{stamp}", cfg.tracking_uri, run.info.run_id, prediction)

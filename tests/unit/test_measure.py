@@ -93,3 +93,17 @@ def test_repeated_timings_report_their_spread():
     spreads: list[float] = []
     assert _time_per_call_s(lambda: sum(range(100)), 0.02, 5, spreads) > 0
     assert len(spreads) == 1 and spreads[0] >= 0
+
+
+def test_a_measured_plan_keeps_the_analytical_step_beside_it_for_the_pipeline_to_log(tmp_path):
+    from shipyard import load_config, make_plan
+    from shipyard.perf.report import summary_lines
+    from tests.helpers import hand_made_profile
+
+    cfg = load_config(None, {"scaling.num_workers": 1})
+    plan = make_plan(cfg, "local", profile=hand_made_profile(tmp_path), measure=True)
+    assert plan.measured is not None and plan.analytical_step is not None
+    assert plan.step.step_time_ms != plan.analytical_step.step_time_ms  # priced from the measurement
+    line = next(x for x in summary_lines(plan) if "measured mode" in x)
+    assert f"at {cfg.train.batch_size} rows" in line and "the analytical model alone" in line
+    assert make_plan(cfg, "local", profile=hand_made_profile(tmp_path)).analytical_step is None

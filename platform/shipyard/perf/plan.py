@@ -124,6 +124,8 @@ class Plan:
     notes: tuple[str, ...] = ()
     measured: Any = None
     """The measured mode's MeasuredStep (shipyard.perf.measure) when the plan was made from one."""
+    analytical_step: StepEstimate | None = None
+    """With `measured`: the same step as the analytical model alone prices it."""
 
 
 def _node_counts(spec: str) -> list[int]:
@@ -329,6 +331,7 @@ def make_plan(
         work(1).param_bytes // 4,
         tuple(notes),
         measured,
+        estimate_step(work(max(1, gb // n)), device, n, link, algorithm, dtype) if measured is not None else None,
     )
 
 

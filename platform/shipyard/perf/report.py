@@ -23,7 +23,15 @@ def summary_lines(plan: Plan, top: int = 3) -> list[str]:
         f"{_ms(s.ddp_overhead_ms)}); epoch {plan.epoch_s:.2f} s; "
         f"training ~{plan.train_s:.1f} s plus Ray's start-up",
         f"plan: heaviest layers {layers}",
-    ]
+    ] + (
+        [
+            f"plan: measured mode: the real step ran on the driver at {plan.measured.work.batch_size} rows: "
+            f"{_ms(plan.measured.step_ms)} ms; the step above is priced from it (the analytical model alone: "
+            f"{_ms(plan.analytical_step.step_time_ms)} ms)"
+        ]
+        if plan.measured is not None and plan.analytical_step is not None
+        else []
+    )
 
 
 def _ms(x: float) -> str:

@@ -4,7 +4,7 @@
 
 Each rank: gloo process group, the same built-in model Shipyard trains on digits (64 features, 10 classes),
 AdamW, Shipyard's own training step, one torch thread, in-memory random tensors of the same per-worker batch,
-`rows` training rows a epoch split over the ranks. No Ray, no Ray Data, no checkpoint, no MLflow. Rank 0 prints
+`rows` training rows an epoch split over the ranks. No Ray, no Ray Data, no checkpoint, no MLflow. Rank 0 prints
 one JSON line: {"samples_per_s": median over the epochs after the first, "step_time_ms": median step}.
 """
 

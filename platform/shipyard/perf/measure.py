@@ -47,11 +47,12 @@ class MeasuredStep:
     """Median wall time of a step without the profiler (what the training loop's step_time_ms measures)."""
     op_ms: tuple[float | None, ...]
     """Per counted op (work.ops order): its measured time, scaled so that the step adds up to step_ms; None for
-    a counted op the profile did not show (it runs in the first step only, e.g. the optimizer's state)."""
+    a counted op the profile did not show (e.g. the `loss.item()` the counter adds by hand, or an op the profiler
+    names otherwise)."""
     between_ms: float
     """The rest of step_ms: the time between ops (Python, autograd), spread over the ops that ran."""
     spread: float
-    """(p90 - p10) / median of the unprofiled steps: how steady the measurement was."""
+    """relative_range of the last three rounds' medians of unprofiled steps: how steady the measurement was."""
     threads: int
 
     @property
@@ -117,7 +118,7 @@ def measure_step(
         model.train()
         for _ in range(3):
             training_step(model, opt, batch, loss_fn, options)
-        _, rounds = steady_rounds(lambda: training_step(model, opt, batch, loss_fn, options), budget_s)
+        rounds = steady_rounds(lambda: training_step(model, opt, batch, loss_fn, options), budget_s)
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
         with _quiet_stderr():
             prof.start()
@@ -173,21 +174,19 @@ def relative_range(values: Sequence[float]) -> float:
     return (max(values) - min(values)) / statistics.median(values) if values else 0.0
 
 
-def steady_rounds(fn: Callable[[], object], budget_s: float, round_steps: int = 10, tol: float = 0.05):
+def steady_rounds(fn: Callable[[], object], budget_s: float, round_steps: int = 10, tol: float = 0.05) -> list[float]:
     """Time `fn` in rounds of `round_steps` calls until the medians of the last three rounds lie within `tol`
-    of each other (relative_range) or `budget_s` is spent (at least three rounds): (every call's time in s,
-    each round's median)."""
-    start, times, rounds = time.perf_counter(), [], []
+    of each other (relative_range) or `budget_s` is spent (at least three rounds): each round's median, in s."""
+    start, rounds = time.perf_counter(), []
     while True:
-        batch = []
+        calls = []
         for _ in range(round_steps):
             t = time.perf_counter()
             fn()
-            batch.append(time.perf_counter() - t)
-        times += batch
-        rounds.append(statistics.median(batch))
+            calls.append(time.perf_counter() - t)
+        rounds.append(statistics.median(calls))
         if len(rounds) >= 3 and (relative_range(rounds[-3:]) <= tol or time.perf_counter() - start > budget_s):
-            return times, rounds
+            return rounds
 
 
 def _profiled_wall_ms(prof) -> float:

@@ -42,7 +42,7 @@ from shipyard.perf.estimate import (
 from shipyard.perf.layers import StepWork, count_step_work
 from shipyard.perf.search import expected_trial_epochs, search_wall_s
 
-EVAL_BATCH = 512  # train._evaluate's batch (train_loop_per_worker iterates val in batches of 512)
+EVAL_BATCH = 512  # train.epoch.evaluate's batch (train_loop_per_worker iterates val in batches of 512)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ def summary_lines(plan: Plan, top: int = 3) -> list[str]:
     layers = ", ".join(f"{lt.layer} {lt.kind} {_ms(lt.time_ms)} ms ({lt.bound})" for lt in s.top_layers(top))
     return [
         f"plan ({plan.device.name}): step {_ms(s.step_time_ms)} ms{_uncertainty(plan)} per {s.batch_per_worker} rows "
-        f"on each of "
-        f"{s.workers} worker(s) (forward {_ms(s.forward_ms)}, backward {_ms(s.backward_ms)}, optimizer "
+        f"on each of {s.workers} worker(s) (forward {_ms(s.forward_ms)}, backward {_ms(s.backward_ms)}, optimizer "
         f"{_ms(s.optimizer_ms)}, all-reduce {_ms(s.exposed_comm_ms)} not hidden, other DDP costs "
         f"{_ms(s.ddp_overhead_ms)}); epoch {plan.epoch_s:.2f} s; "
         f"training ~{plan.train_s:.1f} s plus Ray's start-up",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shipyard.config import Config, EndpointConfig, apply_overrides
@@ -153,6 +153,7 @@ def train_and_register(
             "warn_off_by": cfg.plan.warn_off_by,
             "link": plan.link.name if plan.link else None,
             "auto": auto,  # what `auto` chose: the first steady epoch says whether the measurement agrees
+            "strong": [asdict(r) for r in plan.strong],  # re-priced from the first steady epoch
         }
     earlier = _earlier_train_run(parent_id)  # a resumed pipeline goes on in the train run its killed driver began
     if earlier:

@@ -1,6 +1,8 @@
 """Data parallelism proven, not assumed, for every kind of task: over an epoch the Ray Train workers' shards are
 disjoint and cover the training split, and 2 workers at a global batch of B rows end where one process ends
-that takes the same B rows a step (DDP averages the workers' gradients: the gradient of the whole batch)."""
+that takes the same B rows a step (DDP averages the workers' gradients: the gradient of the whole batch).
+From the second epoch each worker trains on the rows it read in the first, held in memory and reshuffled, and
+the ranks validate on shares of the validation split whose gathered metrics are those of the whole split."""
 
 import collections
 import json
@@ -14,7 +16,7 @@ from shipyard import load_config
 from shipyard.data.tables import to_numpy
 from shipyard.tasks import make_task
 from shipyard.train.checkpoints import CHECKPOINT_FILE
-from shipyard.train.epoch import make_optimizer
+from shipyard.train.epoch import evaluate, make_optimizer
 from shipyard.train.loop import fit
 from shipyard.train.step import StepOptions, training_step
 from tests.helpers import report
@@ -81,7 +83,7 @@ def test_two_workers_see_disjoint_shards_covering_the_split_and_match_one_proces
             "model.options": {"record_dir": str(record)},
             "model.hidden": 16,
             "model.depth": 1,
-            "train.epochs": 1,
+            "train.epochs": 2,
             "train.batch_size": 64,
             "scaling.num_workers": 2,
             "plan.enabled": False,
@@ -95,7 +97,8 @@ def test_two_workers_see_disjoint_shards_covering_the_split_and_match_one_proces
 
     # what each rank trained on, step by step (the encoder's output: the network's input)
     steps = {r: sorted(record.glob(f"rank{r}-step*.npy")) for r in (0, 1)}
-    assert len(steps[0]) == len(steps[1]) > 1
+    assert len(steps[0]) == len(steps[1]) > 2
+    per_epoch = len(steps[0]) // 2
     seen = {r: [np.load(f) for f in files] for r, files in steps.items()}
     x_train, y_train = to_numpy(splits.train)
     with torch.no_grad():
@@ -104,14 +107,20 @@ def test_two_workers_see_disjoint_shards_covering_the_split_and_match_one_proces
     def key(row: np.ndarray) -> bytes:
         return np.round(row, 4).tobytes()
 
+    def rows_of(r: int, epoch: int) -> list[bytes]:
+        return [key(row) for batch in seen[r][epoch * per_epoch : (epoch + 1) * per_epoch] for row in batch]
+
     split_rows = collections.Counter(key(r) for r in encoded)
-    shard = {r: collections.Counter(key(row) for batch in seen[r] for row in batch) for r in (0, 1)}
+    shard = {r: collections.Counter(rows_of(r, 0)) for r in (0, 1)}
     both = shard[0] + shard[1]
     assert all(both[k] <= split_rows[k] for k in both), "a row was trained on twice in one epoch"
     assert sum(both.values()) == sum(shard[0].values()) * 2  # equal shards (Ray Train's split(equal=True))
     dropped = len(encoded) - sum(both.values())
     # equal shards drop the rows beyond a multiple of the worker count: at most N - 1 an epoch
     assert 0 <= dropped <= 1, f"{dropped} training rows never seen"
+    for r in (0, 1):  # epoch 2: the rows this rank held from epoch 1, in a new order
+        assert collections.Counter(rows_of(r, 1)) == shard[r], f"rank {r} trained on other rows in epoch 2"
+        assert rows_of(r, 1) != rows_of(r, 0), f"rank {r} did not reshuffle its rows in epoch 2"
 
     # one process, same initial weights, each step on the two ranks' rows together
     by_row = collections.defaultdict(list)
@@ -124,6 +133,8 @@ def test_two_workers_see_disjoint_shards_covering_the_split_and_match_one_proces
     optimizer = make_optimizer(cfg, model)
     used = collections.Counter()
     for step in range(len(seen[0])):
+        if step == per_epoch:
+            used.clear()  # every row again
         rows = []
         for r in (0, 1):
             for row in seen[r][step]:
@@ -135,11 +146,18 @@ def test_two_workers_see_disjoint_shards_covering_the_split_and_match_one_proces
     with result.checkpoint.as_directory() as d:
         trained = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)["model"]
     worst = max((trained[k] - v).abs().max().item() for k, v in model.state_dict().items())
+    # the last epoch's validation ran on two shares, gathered: the metrics of the whole split in one process
+    model.load_state_dict(trained)
+    x_val, y_val = to_numpy(splits.val)
+    whole = evaluate(model, [{"x": torch.tensor(x_val), "y": torch.tensor(y_val)}], replay_task)
     report(
-        f"{case}: {len(seen[0])} steps of 2 x {len(seen[0][0])} rows, {dropped} row(s) left out by the equal "
-        f"split; largest weight difference to one process on the same rows {worst:.2e}"
+        f"{case}: {len(seen[0])} steps of 2 x {len(seen[0][0])} rows over 2 epochs, {dropped} row(s) left out by "
+        f"the equal split; largest weight difference to one process on the same rows {worst:.2e}; val_loss of "
+        f"the gathered shares {result.metrics['val_loss']:.6f}, of the whole split here {whole['loss']:.6f}"
     )
     assert worst < 1e-4, json.dumps({k: (trained[k] - v).abs().max().item() for k, v in model.state_dict().items()})
+    for name, value in whole.items():
+        assert result.metrics[f"val_{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
 def test_bf16_mixed_with_four_micro_batches_on_two_workers_is_within_a_point_of_fp32(ray_local, workdir):

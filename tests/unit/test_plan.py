@@ -94,6 +94,35 @@ def test_the_plan_prices_precision_and_gradient_accumulation():
     assert accum.step.forward_ms > fp32.step.forward_ms  # 4 passes: the per-op overhead is paid 4 times
 
 
+def test_each_worker_validates_its_share_of_the_validation_split(tmp_path):
+    """An epoch is its steps plus validation, and after the first epoch each of N workers evaluates
+    ceil(rows_val / N) rows (train.epoch.HeldRows.share): one forward pass over that share, not the split."""
+    import math
+
+    from shipyard.perf.estimate import forward_time_ms
+    from shipyard.perf.layers import count_step_work
+    from shipyard.perf.plan import data_shape, planned_info
+    from shipyard.tasks import make_task
+
+    profile = _profile(tmp_path)
+    parts = {}
+    for n in (1, 2):
+        cfg = load_config(DIGITS, {"scaling.num_workers": n, "train.batch_size": 64})
+        plan = make_plan(cfg, "local", profile=profile, gpus_per_node=2)
+        validation_s = plan.epoch_s - math.ceil(plan.rows_train / 64) * plan.step.step_time_ms / 1e3
+        task = make_task(cfg.task, planned_info(cfg, data_shape(cfg)))
+        share = math.ceil(plan.rows_val / n)  # 270 rows of digits' 1797 on one worker, 135 on each of two
+        work = count_step_work(
+            lambda task=task, cfg=cfg: task.build_model(cfg.model),
+            share,
+            make_batch=task.example_batch,
+            forward_only=True,
+        )
+        assert validation_s == pytest.approx(forward_time_ms(work, plan.device) / 1e3, rel=1e-9)
+        parts[n] = validation_s
+    assert parts[2] < parts[1]
+
+
 def _row(workers: int, samples_per_s: float) -> ScalingRow:
     speedup = samples_per_s / 1000.0
     return ScalingRow(workers, 1, 64, 1.0, 0.0, samples_per_s, speedup, speedup / workers, 1.0)
@@ -150,3 +179,27 @@ def test_progress_says_whether_the_auto_choice_held():
     off.after_epoch(_epoch(5.0))  # the only epoch: said at once
     assert "does not agree" in off.auto_check(_epoch(5.0))
     assert Progress(PRED, epochs_left=1, world=2).auto_check(_epoch(5.0)) is None  # not chosen by auto
+
+
+def test_progress_refines_the_plan_once_from_the_first_steady_epoch():
+    """Planned 2 ms a step, 1 ms of it all-reduce; the first steady epoch measures 3 ms: compute x2. The table
+    re-priced from it: 1 worker 2 ms of compute -> 4 ms; 2 workers 1 ms compute + 1 ms comm -> 2 + 1 = 3 ms."""
+    strong = [
+        {"workers": 1, "nodes": 1, "batch_per_worker": 64, "step_time_ms": 2.0, "exposed_comm_ms": 0.0,
+         "samples_per_s": 32000.0, "speedup": 1.0, "efficiency": 1.0, "epoch_time_s": 0.2},
+        {"workers": 2, "nodes": 1, "batch_per_worker": 32, "step_time_ms": 2.0, "exposed_comm_ms": 1.0,
+         "samples_per_s": 32000.0, "speedup": 1.0, "efficiency": 0.5, "epoch_time_s": 0.1},
+    ]  # fmt: skip
+    p = Progress({**PRED, "strong": strong}, epochs_left=4, world=2)
+    m = {**_epoch(3.0), "epoch": 0}
+    p.after_epoch(m)
+    assert p.refine(m) is None  # the first epoch warms up
+    m = {**_epoch(3.0), "epoch": 1}
+    p.after_epoch(m)
+    lines = p.refine(m)
+    assert lines[0].startswith("plan refined after epoch 2 from its measured step: 3.00 ms a step (planned 2.00 ms")
+    assert "compute x2.00" in lines[0]
+    assert [r["step_time_ms"] for r in p.refined["strong"]] == pytest.approx([4.0, 3.0])
+    assert "2 worker(s)      3.00 ms/step" in lines[2] and "efficiency  67%" in lines[2]
+    assert p.refine(m) is None  # once
+    assert Progress(PRED, epochs_left=4, world=2).refine(m) is None  # no table in the prediction: nothing to refine

@@ -42,7 +42,7 @@ from shipyard.perf.estimate import (
 from shipyard.perf.layers import StepWork, count_step_work
 from shipyard.perf.search import expected_trial_epochs, search_wall_s
 
-EVAL_BATCH = 512  # train.epoch.evaluate's batch (train_loop_per_worker iterates val in batches of 512)
+EVAL_BATCH = 512  # validation's batch (train_loop_per_worker's val HeldRows: batches of 512)
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,19 @@ class Plan:
     """With `measured`: the same step as the analytical model alone prices it."""
 
 
+def planned_info(cfg: Config, shape: DataShape) -> DataInfo:
+    """The data stage's DataInfo, or one made from the shape: enough for the task to build its model."""
+    return shape.info or DataInfo(
+        task=cfg.task.name,
+        input_shape=[shape.in_features],
+        output_width=shape.num_classes,
+        target=cfg.data.label,
+        feature_names=[f"x{i}" for i in range(shape.in_features)],
+        classes=None if cfg.task.name == "regression" else list(range(shape.num_classes)),
+        preprocessing={"target": {"mean": 0.0, "std": 1.0}} if cfg.task.name == "regression" else {},
+    )
+
+
 def _node_counts(spec: str) -> list[int]:
     """`4` or `1..8` -> node counts."""
     try:
@@ -202,19 +215,7 @@ def make_plan(
             notes.append("between nodes: ib-200 (InfiniBand HDR, one NIC per GPU); pick another with --interconnect")
     shape = shape or data_shape(cfg)
     # the task's own model (its encoder and decoder included), batch and loss: the step the workers run
-    task = make_task(
-        cfg.task,
-        shape.info
-        or DataInfo(
-            task=cfg.task.name,
-            input_shape=[shape.in_features],
-            output_width=shape.num_classes,
-            target=cfg.data.label,
-            feature_names=[f"x{i}" for i in range(shape.in_features)],
-            classes=None if cfg.task.name == "regression" else list(range(shape.num_classes)),
-            preprocessing={"target": {"mean": 0.0, "std": 1.0}} if cfg.task.name == "regression" else {},
-        ),
-    )
+    task = make_task(cfg.task, planned_info(cfg, shape))
     options = StepOptions.of(cfg.train)
     if options.precision == "bf16-mixed" and dtype == "fp32":
         if hardware == "local":
@@ -257,10 +258,18 @@ def make_plan(
 
         return measured_estimate(measured, w, here, dev, n, lk, alg, dt)
 
-    eval_work = count_step_work(
-        lambda: task.build_model(cfg.model), min(EVAL_BATCH, rows_val), make_batch=task.example_batch, forward_only=True
-    )
-    eval_s = math.ceil(rows_val / EVAL_BATCH) * forward_time_ms(eval_work, device, dtype) / 1e3
+    @functools.cache
+    def eval_s(n: int) -> float:
+        """Validation on each of n workers: after the first epoch each evaluates its 1/n share of the split
+        (train.epoch.HeldRows.share), in batches of EVAL_BATCH, forward only."""
+        share = max(1, math.ceil(rows_val / n))
+        eval_work = count_step_work(
+            lambda: task.build_model(cfg.model),
+            min(EVAL_BATCH, share),
+            make_batch=task.example_batch,
+            forward_only=True,
+        )
+        return math.ceil(share / EVAL_BATCH) * forward_time_ms(eval_work, device, dtype) / 1e3
 
     def placement(n: int) -> tuple[int, Interconnect | None]:
         used = math.ceil(n / per_node)
@@ -296,13 +305,13 @@ def make_plan(
         )
     step = price(work(max(1, gb // n)), device, n, link)
     steps = math.ceil(rows_train / (max(1, gb // n) * n))
-    epoch_s = steps * step.step_time_ms / 1e3 + eval_s
+    epoch_s = steps * step.step_time_ms / 1e3 + eval_s(n)
     trial_epochs = wall = None
     if cfg.tune.enabled and cfg.tune.space:
         t = cfg.tune
         w = t.workers_per_trial
         trial_step = price(work(max(1, gb // w)), device, w, placement(w)[1])
-        trial_epoch_s = math.ceil(rows_train / (max(1, gb // w) * w)) * trial_step.step_time_ms / 1e3 + eval_s
+        trial_epoch_s = math.ceil(rows_train / (max(1, gb // w) * w)) * trial_step.step_time_ms / 1e3 + eval_s(w)
         trial_epochs = expected_trial_epochs(
             t.scheduler, t.num_samples, cfg.train.epochs, t.grace_period, t.reduction_factor
         )

@@ -27,7 +27,7 @@ from shipyard.config import Config
 from shipyard.errors import TrainingError
 from shipyard.tasks import Task, make_task
 from shipyard.train.checkpoints import CHECKPOINT_FILE, ResumePoint, repair_run_snapshot, resume_point
-from shipyard.train.epoch import fits_in_memory, iter_batches, make_optimizer, run_epoch
+from shipyard.train.epoch import HeldRows, fits_in_memory, make_optimizer, run_epoch
 from shipyard.train.mlflow_queue import FLUSH_S, UNDELIVERED_FILE, WORKER_ENV, QueuedMlflow, deliver_leftovers
 from shipyard.train.progress import Progress
 from shipyard.train.step import StepOptions
@@ -107,12 +107,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     prediction = config.get("prediction") if world == cfg.scaling.max_workers else None
     progress = Progress(prediction, cfg.train.epochs - start_epoch, world) if rank == 0 else None
     in_memory = fits_in_memory(config.get("train_rows", 0) // world, _width(task))
+    # rows that fit are read from Ray Data once and reshuffled here every later epoch (HeldRows)
+    train_rows = HeldRows(train_shard, per_worker_batch, device, keep=in_memory)
+    val_rows = HeldRows(val_ds, 512, device, keep=fits_in_memory(config.get("val_rows", 0), _width(task)))
     options = StepOptions.of(cfg.train)
     primary = f"val_{task.primary_metric}"
     for epoch in range(start_epoch, cfg.train.epochs):
-        train_batches = iter_batches(train_shard, per_worker_batch, cfg.train.seed + epoch, device)
+        gather = val_rows.held and world > 1  # the same on every rank: all hold after the same first pass
         metrics = run_epoch(
-            model, optimizer, train_batches, iter_batches(val_ds, 512, device=device), task, world, in_memory, options
+            model,
+            optimizer,
+            train_rows.epoch(cfg.train.seed + epoch),
+            val_rows.share(rank, world),
+            task,
+            world,
+            in_memory,
+            options,
+            gather_val=gather,
         )
         metrics["epoch"], metrics["epochs_done"] = epoch, epoch + 1  # epochs_done: the search schedulers' clock
         metrics["report_s"] = report_s  # the previous epoch's checkpoint + ray.train.report
@@ -148,6 +159,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         metrics["samples_per_s"],
                         progress.eta(),
                     )
+                refined = progress.refine(metrics)
+                if refined:
+                    for line in refined:
+                        log.info("%s", line)
+                    logger.set_tag("shipyard.refined_step_time_ms", f"{progress.refined['step_time_ms']:.4f}")
+                    logger.log_dict(progress.refined, "refined_plan.json")
                 checked = progress.auto_check(metrics)
                 if checked:
                     log.info("%s", checked)
@@ -254,6 +271,7 @@ def make_trainer(
             "quiet": quiet,
             "prediction": prediction,
             "train_rows": datasets["train"].count() if hasattr(datasets["train"], "count") else 0,
+            "val_rows": datasets["val"].count() if hasattr(datasets.get("val"), "count") else 0,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers or cfg.scaling.num_workers,
@@ -263,7 +281,8 @@ def make_trainer(
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # every rank validates on all of val
+        # every rank reads all of val (Ray Data's equal split would drop rows); once held, each evaluates a share
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage,

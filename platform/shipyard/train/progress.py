@@ -1,10 +1,12 @@
 """Rank 0's view of a training run against the plan: each epoch's step time beside the prediction, an ETA, one
-warning with the likely cause when the run is off, and whether an `auto` worker count's prediction held."""
+warning with the likely cause when the run is off, whether an `auto` worker count's prediction held, and the plan
+refined from the first steady epoch's measured step."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import asdict
 from typing import Any
 
 
@@ -18,6 +20,7 @@ class Progress:
         self.ratios: list[float] = []  # measured epoch wall (training, validation, report) / predicted epoch
         self.last_end = time.perf_counter()
         self.warned = self.checked = False
+        self.refined: dict[str, Any] | None = None
 
     def after_epoch(self, metrics: dict[str, float]) -> str:
         now = time.perf_counter()
@@ -33,11 +36,47 @@ class Progress:
 
     def eta(self) -> str:
         """Epochs left x the predicted epoch time x how far off the epochs so far ran (the median ratio; the
-        first epoch alone, which also warms up, only until there are others)."""
+        first epoch alone, which also warms up, only until there are others). Once the plan is refined, the
+        epochs it has seen are measured ones: the ETA is the refined epoch time kept up to date."""
         if not self.pred or not self.ratios:
             return ""
         ratios = self.ratios[1:] or self.ratios
         return f" | ETA {self.left * self.pred['epoch_s'] * statistics.median(ratios):.1f} s"
+
+    def refine(self, metrics: dict[str, float]) -> list[str] | None:
+        """Once, after the first epoch past the warm-up (or the only one): the plan again from the measured step
+        (perf.estimate.refine_table: the compute scaled by measured / predicted, the all-reduce kept), with the
+        epoch time measured and the strong-scaling table re-priced. Lines for the log; `self.refined` for MLflow."""
+        if not self.pred or not self.pred.get("strong") or self.refined is not None:
+            return None
+        if len(self.ratios) < 2 and self.left > 0:
+            return None
+        from shipyard.perf.estimate import ScalingRow, refine_table
+
+        planned = [ScalingRow(**r) for r in self.pred["strong"]]
+        measured = metrics["step_time_ms"]
+        k, rows = refine_table(planned, measured, self.pred["step_time_ms"], self.pred["exposed_comm_ms"])
+        epoch_s = self.pred["epoch_s"] * self.ratios[-1]  # this epoch's wall: training, validation, report
+        self.refined = {
+            "after_epoch": int(metrics["epoch"]) + 1,
+            "compute_factor": k,
+            "step_time_ms": measured,
+            "planned_step_time_ms": self.pred["step_time_ms"],
+            "epoch_s": epoch_s,
+            "planned_epoch_s": self.pred["epoch_s"],
+            "strong": [asdict(r) for r in rows],
+        }
+        lines = [
+            f"plan refined after epoch {self.refined['after_epoch']} from its measured step: {measured:.2f} ms a "
+            f"step (planned {self.pred['step_time_ms']:.2f} ms; compute x{k:.2f}, the all-reduce as planned), "
+            f"{epoch_s:.2f} s an epoch (planned {self.pred['epoch_s']:.2f} s); strong scaling from it:"
+        ]
+        lines += [
+            f"  {r.workers:3d} worker(s) {r.step_time_ms:9.2f} ms/step {r.samples_per_s:10.0f} samples/s  "
+            f"speed-up {r.speedup:5.2f}  efficiency {r.efficiency:4.0%}"
+            for r in rows
+        ]
+        return lines
 
     def auto_check(self, metrics: dict[str, float]) -> str | None:
         """Once, after the first epoch past the warm-up (or the only one): whether the measured step agrees with

@@ -18,7 +18,7 @@ from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError
 from shipyard.tasks import make_task
 from shipyard.train.checkpoints import CHECKPOINT_FILE
-from shipyard.train.epoch import fits_in_memory, iter_batches, make_optimizer, run_epoch
+from shipyard.train.epoch import HeldRows, fits_in_memory, make_optimizer, run_epoch
 from shipyard.train.step import StepOptions
 from shipyard.tune.schedules import EPOCHS
 
@@ -87,13 +87,16 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
         for group in optimizer.param_groups:  # PBT may have perturbed these since the checkpoint
             group["lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
         start = state["epoch"] + 1
-    in_memory = fits_in_memory(train_ds.count(), math.prod(task.info.input_shape))
+    width = math.prod(task.info.input_shape)
+    in_memory = fits_in_memory(train_ds.count(), width)
+    train_rows = HeldRows(train_ds, cfg.train.batch_size, keep=in_memory)  # read once, reshuffled every epoch
+    val_rows = HeldRows(val_ds, 512, keep=fits_in_memory(val_ds.count(), width))
     for epoch in range(start, cfg.train.epochs):
         metrics = run_epoch(
             model,
             optimizer,
-            iter_batches(train_ds, cfg.train.batch_size, cfg.train.seed + epoch),
-            iter_batches(val_ds, 512),
+            train_rows.epoch(cfg.train.seed + epoch),
+            val_rows.epoch(),
             task,
             in_memory=in_memory,
             options=StepOptions.of(cfg.train),

@@ -2,6 +2,11 @@
 and Ray Train's overhead per built-in model.
 
     python bench/perfmodel.py [--epochs 6] [--models mlp,cnn,transformer] [--batches 32,64,256] [--workers 1,2]
+    python bench/perfmodel.py --models mlp,cnn,transformer,cnn@images,resnet@images   # image folders too
+
+A model `name@images` is the image task's model on digits written as a folder of 8x8 grayscale PNGs
+(pipelines/digit_images.py): the image_classification task, its real model and step; the others train on the
+digits table.
 
 Calibrates this machine (shipyard.perf.calibration: Ray tasks and two gloo peers), then for each model x global
 batch x worker count runs Shipyard's Ray Train path (TorchTrainer over Ray Data shards, DDP on gloo, a
@@ -41,11 +46,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
+sys.path.insert(0, str(ROOT))  # pipelines.digit_images
 
 from shipyard import configure_process, load_config  # noqa: E402
 
+IMAGES = {"task.name": "image_classification", "data.builtin": None, "data.image_size": 8, "data.channels": 1}
+"""`name@images`: the image task on the digits written as PNGs (data.path is set once the folder is written)."""
+
 MEASURED_BATCH = 32
 """The measured mode's one measurement per model, at a per-worker batch the cases use (64/2 and 32/1)."""
+
+
+def model_overrides(spec: str, folder: Path) -> dict:
+    """`mlp` -> the digits table; `cnn@images` -> the image task on the digits as a folder of PNGs."""
+    name, _, data = spec.partition("@")
+    if data not in ("", "images"):
+        raise SystemExit(f"--models: {spec!r}: give a model name, or name@images for the image task")
+    return {"model.name": name, **({**IMAGES, "data.path": str(folder)} if data else {})}
 
 
 def measure_case(cfg, splits, name: str, tracking_uri: str) -> dict:
@@ -258,19 +275,34 @@ def main() -> None:
     init_ray(None)
     cases = []
     try:
-        profile = load_profile(args.profile) if args.profile else calibrate(tmp / "hardware.json")
-        splits = make_task(load_config(None, base).task).load(load_config(None, base).data)
+        profile_path = args.profile or tmp / "hardware.json"
+        profile = load_profile(profile_path) if args.profile else calibrate(profile_path)
+        models = args.models.split(",")
+        spec = {m: {**base, **model_overrides(m, tmp / "digit-images")} for m in models}
+        if any("@images" in m for m in models):
+            from pipelines.digit_images import write_digit_images
+
+            write_digit_images(tmp / "digit-images")
+        loaded: dict[str, object] = {}  # one load per data source: the table, the image folder
+
+        def splits_of(m: str):
+            key = m.partition("@")[2]
+            if key not in loaded:
+                c = load_config(None, spec[m])
+                loaded[key] = make_task(c.task).load(c.data)
+            return loaded[key]
+
+        splits = splits_of(models[0])
         print(
             f"machine: {cpu_model_name()}, {os.cpu_count()} CPUs; digits ({splits.rows['train']} training rows), "
             f"{args.epochs} epochs per case; profile: {profile.device.op_overhead_us} us/op, gloo "
             f"{profile.interconnect.latency_us} us + bytes / {profile.interconnect.bandwidth_gbps} GB/s; "
             f"calibration spread {profile.device.spread:.1%}"
         )
-        models = args.models.split(",")
         measured = {}
         for model in models:  # the measured mode: each model's real step here once, every case priced from it
-            cfg = load_config(None, {**base, "model.name": model})
-            task = make_task(cfg.task, splits.info)
+            cfg = load_config(None, spec[model])
+            task = make_task(cfg.task, splits_of(model).info)
             measured[model] = measure_step(
                 lambda task=task, cfg=cfg: task.build_model(cfg.model), MEASURED_BATCH, task.example_batch, task.loss
             )
@@ -286,9 +318,8 @@ def main() -> None:
         for model in models:
             for batch in map(int, args.batches.split(",")):
                 for workers in map(int, args.workers.split(",")):
-                    cfg = load_config(
-                        None, {**base, "model.name": model, "train.batch_size": batch, "scaling.num_workers": workers}
-                    )
+                    cfg = load_config(None, {**spec[model], "train.batch_size": batch, "scaling.num_workers": workers})
+                    splits = splits_of(model)
                     case = {
                         "model": model,
                         "batch": batch,
@@ -312,19 +343,19 @@ def main() -> None:
                         flush=True,
                     )
         # Ray Train's overhead per built-in model: its 1-worker case at the default global batch
-        overhead_cfgs = {m: load_config(None, {**base, "model.name": m, "scaling.num_workers": 1}) for m in models}
+        overhead_cfgs = {m: load_config(None, {**spec[m], "scaling.num_workers": 1}) for m in models}
         ray_cases = {}
         for m, ocfg in overhead_cfgs.items():
             ray_cases[m] = next(
                 (c for c in cases if c["model"] == m and c["workers"] == 1 and c["batch"] == ocfg.train.batch_size),
                 None,
-            ) or measure_case(ocfg, splits, f"{m}-overhead", tracking_uri)
-        train_xy = to_numpy(splits.train)
+            ) or measure_case(ocfg, splits_of(m), f"{m}-overhead", tracking_uri)
+        train_xy = {m: to_numpy(splits_of(m).train) for m in models}
     finally:
         ray.shutdown()
     ratios = {}
     for m, ocfg in overhead_cfgs.items():
-        plain = plain_loop_samples_per_s(ocfg, train_xy, splits.info, args.epochs)
+        plain = plain_loop_samples_per_s(ocfg, train_xy[m], splits_of(m).info, args.epochs)
         ratios[m] = ray_cases[m]["ray_samples_per_s"] / plain
         print(
             f"training overhead, {m}: global batch {ocfg.train.batch_size}, 1 worker: Ray Train path "
@@ -340,12 +371,37 @@ def main() -> None:
         )
         if two is None:
             continue
-        plain_ddp = torchrun_samples_per_s(m, ocfg.train.batch_size // 2, splits.rows["train"], args.epochs)
+        plain_ddp = torchrun_samples_per_s(m, ocfg.train.batch_size // 2, splits_of(m).rows["train"], args.epochs)
         ddp[m] = two["ray_samples_per_s"] / plain_ddp
         print(
             f"data-parallel overhead, {m}: global batch {ocfg.train.batch_size}, 2 workers: Shipyard "
             f"{two['ray_samples_per_s']:.0f} samples/s, torchrun DDP (gloo, in-memory tensors) {plain_ddp:.0f} "
             f"samples/s -> ratio {ddp[m]:.3f}"
+        )
+    # scaling.num_workers=auto against measurement: the count the plan picks for each model at the default batch,
+    # and whether its measured samples/s is within 10 % of the best count measured
+    from shipyard.perf.plan import DataShape, make_plan
+
+    auto = {}
+    for m, ocfg in overhead_cfgs.items():
+        measured_rates = {
+            c["workers"]: c["ray_samples_per_s"]
+            for c in cases
+            if c["model"] == m and c["batch"] == ocfg.train.batch_size and c["ray_samples_per_s"]
+        }
+        if len(measured_rates) < 2:
+            continue
+        acfg = load_config(None, {**spec[m], "scaling.num_workers": "auto"})
+        sp = splits_of(m)
+        shape = DataShape(sum(sp.rows.values()), sp.in_features, sp.num_classes, sp.info)
+        plan = make_plan(acfg, "local", profile=profile_path, shape=shape, rows=sp.rows)
+        chose, best = plan.step.workers, max(measured_rates, key=measured_rates.get)
+        within = chose in measured_rates and measured_rates[chose] >= 0.9 * measured_rates[best]
+        auto[m] = {"chose": chose, "best_measured": best, "within_10pct": within}
+        print(
+            f"scaling.num_workers=auto, {m}: the plan picks {chose} worker(s); measured samples/s "
+            + ", ".join(f"{w}: {r:.0f}" for w, r in sorted(measured_rates.items()))
+            + f" -> {'within' if within else 'NOT within'} 10 % of the best ({best})"
         )
     errs = [abs(c["rel_err"]) for c in cases]
     merrs = [abs(c["measured_rel_err"]) for c in cases]
@@ -367,6 +423,8 @@ def main() -> None:
                 "train_overhead_ratio_per_model": {m: round(r, 3) for m, r in ratios.items()},
                 "ddp_overhead_ratio": round(min(ddp.values()), 3) if ddp else None,
                 "ddp_overhead_ratio_per_model": {m: round(r, 3) for m, r in ddp.items()},
+                "auto_workers_within_10pct": all(a["within_10pct"] for a in auto.values()) if auto else None,
+                "auto_workers": auto,
                 "cpu": cpu_model_name(),
                 "calibration_spread": profile.device.spread,
                 "per_case": [_rounded(c) for c in cases],

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node=2 bench/torchrun_ddp.py --model mlp --batch 32 --rows 1312 --epochs 6
 
-Each rank: gloo process group, the same built-in model Shipyard trains on digits (64 features, 10 classes),
+Each rank: gloo process group, the same built-in model Shipyard trains on digits (64 features, 10 classes; with
+`--model name@images` the image task's model on 1x8x8 images),
 AdamW, Shipyard's own training step, one torch thread, in-memory random tensors of the same per-worker batch,
 `rows` training rows an epoch split over the ranks. No Ray, no Ray Data, no checkpoint, no MLflow. Rank 0 prints
 one JSON line: {"samples_per_s": median over the epochs after the first, "step_time_ms": median step}.
@@ -44,14 +45,27 @@ def main() -> None:
     torch.set_num_threads(1)  # as a Ray Train worker with 1 CPU
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = load_config(None, {"model.name": args.model, "train.batch_size": args.batch * world})
-    info = DataInfo("classification", [64], 10, "label", [f"x{i}" for i in range(64)], list(range(10)))
+    name, _, data = args.model.partition("@")
+    if data == "images":  # the image task's model on 8x8 grayscale digits, as bench/perfmodel.py's name@images
+        overrides = {"task.name": "image_classification", "data.builtin": None, "data.path": "unused"}
+        info = DataInfo(
+            "image_classification",
+            [1, 8, 8],
+            10,
+            "class folder",
+            classes=list(range(10)),
+            preprocessing={"mean": [0.5], "std": [0.25]},
+        )
+    else:
+        overrides = {}
+        info = DataInfo("classification", [64], 10, "label", [f"x{i}" for i in range(64)], list(range(10)))
+    cfg = load_config(None, {**overrides, "model.name": name, "train.batch_size": args.batch * world})
     task = make_task(cfg.task, info)
     torch.manual_seed(cfg.train.seed)
     model = DistributedDataParallel(task.build_model(cfg.model))
     opt = make_optimizer(cfg, model)
     steps = math.ceil(args.rows / world / args.batch)
-    x = torch.randn(steps * args.batch, 64)
+    x = torch.randn(steps * args.batch, *info.input_shape)
     y = torch.randint(0, 10, (steps * args.batch,))
     rates, step_s = [], []
     for _ in range(args.epochs):

@@ -5,6 +5,7 @@ Each fault lands at a point the test controls, whatever the machine's speed: the
 (tests/fault_hooks.py), which waits at the first step of an epoch the test holds, and each test prints and
 asserts the epoch its fault landed in."""
 
+import contextlib
 import json
 import os
 import re
@@ -56,9 +57,13 @@ def wait_logged(tracking_uri: str, epoch: int, run: "Pipeline", timeout_s: float
 
 
 class Pipeline:
-    """`python -m pipelines.digits` on the test session's Ray, its output collected line by line."""
+    """`python -m pipelines.digits` on the test session's Ray, its output collected line by line. One still
+    running when its test ends (a failure midway) is killed by pid (stop_pipelines_left_running)."""
+
+    started: list["Pipeline"] = []
 
     def __init__(self, address: str, settings: dict, summary: Path, *extra: str):
+        Pipeline.started.append(self)
         args = [f"{k}={v}" for k, v in settings.items()]
         self.summary = summary
         self.proc = subprocess.Popen(
@@ -114,6 +119,18 @@ class Pipeline:
         self.reader.join(timeout=10)
 
 
+@pytest.fixture(autouse=True)
+def stop_pipelines_left_running():
+    """A test that fails midway would leave its pipeline training on the session's Ray, slowing and breaking
+    the tests after it: every pipeline still running when a test ends is killed (its driver: Ray ends its job)."""
+    yield
+    for run in Pipeline.started:
+        if run.alive():
+            run.kill()
+            print(f"killed pipeline pid {run.proc.pid}, still running when its test ended")
+    Pipeline.started.clear()
+
+
 def train_epochs_logged(tracking_uri: str, run_id: str) -> list[float]:
     return [m.value for m in mlflow.MlflowClient(tracking_uri).get_metric_history(run_id, "epochs_done")]
 
@@ -141,7 +158,7 @@ def outage(ray_local, hardware_profile, tmp_path_factory):
     gate = Gate(tmp / "gate")
     gate.hold(3)
     gate.hold(5)
-    with MlflowServer(tmp / "server") as server:
+    with MlflowServer(tmp / "server") as server, contextlib.ExitStack() as stop:
         run = Pipeline(
             address,
             gated(
@@ -155,6 +172,7 @@ def outage(ray_local, hardware_profile, tmp_path_factory):
             ),
             tmp / "summary.json",
         )
+        stop.callback(lambda: run.alive() and run.kill())  # a failure in a fixture is no test's: stop it here
         run.wait_gate(gate, 3)
         server.stop()
         gate.release(3)

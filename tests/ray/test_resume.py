@@ -57,7 +57,7 @@ def pipeline(address, workdir, summary, settings, *extra):
     ],
     ids=["one-process-trials", "two-worker-trials"],
 )
-def test_killed_search_resumes_without_rerunning_or_duplicating(ray_local, workdir, tmp_path, settings):
+def test_killed_search_resumes_without_rerunning_or_duplicating(ray_local, workdir, tmp_path, settings, request):
     address = ray_local.get_runtime_context().gcs_address
     summary = tmp_path / "summary.json"
     n = settings["tune.num_samples"]
@@ -65,6 +65,7 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_local, workd
     settings = {**settings, "model.options": gate.options}
     gate.hold(3, passes=1)  # before ASHA's first rung (grace period 4): no trial held there can have been stopped
     first = pipeline(address, workdir, summary, settings)
+    request.addfinalizer(lambda: first.poll() is None and first.kill())  # a failure midway: stop it by pid
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
     reader.start()
@@ -92,6 +93,7 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_local, workd
     gate.release(3)
 
     second = pipeline(address, workdir, summary, settings, "--resume")
+    request.addfinalizer(lambda: second.poll() is None and second.kill())
     out, _ = second.communicate(timeout=600)
     (tmp_path / "resumed.log").write_text(out)  # kept by pytest for a post-mortem
     assert second.returncode == 0, out[-4000:]

@@ -1,15 +1,10 @@
 """Integration fixtures: one local Ray (num_cpus=2) for the session, stopped by the driver that started it."""
 
-import os
-
 import pytest
 
 from shipyard import configure_process
 from tests.helpers import free_port, kill_leftovers, our_raylet_pid, raylet_processes
 
-# before ray.init: every ray.train.report waits about one controller poll (Ray 2.60). The pipeline's own
-# 0.5 s suits real jobs; the tests' Train runs are a few tiny epochs each, dozens of them per session
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 configure_process(fast_ingress=False)  # the rest of what an entry point sets at start-up (shipyard.startup)
 
 

@@ -230,25 +230,3 @@ def test_search_rung_maths():
     assert expected_trial_epochs("asha", 4, 15, 3, 3) == pytest.approx(4 * 3 + s1 * 6 + s2 * 6)
     assert expected_trial_epochs("asha", 16, 15, 1, 3) < 240
     assert search_wall_s(100, 10, 0.5, 2) == pytest.approx(100 * 0.5 / 2 + 5 * 3.0)
-
-
-def test_a_measured_step_refines_the_scaling_table_by_scaling_compute_and_keeping_the_all_reduce():
-    """Hand-computed: planned 2 workers at 10 ms (4 ms of it exposed all-reduce), measured 16 ms: compute x2
-    (k = (16 - 4) / (10 - 4)). 1 worker, 8 ms of compute: 16 ms, 64 rows / 16 ms = 4000 samples/s. 2 workers:
-    6 x 2 + 4 = 16 ms, 64 rows / 16 ms = 4000 samples/s: speed-up 1.0, efficiency 0.5."""
-    from shipyard.perf.estimate import ScalingRow, refine_table
-
-    planned = [
-        ScalingRow(1, 1, 64, 8.0, 0.0, 8000.0, 1.0, 1.0, 0.8),
-        ScalingRow(2, 1, 32, 10.0, 4.0, 6400.0, 0.8, 0.4, 0.5),
-    ]
-    k, rows = refine_table(planned, measured_step_ms=16.0, predicted_step_ms=10.0, predicted_comm_ms=4.0)
-    assert k == pytest.approx(2.0)
-    one, two = rows
-    assert (one.step_time_ms, one.samples_per_s, one.epoch_time_s) == pytest.approx((16.0, 4000.0, 1.6))
-    assert (two.step_time_ms, two.exposed_comm_ms, two.samples_per_s) == pytest.approx((16.0, 4.0, 4000.0))
-    assert (two.speedup, two.efficiency, two.epoch_time_s) == pytest.approx((1.0, 0.5, 0.8))
-    # a step shorter than the predicted all-reduce: the split is not trusted, the whole step scales
-    k, rows = refine_table(planned, measured_step_ms=3.0, predicted_step_ms=10.0, predicted_comm_ms=4.0)
-    assert k == pytest.approx(0.3) and rows[1].step_time_ms == pytest.approx(3.0)
-    assert rows[1].exposed_comm_ms == pytest.approx(1.2)

@@ -1,5 +1,6 @@
 """`shipyard plan` and the pipeline's view of the plan, without Ray."""
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,26 @@ def test_progress_refines_the_plan_once_from_the_first_steady_epoch():
     assert "2 worker(s)      3.00 ms/step" in lines[2] and "efficiency  67%" in lines[2]
     assert p.refine(m) is None  # once
     assert Progress(PRED, epochs_left=4, world=2).refine(m) is None  # no table in the prediction: nothing to refine
+
+
+def test_a_measured_step_refines_the_scaling_table_by_scaling_compute_and_keeping_the_all_reduce():
+    """Hand-computed: planned 2 workers at 10 ms (4 ms of it exposed all-reduce), measured 16 ms: compute x2
+    (k = (16 - 4) / (10 - 4)). 1 worker, 8 ms of compute: 16 ms, 64 rows / 16 ms = 4000 samples/s. 2 workers:
+    6 x 2 + 4 = 16 ms, 64 rows / 16 ms = 4000 samples/s: speed-up 1.0, efficiency 0.5."""
+    from shipyard.perf.estimate import ScalingRow
+    from shipyard.train.progress import refine_table
+
+    planned = [
+        asdict(ScalingRow(1, 1, 64, 8.0, 0.0, 8000.0, 1.0, 1.0, 0.8)),
+        asdict(ScalingRow(2, 1, 32, 10.0, 4.0, 6400.0, 0.8, 0.4, 0.5)),
+    ]
+    k, rows = refine_table(planned, measured_step_ms=16.0, predicted_step_ms=10.0, predicted_comm_ms=4.0)
+    assert k == pytest.approx(2.0)
+    one, two = rows
+    assert (one["step_time_ms"], one["samples_per_s"], one["epoch_time_s"]) == pytest.approx((16.0, 4000.0, 1.6))
+    assert (two["step_time_ms"], two["exposed_comm_ms"], two["samples_per_s"]) == pytest.approx((16.0, 4.0, 4000.0))
+    assert (two["speedup"], two["efficiency"], two["epoch_time_s"]) == pytest.approx((1.0, 0.5, 0.8))
+    # a step shorter than the predicted all-reduce: the split is not trusted, the whole step scales
+    k, rows = refine_table(planned, measured_step_ms=3.0, predicted_step_ms=10.0, predicted_comm_ms=4.0)
+    assert k == pytest.approx(0.3) and rows[1]["step_time_ms"] == pytest.approx(3.0)
+    assert rows[1]["exposed_comm_ms"] == pytest.approx(1.2)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from shipyard.perf.comm import Algorithm, exposed_comm_s
 from shipyard.perf.devices import Device, Interconnect
@@ -207,41 +207,3 @@ def trials_to_fill(cluster_cpus: float, cpus_per_trial: float, num_samples: int)
     """`tune.max_concurrent_trials: auto`: as many trials as fit the cluster's CPUs at once, up to the number of
     trials."""
     return max(1, min(num_samples, int(cluster_cpus // cpus_per_trial)))
-
-
-def refine_table(
-    rows: Sequence[ScalingRow], measured_step_ms: float, predicted_step_ms: float, predicted_comm_ms: float
-) -> tuple[float, list[ScalingRow]]:
-    """The strong-scaling table re-priced from a step measured in training (the pipeline's refined plan).
-
-    One measured step at the planned worker count says how far off the compute was: k = (measured - exposed
-    all-reduce) / (predicted - exposed all-reduce), both at that worker count. Every row's compute (its step
-    less its exposed all-reduce) is scaled by k; the all-reduce, calibrated on its own, stays as predicted.
-    When the measured step is shorter than the predicted all-reduce, the split cannot be trusted and the whole
-    step is scaled (k = measured / predicted, all-reduce included). Returns k and the new rows; speed-up and
-    efficiency are against the new 1-worker row, as in scaling_table.
-    """
-    compute_ms = predicted_step_ms - predicted_comm_ms
-    split = measured_step_ms > predicted_comm_ms and compute_ms > 0
-    k = (measured_step_ms - predicted_comm_ms) / compute_ms if split else measured_step_ms / predicted_step_ms
-    comm_k = 1.0 if split else k
-    new: list[ScalingRow] = []
-    for r in rows:
-        comm = r.exposed_comm_ms * comm_k
-        step = (r.step_time_ms - r.exposed_comm_ms) * k + comm
-        samples_per_s = r.batch_per_worker * r.workers / (step / 1e3)
-        new.append(
-            ScalingRow(
-                r.workers,
-                r.nodes,
-                r.batch_per_worker,
-                step,
-                comm,
-                samples_per_s,
-                0.0,
-                0.0,
-                r.epoch_time_s * step / r.step_time_ms,  # the same number of steps an epoch
-            )
-        )
-    base = next((r.samples_per_s for r in new if r.workers == 1), new[0].samples_per_s / new[0].workers if new else 1)
-    return k, [replace(r, speedup=r.samples_per_s / base, efficiency=r.samples_per_s / base / r.workers) for r in new]

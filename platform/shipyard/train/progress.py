@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict
 from typing import Any
 
 
@@ -45,17 +44,14 @@ class Progress:
 
     def refine(self, metrics: dict[str, float]) -> list[str] | None:
         """Once, after the first epoch past the warm-up (or the only one): the plan again from the measured step
-        (perf.estimate.refine_table: the compute scaled by measured / predicted, the all-reduce kept), with the
+        (refine_table: the compute scaled by measured / predicted, the all-reduce kept), with the
         epoch time measured and the strong-scaling table re-priced. Lines for the log; `self.refined` for MLflow."""
         if not self.pred or not self.pred.get("strong") or self.refined is not None:
             return None
         if len(self.ratios) < 2 and self.left > 0:
             return None
-        from shipyard.perf.estimate import ScalingRow, refine_table
-
-        planned = [ScalingRow(**r) for r in self.pred["strong"]]
         measured = metrics["step_time_ms"]
-        k, rows = refine_table(planned, measured, self.pred["step_time_ms"], self.pred["exposed_comm_ms"])
+        k, rows = refine_table(self.pred["strong"], measured, self.pred["step_time_ms"], self.pred["exposed_comm_ms"])
         epoch_s = self.pred["epoch_s"] * self.ratios[-1]  # this epoch's wall: training, validation, report
         self.refined = {
             "after_epoch": int(metrics["epoch"]) + 1,
@@ -64,7 +60,7 @@ class Progress:
             "planned_step_time_ms": self.pred["step_time_ms"],
             "epoch_s": epoch_s,
             "planned_epoch_s": self.pred["epoch_s"],
-            "strong": [asdict(r) for r in rows],
+            "strong": rows,
         }
         lines = [
             f"plan refined after epoch {self.refined['after_epoch']} from its measured step: {measured:.2f} ms a "
@@ -72,8 +68,8 @@ class Progress:
             f"{epoch_s:.2f} s an epoch (planned {self.pred['epoch_s']:.2f} s); strong scaling from it:"
         ]
         lines += [
-            f"  {r.workers:3d} worker(s) {r.step_time_ms:9.2f} ms/step {r.samples_per_s:10.0f} samples/s  "
-            f"speed-up {r.speedup:5.2f}  efficiency {r.efficiency:4.0%}"
+            f"  {r['workers']:3d} worker(s) {r['step_time_ms']:9.2f} ms/step {r['samples_per_s']:10.0f} samples/s  "
+            f"speed-up {r['speedup']:5.2f}  efficiency {r['efficiency']:4.0%}"
             for r in rows
         ]
         return lines
@@ -126,3 +122,41 @@ class Progress:
             "hardware profile says: other load on these CPUs, another machine than the one calibrated, or "
             "a stale profile (rerun shipyard calibrate)"
         )
+
+
+def refine_table(
+    rows: list[dict[str, Any]], measured_step_ms: float, predicted_step_ms: float, predicted_comm_ms: float
+) -> tuple[float, list[dict[str, Any]]]:
+    """The plan's strong-scaling table (rows of shipyard.perf.estimate.ScalingRow as dicts) re-priced from a step
+    measured in training.
+
+    One measured step at the planned worker count says how far off the compute was: k = (measured - exposed
+    all-reduce) / (predicted - exposed all-reduce), both at that worker count. Every row's compute (its step
+    less its exposed all-reduce) is scaled by k; the all-reduce, calibrated on its own, stays as predicted.
+    When the measured step is shorter than the predicted all-reduce, the split cannot be trusted and the whole
+    step is scaled (k = measured / predicted, all-reduce included). Returns k and the new rows; speed-up and
+    efficiency are against the new 1-worker row, as the plan's are (perf.estimate.scaling_table).
+    """
+    compute_ms = predicted_step_ms - predicted_comm_ms
+    split = measured_step_ms > predicted_comm_ms and compute_ms > 0
+    k = (measured_step_ms - predicted_comm_ms) / compute_ms if split else measured_step_ms / predicted_step_ms
+    comm_k = 1.0 if split else k
+    new = []
+    for r in rows:
+        comm = r["exposed_comm_ms"] * comm_k
+        step = (r["step_time_ms"] - r["exposed_comm_ms"]) * k + comm
+        new.append(
+            {
+                **r,
+                "step_time_ms": step,
+                "exposed_comm_ms": comm,
+                "samples_per_s": r["batch_per_worker"] * r["workers"] / (step / 1e3),
+                "epoch_time_s": r["epoch_time_s"] * step / r["step_time_ms"],  # the same number of steps an epoch
+            }
+        )
+    one = next((r for r in new if r["workers"] == 1), None)
+    base = one["samples_per_s"] if one else new[0]["samples_per_s"] / new[0]["workers"]
+    for r in new:
+        r["speedup"] = r["samples_per_s"] / base
+        r["efficiency"] = r["speedup"] / r["workers"]
+    return k, new

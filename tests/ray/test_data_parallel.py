@@ -1,8 +1,8 @@
 """Data parallelism proven, not assumed, for every kind of task: over an epoch the Ray Train workers' shards are
 disjoint and cover the training split, and 2 workers at a global batch of B rows end where one process ends
 that takes the same B rows a step (DDP averages the workers' gradients: the gradient of the whole batch).
-From the second epoch each worker trains on the rows it read in the first, held in memory and reshuffled, and
-the ranks validate on shares of the validation split whose gathered metrics are those of the whole split."""
+Each worker reads its rows once and holds them: the second epoch trains on the rows of the first, in a new order;
+the ranks validate on halves of the validation split whose gathered metrics are those of the whole split."""
 
 import collections
 import json
@@ -156,6 +156,8 @@ def test_two_workers_see_disjoint_shards_covering_the_split_and_match_one_proces
         f"the gathered shares {result.metrics['val_loss']:.6f}, of the whole split here {whole['loss']:.6f}"
     )
     assert worst < 1e-4, json.dumps({k: (trained[k] - v).abs().max().item() for k, v in model.state_dict().items()})
+    assert whole.pop("rows") == len(y_val)
+    assert result.metrics["val_rows"] == (len(y_val) + 1) // 2, "rank 0 validated all of the split, not its half"
     for name, value in whole.items():
         assert result.metrics[f"val_{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 

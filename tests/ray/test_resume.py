@@ -48,6 +48,13 @@ def pipeline(address, workdir, summary, settings, *extra):
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """A driver still running when its test ends: killed and waited for (Ray then ends its job)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -65,7 +72,7 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_local, workd
     settings = {**settings, "model.options": gate.options}
     gate.hold(3, passes=1)  # before ASHA's first rung (grace period 4): no trial held there can have been stopped
     first = pipeline(address, workdir, summary, settings)
-    request.addfinalizer(lambda: first.poll() is None and first.kill())  # a failure midway: stop it by pid
+    request.addfinalizer(lambda: stop(first))  # a failure midway: stop it by pid
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
     reader.start()
@@ -93,7 +100,7 @@ def test_killed_search_resumes_without_rerunning_or_duplicating(ray_local, workd
     gate.release(3)
 
     second = pipeline(address, workdir, summary, settings, "--resume")
-    request.addfinalizer(lambda: second.poll() is None and second.kill())
+    request.addfinalizer(lambda: stop(second))
     out, _ = second.communicate(timeout=600)
     (tmp_path / "resumed.log").write_text(out)  # kept by pytest for a post-mortem
     assert second.returncode == 0, out[-4000:]

@@ -41,8 +41,7 @@ from shipyard.perf.estimate import (
 )
 from shipyard.perf.layers import StepWork, count_step_work
 from shipyard.perf.search import expected_trial_epochs, search_wall_s
-
-EVAL_BATCH = 512  # validation's batch (train_loop_per_worker's val HeldRows: batches of 512)
+from shipyard.train.epoch import VAL_BATCH, fits_in_memory
 
 
 @dataclass(frozen=True)
@@ -260,16 +259,20 @@ def make_plan(
 
     @functools.cache
     def eval_s(n: int) -> float:
-        """Validation on each of n workers: after the first epoch each evaluates its 1/n share of the split
-        (train.epoch.HeldRows.share), in batches of EVAL_BATCH, forward only."""
-        share = max(1, math.ceil(rows_val / n))
+        """Validation on each of n workers, forward only, in batches of VAL_BATCH: a split held in memory is
+        shared, each worker evaluating its 1/n of it (train.epoch.HeldRows); a larger one every worker streams
+        whole; fewer rows than workers are not shared."""
+        if rows_val <= 0:
+            return 0.0
+        shared = n > 1 and rows_val >= n and fits_in_memory(rows_val, shape.in_features)
+        share = math.ceil(rows_val / n) if shared else rows_val
         eval_work = count_step_work(
             lambda: task.build_model(cfg.model),
-            min(EVAL_BATCH, share),
+            min(VAL_BATCH, share),
             make_batch=task.example_batch,
             forward_only=True,
         )
-        return math.ceil(share / EVAL_BATCH) * forward_time_ms(eval_work, device, dtype) / 1e3
+        return math.ceil(share / VAL_BATCH) * forward_time_ms(eval_work, device, dtype) / 1e3
 
     def placement(n: int) -> tuple[int, Interconnect | None]:
         used = math.ceil(n / per_node)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -19,7 +19,9 @@ SHUFFLE_BUFFER_ROWS = 10_000
 
 
 IN_MEMORY_BYTES = 256 * 2**20
-"""A worker's epoch of training batches up to this size is loaded before its first step (run_epoch)."""
+"""A worker's rows of a split up to this size are read once and held (HeldRows); larger ones stream every epoch."""
+VAL_BATCH = 512
+"""Validation's batch (evaluate: forward only); shipyard.perf prices validation with it."""
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -29,16 +31,18 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 def evaluate(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: Task, gather: bool = False
 ) -> dict[str, float]:
-    """The task's metrics over all batches' outputs at once (a split's outputs are small: rows x outputs).
+    """The task's metrics over all batches' outputs at once (a split's outputs are small: rows x outputs), and
+    `rows`, how many this process evaluated.
 
-    `gather`: each rank saw only its share of the split (HeldRows.share): every rank's outputs and targets are
-    gathered first, so every rank computes the metrics of the whole split, as one process would."""
+    `gather`: each rank holds only its share of the split (HeldRows with world > 1): every rank's outputs and
+    targets are gathered first, so every rank computes the metrics of the whole split, as one process would."""
     model.eval()
     outputs, targets = [], []
     with torch.no_grad():
         for b in batches:
             outputs.append(model(b["x"]).float().cpu())
             targets.append(b["y"].cpu())
+    rows = sum(len(t) for t in targets)
     if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
         everyone: list = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(everyone, (outputs, targets))  # our own ranks' tensors, not user files
@@ -46,54 +50,67 @@ def evaluate(
         targets = [t for _, rank_targets in everyone for t in rank_targets]
     if not outputs:
         return {}
-    return task.metrics(torch.cat(outputs), torch.cat(targets))
+    return {**task.metrics(torch.cat(outputs), torch.cat(targets)), "rows": rows}
 
 
 class HeldRows:
-    """A worker's rows of one split, streamed from Ray Data on the first pass and, when they fit in memory,
-    kept: every later epoch reshuffles them in this process instead of running Ray Data again.
+    """A worker's rows of one split: read from Ray Data once, when the first epoch asks for them, and held in
+    memory when they fit (`keep`); every epoch, the first included, takes them in the order of
+    torch.randperm seeded by its own seed, so an epoch's order depends only on train.seed + epoch (a resumed
+    run or a restored trial goes on with the order an uninterrupted one has). Rows that do not fit stream from
+    Ray Data every epoch (its local shuffle buffer, seeded the same).
 
     Why: each pass over a Ray Data shard starts a streaming execution (coordinator actor, read tasks, iterator
-    threads) that competes with the training step for a 2-core machine's CPUs; once the rows are held an epoch
-    costs only its steps. The rows a worker holds stay its own (like torch's DistributedSampler without a
-    global reshuffle); their order changes every epoch (torch.randperm seeded by the epoch's seed).
+    threads) that competes with the training step for the CPUs, and an iterator formatting the next batch slows
+    every step (MLP on digits, one process on a busy 2-core machine: 0.83-1.46 ms a step streaming, 0.73-0.80
+    ms from memory). Held, an epoch after the first costs its steps: BENCHMARKS.md, "a shard read once".
+
+    `world` > 1 (validation): each rank keeps only rows rank, rank + world, ... of the split (every rank reads
+    the same whole split, so all agree), evaluate(..., gather=True) puts the shares together; `shared` says
+    whether that happened (not when the split has fewer rows than ranks: every rank must run a forward, DDP's
+    first one after training is a collective).
     """
 
-    def __init__(self, ds, batch_size: int, device: torch.device | str = "cpu", keep: bool = True):
+    def __init__(self, ds, batch_size: int, device: torch.device | str = "cpu", keep: bool = True, rank=0, world=1):
         self.ds, self.batch_size, self.device, self.keep = ds, batch_size, device, keep
+        self.rank, self.world = rank, world
         self.rows: dict[str, torch.Tensor] | None = None
+        self.shared = False
 
-    @property
-    def held(self) -> bool:
-        return self.rows is not None
+    def load(self) -> None:
+        """Read the rows (in Ray Data's order) and hold them, or this rank's share of them."""
+        if self.rows is not None or not self.keep:
+            return
+        batches = list(iter_batches(self.ds, self.batch_size, device=self.device))
+        rows = {k: torch.cat([b[k] for b in batches]) for k in batches[0]} if batches else {}
+        self.rows, self.shared = share_of(rows, self.rank, self.world)
 
-    def epoch(self, seed: int | None = None):
-        """This epoch's batches: the first pass streams (Ray Data's local shuffle, seeded), later ones reshuffle
-        the held rows (in the order they were read when `seed` is None)."""
-        if self.rows is None:
-            return self._stream(seed)
-        n = len(next(iter(self.rows.values())))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None else None
-        rows = {k: v[order.to(v.device)] if order is not None else v for k, v in self.rows.items()}
-        return ({k: v[i : i + self.batch_size] for k, v in rows.items()} for i in range(0, n, self.batch_size))
+    def epoch(self, seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """This epoch's batches; `seed` None: in the order read. Loading and shuffling happen at the first
+        batch, so they count as waiting for it (run_epoch's data_time_s)."""
+        if not self.keep:
+            yield from iter_batches(self.ds, self.batch_size, seed, self.device)
+            return
+        self.load()
+        if not self.rows:
+            return
+        first = next(iter(self.rows.values()))
+        n = len(first)
+        order = None if seed is None else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        order = order.to(first.device) if order is not None else None  # where the rows are (a GPU worker's)
+        for i in range(0, n, self.batch_size):
+            at = slice(i, i + self.batch_size) if order is None else order[i : i + self.batch_size]
+            yield {k: v[at] for k, v in self.rows.items()}
 
-    def share(self, rank: int, world: int):
-        """For validation: once the rows are held, rank r evaluates rows r, r + world, ... (evaluate(...,
-        gather=True) puts the shares together); before that, every rank streams all of them."""
-        if self.rows is None or world == 1:
-            return self.epoch()
-        mine = {k: v[rank::world] for k, v in self.rows.items()}
-        n = len(next(iter(mine.values())))
-        return ({k: v[i : i + self.batch_size] for k, v in mine.items()} for i in range(0, n, self.batch_size))
 
-    def _stream(self, seed: int | None):
-        kept: list[dict[str, torch.Tensor]] = []
-        for b in iter_batches(self.ds, self.batch_size, seed, self.device):
-            if self.keep:
-                kept.append(b)
-            yield b
-        if self.keep and kept:  # only a whole pass is held: torch.cat copies out of Ray Data's blocks
-            self.rows = {k: torch.cat([b[k] for b in kept]) for k in kept[0]}
+def share_of(rows: dict[str, torch.Tensor], rank: int, world: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """Rank `rank`'s validation rows: every world-th row from its own, and whether they are a share. Not when the
+    split has fewer rows than ranks: every rank must run a forward (DDP's first after training syncs buffers,
+    a collective), so each keeps all of them."""
+    n = len(next(iter(rows.values()))) if rows else 0
+    if world > 1 and n >= world:
+        return {k: v[rank::world] for k, v in rows.items()}, True
+    return rows, False
 
 
 def fits_in_memory(rows: int, in_features: int) -> bool:
@@ -108,24 +125,17 @@ def run_epoch(
     val_batches,
     task: Task,
     world_size: int = 1,
-    in_memory: bool = False,
     options: StepOptions = StepOptions(),
     gather_val: bool = False,
 ) -> dict[str, float]:
     """One pass over this worker's training batches, then validation. Pure torch: no Ray inside.
 
-    `in_memory`: take all of the epoch's batches first, then train: a streaming iterator's threads formatting
-    the next batch slow every step (MLP on digits, one process on a busy 2-core machine: 0.83-1.46 ms a
-    step streaming, 0.73-0.80 ms in memory, and the epoch faster too). `step_time_ms` is the median time of one
-    training step (forward, backward with DDP's all-reduce, optimizer), what shipyard.perf predicts;
-    `data_time_s` the epoch's time spent getting batches (loading them all, or waiting for each).
-    `gather_val`: `val_batches` are this rank's share of the split (HeldRows.share), evaluate gathers them.
+    `step_time_ms` is the median time of one training step (forward, backward with DDP's all-reduce,
+    optimizer), what shipyard.perf predicts; `data_time_s` the epoch's time spent getting batches (HeldRows
+    loads the first epoch's at its first batch); `val_rows` how many validation rows this rank evaluated.
+    `gather_val`: `val_batches` are this rank's share of the split (HeldRows.shared), evaluate gathers them.
     """
     start = time.perf_counter()
-    load_s = 0.0
-    if in_memory:
-        train_batches = list(train_batches)
-        load_s = time.perf_counter() - start
     model.train()
     loss_sum, n = 0.0, 0
     step_s: list[float] = []
@@ -143,6 +153,7 @@ def run_epoch(
         wait_s.append(t1 - t0)
     train_time_s = time.perf_counter() - start
     val = {f"val_{k}": v for k, v in evaluate(model, val_batches, task, gather_val).items()}
+    val_rows = val.pop("val_rows", 0)
     return {
         "train_loss": loss_sum / max(n, 1),
         **val,
@@ -151,7 +162,8 @@ def run_epoch(
         "step_time_ms": statistics.median(step_s) * 1e3 if step_s else 0.0,
         "data_wait_ms": statistics.median(wait_s) * 1e3 if wait_s else 0.0,
         "steps": len(step_s),
-        "data_time_s": load_s + sum(wait_s),
+        "data_time_s": sum(wait_s),
+        "val_rows": val_rows,
         # all workers process similar shards in lockstep (DDP), so global throughput ~ world_size x local
         "samples_per_s": n * world_size / max(train_time_s, 1e-9),
     }

@@ -27,7 +27,7 @@ from shipyard.config import Config
 from shipyard.errors import TrainingError
 from shipyard.tasks import Task, make_task
 from shipyard.train.checkpoints import CHECKPOINT_FILE, ResumePoint, repair_run_snapshot, resume_point
-from shipyard.train.epoch import HeldRows, fits_in_memory, make_optimizer, run_epoch
+from shipyard.train.epoch import VAL_BATCH, HeldRows, fits_in_memory, make_optimizer, run_epoch
 from shipyard.train.mlflow_queue import FLUSH_S, UNDELIVERED_FILE, WORKER_ENV, QueuedMlflow, deliver_leftovers
 from shipyard.train.progress import Progress
 from shipyard.train.step import StepOptions
@@ -106,24 +106,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # the plan priced the full worker group: an elastic run that shrank has no prediction to compare with
     prediction = config.get("prediction") if world == cfg.scaling.max_workers else None
     progress = Progress(prediction, cfg.train.epochs - start_epoch, world) if rank == 0 else None
-    in_memory = fits_in_memory(config.get("train_rows", 0) // world, _width(task))
-    # rows that fit are read from Ray Data once and reshuffled here every later epoch (HeldRows)
-    train_rows = HeldRows(train_shard, per_worker_batch, device, keep=in_memory)
-    val_rows = HeldRows(val_ds, 512, device, keep=fits_in_memory(config.get("val_rows", 0), _width(task)))
+    # rows that fit are read from Ray Data once and reshuffled here every epoch (HeldRows); validation rows are
+    # read before the first step, so that every rank knows whether they are shared before it validates
+    keep_train = fits_in_memory(config.get("train_rows", 0) // world, _width(task))
+    train_rows = HeldRows(train_shard, per_worker_batch, device, keep=keep_train)
+    keep_val = fits_in_memory(config.get("val_rows", 0), _width(task))
+    val_rows = HeldRows(val_ds, VAL_BATCH, device, keep=keep_val, rank=rank, world=world)
+    val_rows.load()
     options = StepOptions.of(cfg.train)
     primary = f"val_{task.primary_metric}"
     for epoch in range(start_epoch, cfg.train.epochs):
-        gather = val_rows.held and world > 1  # the same on every rank: all hold after the same first pass
         metrics = run_epoch(
             model,
             optimizer,
             train_rows.epoch(cfg.train.seed + epoch),
-            val_rows.share(rank, world),
+            val_rows.epoch(),
             task,
             world,
-            in_memory,
             options,
-            gather_val=gather,
+            gather_val=val_rows.shared,  # the same on every rank: each read the same whole split
         )
         metrics["epoch"], metrics["epochs_done"] = epoch, epoch + 1  # epochs_done: the search schedulers' clock
         metrics["report_s"] = report_s  # the previous epoch's checkpoint + ray.train.report
@@ -159,7 +160,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         metrics["samples_per_s"],
                         progress.eta(),
                     )
-                refined = progress.refine(metrics)
+                try:
+                    refined = progress.refine(metrics)
+                except Exception as err:  # the plan is advice: training goes on without a refined one
+                    log.warning("plan: not refined (%s: %s)", type(err).__name__, err)
+                    refined = None
                 if refined:
                     for line in refined:
                         log.info("%s", line)

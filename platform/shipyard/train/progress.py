@@ -35,8 +35,7 @@ class Progress:
 
     def eta(self) -> str:
         """Epochs left x the predicted epoch time x how far off the epochs so far ran (the median ratio; the
-        first epoch alone, which also warms up, only until there are others). Once the plan is refined, the
-        epochs it has seen are measured ones: the ETA is the refined epoch time kept up to date."""
+        first epoch alone, which also warms up, only until there are others)."""
         if not self.pred or not self.ratios:
             return ""
         ratios = self.ratios[1:] or self.ratios
@@ -51,6 +50,8 @@ class Progress:
         if len(self.ratios) < 2 and self.left > 0:
             return None
         measured = metrics["step_time_ms"]
+        if measured <= 0 or self.pred["step_time_ms"] <= 0:  # no step measured (no rows) or none predicted
+            return None
         k, rows = refine_table(self.pred["strong"], measured, self.pred["step_time_ms"], self.pred["exposed_comm_ms"])
         epoch_s = self.pred["epoch_s"] * self.ratios[-1]  # this epoch's wall: training, validation, report
         self.refined = {
@@ -62,10 +63,13 @@ class Progress:
             "planned_epoch_s": self.pred["epoch_s"],
             "strong": rows,
         }
+        comm = self.pred["exposed_comm_ms"]  # refine_table keeps it when the step splits into compute and comm
+        kept = measured > comm and self.pred["step_time_ms"] > comm
+        how = f"compute x{k:.2f}, the all-reduce as planned" if kept else f"the whole step x{k:.2f}"
         lines = [
             f"plan refined after epoch {self.refined['after_epoch']} from its measured step: {measured:.2f} ms a "
-            f"step (planned {self.pred['step_time_ms']:.2f} ms; compute x{k:.2f}, the all-reduce as planned), "
-            f"{epoch_s:.2f} s an epoch (planned {self.pred['epoch_s']:.2f} s); strong scaling from it:"
+            f"step (planned {self.pred['step_time_ms']:.2f} ms; {how}), {epoch_s:.2f} s an epoch (planned "
+            f"{self.pred['epoch_s']:.2f} s); strong scaling from it:"
         ]
         lines += [
             f"  {r['workers']:3d} worker(s) {r['step_time_ms']:9.2f} ms/step {r['samples_per_s']:10.0f} samples/s  "
@@ -154,8 +158,8 @@ def refine_table(
                 "epoch_time_s": r["epoch_time_s"] * step / r["step_time_ms"],  # the same number of steps an epoch
             }
         )
-    one = next((r for r in new if r["workers"] == 1), None)
-    base = one["samples_per_s"] if one else new[0]["samples_per_s"] / new[0]["workers"]
+    one = next((r for r in new if r["workers"] == 1), None)  # the plan's tables always start at 1 worker
+    base = one["samples_per_s"] if one else (new[0]["samples_per_s"] / new[0]["workers"] if new else 1.0)
     for r in new:
         r["speedup"] = r["samples_per_s"] / base
         r["efficiency"] = r["speedup"] / r["workers"]

@@ -18,7 +18,7 @@ from shipyard.config import Config, apply_overrides
 from shipyard.errors import ConfigError
 from shipyard.tasks import make_task
 from shipyard.train.checkpoints import CHECKPOINT_FILE
-from shipyard.train.epoch import HeldRows, fits_in_memory, make_optimizer, run_epoch
+from shipyard.train.epoch import VAL_BATCH, HeldRows, fits_in_memory, make_optimizer, run_epoch
 from shipyard.train.step import StepOptions
 from shipyard.tune.schedules import EPOCHS
 
@@ -88,9 +88,9 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
             group["lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
         start = state["epoch"] + 1
     width = math.prod(task.info.input_shape)
-    in_memory = fits_in_memory(train_ds.count(), width)
-    train_rows = HeldRows(train_ds, cfg.train.batch_size, keep=in_memory)  # read once, reshuffled every epoch
-    val_rows = HeldRows(val_ds, 512, keep=fits_in_memory(val_ds.count(), width))
+    # read once and reshuffled every epoch when they fit (HeldRows), as in a Train worker
+    train_rows = HeldRows(train_ds, cfg.train.batch_size, keep=fits_in_memory(train_ds.count(), width))
+    val_rows = HeldRows(val_ds, VAL_BATCH, keep=fits_in_memory(val_ds.count(), width))
     for epoch in range(start, cfg.train.epochs):
         metrics = run_epoch(
             model,
@@ -98,7 +98,6 @@ def tune_trial(trial_config: dict[str, Any], base: dict[str, Any], train_ds, val
             train_rows.epoch(cfg.train.seed + epoch),
             val_rows.epoch(),
             task,
-            in_memory=in_memory,
             options=StepOptions.of(cfg.train),
         )
         with tempfile.TemporaryDirectory() as tmp:

@@ -144,3 +144,46 @@ def test_a_resumed_train_run_finds_the_version_it_registered_before(tmp_path, mo
         )
     assert version == "2" and _version_of_run("resumed", train.info.run_id) == "2"
     assert _version_of_run("resumed", other.info.run_id) == "1"
+
+
+def test_a_resumed_run_resends_what_was_queued_at_its_checkpoint_without_duplicating_what_arrived(
+    tmp_path, monkeypatch
+):
+    """The driver killed while epochs 1-2's metrics were still queued: the checkpoint written then holds them
+    (undelivered()); the resumed rank 0 queues them again (requeue), less the metrics MLflow already has."""
+    _keep_mlflow_env(monkeypatch)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = mlflow.MlflowClient(uri)
+    run_id = _run(uri)
+    logger = QueuedMlflow(uri, run_id)
+    with logger.cond:  # delivery held: what a checkpoint written now keeps
+        logger.log({"epochs_done": 1.0}, 0)
+        logger.log({"epochs_done": 2.0}, 1)
+        logger.set_tag("shipyard.note", "x")
+        kept = json.loads(json.dumps(logger.undelivered()))  # written into the checkpoint, read back
+    assert [call for call, _ in kept] == ["log_batch", "log_batch", "set_tag"]
+
+    # a run that received none of them (killed before delivery): all of them, once
+    lost = client.create_run(client.get_experiment_by_name("queue").experiment_id).info.run_id
+    resumed = QueuedMlflow(uri, lost)
+    assert resumed.requeue(kept) == 3
+    assert resumed.close(30) == []
+    assert [m.value for m in client.get_metric_history(lost, "epochs_done")] == [1.0, 2.0]
+    assert client.get_run(lost).data.tags["shipyard.note"] == "x"
+
+    # one that received epoch 1 after the checkpoint was written: epoch 2 and the tag, nothing twice
+    assert logger.close(30) == []
+    partial = client.create_run(client.get_experiment_by_name("queue").experiment_id).info.run_id
+    first_only = QueuedMlflow(uri, partial)
+    first_only.requeue(kept[:1])
+    first_only.close(30)
+    resumed = QueuedMlflow(uri, partial)
+    assert resumed.requeue(kept) == 2
+    resumed.close(30)
+    assert [m.value for m in client.get_metric_history(partial, "epochs_done")] == [1.0, 2.0]
+
+    # the run that received everything: only the tag again (it overwrites)
+    resumed = QueuedMlflow(uri, run_id)
+    assert resumed.requeue(kept) == 1
+    resumed.close(30)
+    assert [m.value for m in client.get_metric_history(run_id, "epochs_done")] == [1.0, 2.0]

@@ -59,12 +59,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)
     task = make_task(cfg.task, config["info"])
     model = task.build_model(cfg.model)
-    start_epoch, state = 0, None
+    start_epoch, state, leftover = 0, None, []
     point = _resume_point(config.get("run_dir"), ray.train.get_checkpoint(), rank, world)
     if point is not None:  # a restarted worker group (FailureConfig, elastic resize) or a resumed run
         checkpoint = ray.train.get_checkpoint() if point.path is None else Checkpoint.from_directory(point.path)
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
+            kept = Path(d) / UNDELIVERED_FILE  # MLflow calls still queued when it was written (requeue below)
+            if rank == 0 and kept.is_file():
+                try:
+                    leftover = json.loads(kept.read_text())
+                except ValueError as err:  # written while the disk filled up
+                    log.error("LOST: MLflow calls queued before %s cannot be read (%s)", checkpoint.path, err)
         model.load_state_dict(state["model"])
         if "rng" in state:  # the dropout masks (and augmentations) an undisturbed run would have drawn next
             torch.set_rng_state(state["rng"])
@@ -86,6 +92,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     logger = QueuedMlflow(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else None
+    if logger is not None and leftover and start_epoch < cfg.train.epochs:
+        log.info("resending %d MLflow call(s) the run had queued when it stopped", logger.requeue(leftover))
     placement = _worker_placement(world)  # every rank takes part (a collective)
     if logger is not None:  # the tag stays short (ranks per node); the artifact has every rank
         logger.set_tag("shipyard.worker_nodes", json.dumps(collections.Counter(p["node_id"] for p in placement)))
@@ -180,8 +188,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     logger.set_tag("shipyard.plan_warning", warning)
                 if epoch == cfg.train.epochs - 1:  # the last checkpoint carries what MLflow has not received
                     undelivered = logger.close(FLUSH_S)
-                    if undelivered:
-                        (Path(tmp) / UNDELIVERED_FILE).write_text(json.dumps(undelivered))
+                else:  # and each other one what is still queued: a run killed now resends it when resumed
+                    undelivered = logger.undelivered()
+                if undelivered:
+                    (Path(tmp) / UNDELIVERED_FILE).write_text(json.dumps(undelivered))
             ray.train.report(metrics, checkpoint=ckpt)  # a barrier: every rank calls it
         report_s = time.perf_counter() - report_start
 

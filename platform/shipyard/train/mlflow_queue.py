@@ -134,6 +134,40 @@ class QueuedMlflow:
                 self.sending = False
                 self.cond.notify_all()
 
+    def undelivered(self) -> list[tuple[str, tuple]]:
+        """The calls not yet delivered (the one in flight included), for the checkpoint written now: a run
+        killed before they arrive sends them when it resumes from it (requeue)."""
+        with self.cond:
+            return list(self.pending)
+
+    def requeue(self, calls: list) -> int:
+        """A resumed run: queue again what its checkpoint says was undelivered, less the metrics MLflow already
+        has (delivered after the checkpoint was written): none lost, none twice. Tags and artifacts are sent
+        again (they overwrite). Returns how many calls were queued."""
+        if self.client is None:
+            return 0
+        have: dict[str, set] = {}
+        queued = 0
+        for call, args in calls:
+            if call == "log_batch":
+                left = []
+                for key, value, timestamp, step in args[0]:
+                    if key not in have:
+                        try:
+                            have[key] = {
+                                (m.step, m.timestamp) for m in self.client.get_metric_history(self.run_id, key)
+                            }
+                        except Exception:  # the server is down: send them all, a duplicate beats a loss
+                            have[key] = set()
+                    if (step, timestamp) not in have[key]:
+                        left.append([key, value, timestamp, step])
+                if not left:
+                    continue
+                args = [left]
+            self._put(call, *args)
+            queued += 1
+        return queued
+
     def close(self, timeout_s: float) -> list[tuple[str, tuple]]:
         """Wait up to `timeout_s` for every queued call to be delivered, then stop delivering; returns the calls
         that were not delivered. A call in flight is waited for up to IN_FLIGHT_S more (one HTTP timeout); one

@@ -63,8 +63,7 @@ class Progress:
             "planned_epoch_s": self.pred["epoch_s"],
             "strong": rows,
         }
-        comm = self.pred["exposed_comm_ms"]  # refine_table keeps it when the step splits into compute and comm
-        kept = measured > comm and self.pred["step_time_ms"] > comm
+        kept = _splits(measured, self.pred["step_time_ms"], self.pred["exposed_comm_ms"])
         how = f"compute x{k:.2f}, the all-reduce as planned" if kept else f"the whole step x{k:.2f}"
         lines = [
             f"plan refined after epoch {self.refined['after_epoch']} from its measured step: {measured:.2f} ms a "
@@ -141,9 +140,12 @@ def refine_table(
     step is scaled (k = measured / predicted, all-reduce included). Returns k and the new rows; speed-up and
     efficiency are against the new 1-worker row, as the plan's are (perf.estimate.scaling_table).
     """
-    compute_ms = predicted_step_ms - predicted_comm_ms
-    split = measured_step_ms > predicted_comm_ms and compute_ms > 0
-    k = (measured_step_ms - predicted_comm_ms) / compute_ms if split else measured_step_ms / predicted_step_ms
+    split = _splits(measured_step_ms, predicted_step_ms, predicted_comm_ms)
+    k = (
+        (measured_step_ms - predicted_comm_ms) / (predicted_step_ms - predicted_comm_ms)
+        if split
+        else measured_step_ms / predicted_step_ms
+    )
     comm_k = 1.0 if split else k
     new = []
     for r in rows:
@@ -164,3 +166,8 @@ def refine_table(
         r["speedup"] = r["samples_per_s"] / base
         r["efficiency"] = r["speedup"] / r["workers"]
     return k, new
+
+
+def _splits(measured_step_ms: float, predicted_step_ms: float, predicted_comm_ms: float) -> bool:
+    """Whether a measured step can be split into compute and the predicted all-reduce (refine_table)."""
+    return measured_step_ms > predicted_comm_ms and predicted_step_ms > predicted_comm_ms

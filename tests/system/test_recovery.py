@@ -187,3 +187,39 @@ def test_a_resumed_run_resends_what_was_queued_at_its_checkpoint_without_duplica
     assert resumed.requeue(kept) == 1
     resumed.close(30)
     assert [m.value for m in client.get_metric_history(run_id, "epochs_done")] == [1.0, 2.0]
+
+
+def test_a_resumed_search_logs_the_epochs_its_killed_driver_never_received_from_the_trials_checkpoint(tmp_path):
+    """A trial run as a Train job went on from its own checkpoint of epoch 3 while MLflow had epoch 1 only (the
+    driver died before the results of epochs 2-3 reached it): the first result after the restart (epoch 4) brings
+    epochs 2-3 from the checkpoint's history, once, with every metric they reported."""
+    from shipyard.train.checkpoints import HISTORY_FILE
+    from shipyard.tune.trial_runs import backfill_epochs
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = mlflow.MlflowClient(uri)
+    run_id = _run(uri)
+    history = [{"epochs_done": e, "epoch": e - 1, "val_loss": 1.0 / e} for e in (1, 2, 3)]
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 1) for k, v in history[0].items()])
+    ckpt = tmp_path / "checkpoint_000003"
+    ckpt.mkdir()
+    (ckpt / HISTORY_FILE).write_text(json.dumps(history))
+    result = {"epochs_done": 4, "checkpoint_path": str(ckpt)}
+
+    assert backfill_epochs(client, run_id, result, "trial_a") == 2
+    assert [m.value for m in client.get_metric_history(run_id, "epochs_done")] == [1, 2, 3]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")] == [
+        (1, 1.0),
+        (2, 0.5),
+        (3, 1 / 3),
+    ]
+    assert backfill_epochs(client, run_id, result, "trial_a") == 0  # nothing twice
+
+    gone = {"epochs_done": 4, "checkpoint_path": str(tmp_path / "pruned")}  # retention deleted it: a warning
+    other = _run_in(client, "queue")
+    assert backfill_epochs(client, other, gone, "trial_b") == 0
+    assert client.get_metric_history(other, "epochs_done") == []
+
+
+def _run_in(client, experiment: str) -> str:
+    return client.create_run(client.get_experiment_by_name(experiment).experiment_id).info.run_id

@@ -23,6 +23,11 @@ from shipyard.tasks import objective
 CHECKPOINT_FILE = "state.pt"
 """In every checkpoint of a trial or a training run: weights, optimizer state, epoch and, in training, the torch RNG
 state (torch.save of tensors)."""
+HISTORY_FILE = "metrics_history.json"
+"""In every checkpoint of a training run: rank 0's metrics of each epoch so far (a JSON list, one dict an epoch).
+A search trial run as a Train job resumes from its job's newest checkpoint, which may be epochs ahead of the
+results its killed driver received: the resumed driver logs the epochs it never saw from this file
+(shipyard.tune.trial_runs.backfill_epochs)."""
 
 log = logging.getLogger(__name__)
 

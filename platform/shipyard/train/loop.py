@@ -26,7 +26,7 @@ from torch import nn
 from shipyard.config import Config
 from shipyard.errors import TrainingError
 from shipyard.tasks import Task, make_task
-from shipyard.train.checkpoints import CHECKPOINT_FILE, ResumePoint, repair_run_snapshot, resume_point
+from shipyard.train.checkpoints import CHECKPOINT_FILE, HISTORY_FILE, ResumePoint, repair_run_snapshot, resume_point
 from shipyard.train.epoch import VAL_BATCH, HeldRows, fits_in_memory, make_optimizer, run_epoch
 from shipyard.train.mlflow_queue import FLUSH_S, UNDELIVERED_FILE, WORKER_ENV, QueuedMlflow, deliver_leftovers
 from shipyard.train.progress import Progress
@@ -59,7 +59,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)
     task = make_task(cfg.task, config["info"])
     model = task.build_model(cfg.model)
-    start_epoch, state, leftover = 0, None, []
+    start_epoch, state, leftover, history = 0, None, [], []
     point = _resume_point(config.get("run_dir"), ray.train.get_checkpoint(), rank, world)
     if point is not None:  # a restarted worker group (FailureConfig, elastic resize) or a resumed run
         checkpoint = ray.train.get_checkpoint() if point.path is None else Checkpoint.from_directory(point.path)
@@ -71,6 +71,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     leftover = json.loads(kept.read_text())
                 except ValueError as err:  # written while the disk filled up
                     log.error("LOST: MLflow calls queued before %s cannot be read (%s)", checkpoint.path, err)
+            if rank == 0 and (Path(d) / HISTORY_FILE).is_file():  # the epochs before it, for the next checkpoints
+                try:
+                    history = json.loads((Path(d) / HISTORY_FILE).read_text())
+                except ValueError as err:  # only a resumed search reads it (to log epochs it never received)
+                    log.warning("metrics of the epochs before %s cannot be read (%s)", checkpoint.path, err)
         model.load_state_dict(state["model"])
         if "rng" in state:  # the dropout masks (and augmentations) an undisturbed run would have drawn next
             torch.set_rng_state(state["rng"])
@@ -154,6 +159,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ckpt = Checkpoint.from_directory(tmp)
                 timing = progress.after_epoch(metrics)  # adds predicted_step_time_ms
                 logger.log(metrics, epoch)
+                history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
                 if not config.get("quiet"):
                     log.info(
                         "epoch %d/%d | train_loss %.4f | val_loss %.4f | %s %.4f | %s | %.2f s | %.0f samples/s%s",

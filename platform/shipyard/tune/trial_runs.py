@@ -4,7 +4,10 @@ shipyard.trial_status) when the search ends."""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from pathlib import Path
 
 from shipyard.config import Config
 from shipyard.tasks import objective
@@ -24,6 +27,10 @@ def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedul
     from shipyard.private_apis import mlflow_client_of, trial_runs_of
 
     class TrialRunLogger(MLflowLoggerCallback):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.seen: set[str] = set()  # trials whose first result this driver has had
+
         def log_trial_start(self, trial):
             if trial not in trial_runs_of(self):
                 client = mlflow_client_of(self)
@@ -43,6 +50,9 @@ def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedul
             self.mlflow_util.log_metrics(run_id=trial_runs_of(self)[trial], metrics_to_log=numeric, step=step)
 
         def log_trial_result(self, iteration: int, trial, result: dict):
+            if trial.trial_id not in self.seen:  # a trial (re)started by this driver
+                self.seen.add(trial.trial_id)
+                backfill_epochs(mlflow_client_of(self), trial_runs_of(self)[trial], result, str(trial))
             # Tune's training_iteration restarts at 1 when a multi-worker trial resumes from its Train checkpoint
             self.mlflow_util.log_metrics(
                 run_id=trial_runs_of(self)[trial],
@@ -64,6 +74,43 @@ def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedul
         save_artifact=False,
         tags={"mlflow.parentRunId": parent_run_id, "shipyard.kind": "trial"},
     )
+
+
+def backfill_epochs(client, run_id: str, result: dict, trial: str) -> int:
+    """The first result of a trial run as a Train job (tune.workers_per_trial > 1) after a driver restart: the job
+    went on from its own newest checkpoint, which can be epochs ahead of the last result the killed driver
+    received and logged. The epochs the trial's MLflow run lacks before this one are logged from the checkpoint's
+    metrics history (train.checkpoints.HISTORY_FILE). Returns how many epochs were logged."""
+    import pyarrow.fs
+    from mlflow.entities import Metric
+
+    from shipyard.train.checkpoints import HISTORY_FILE
+
+    path, done = result.get("checkpoint_path"), int(result.get(EPOCHS) or 0)
+    if not path or done <= 1:
+        return 0
+    have = {int(m.value) for m in client.get_metric_history(run_id, EPOCHS)}
+    missing = set(range(1, done)) - have
+    if not missing:
+        return 0
+    try:  # a local folder or remote storage (s3://, gs://): only the small JSON file is read
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+        with fs.open_input_stream(f"{inner.rstrip('/')}/{HISTORY_FILE}") as f:
+            history = json.loads(f.read())
+    except (OSError, ValueError) as err:
+        log.warning("%s: MLflow lacks epochs %s, and %s cannot be read (%s)", trial, sorted(missing), path, err)
+        return 0
+    now = int(time.time() * 1000)
+    rows = [h for h in history if int(h.get(EPOCHS, 0)) in missing]
+    metrics = [Metric(k, float(v), now, int(h[EPOCHS])) for h in rows for k, v in h.items()]
+    for i in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a call
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+    log.info(
+        "%s: logged epochs %s from its checkpoint (the driver that ran them stopped before their results arrived)",
+        trial,
+        ", ".join(str(int(h[EPOCHS])) for h in rows),
+    )
+    return len(rows)
 
 
 def _run_status(trial_status: str) -> str:

@@ -192,32 +192,37 @@ def test_a_resumed_run_resends_what_was_queued_at_its_checkpoint_without_duplica
 def test_a_resumed_search_logs_the_epochs_its_killed_driver_never_received_from_the_trials_checkpoint(tmp_path):
     """A trial run as a Train job went on from its own checkpoint of epoch 3 while MLflow had epoch 1 only (the
     driver died before the results of epochs 2-3 reached it): the first result after the restart (epoch 4) brings
-    epochs 2-3 from the checkpoint's history, once, with every metric they reported."""
+    epochs 2-3 from the checkpoint's history, once, with every metric they reported. A job that had saved its last
+    epoch reports nothing when resumed: at the trial's end, everything its newest checkpoint holds is logged."""
     from shipyard.train.checkpoints import HISTORY_FILE
     from shipyard.tune.trial_runs import backfill_epochs
 
     uri = f"sqlite:///{tmp_path}/m.db"
     client = mlflow.MlflowClient(uri)
     run_id = _run(uri)
-    history = [{"epochs_done": e, "epoch": e - 1, "val_loss": 1.0 / e} for e in (1, 2, 3)]
+    history = [{"epochs_done": e, "epoch": e - 1, "val_loss": 1.0 / e} for e in (1, 2, 3, 4)]
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, 0, 1) for k, v in history[0].items()])
     ckpt = tmp_path / "checkpoint_000003"
     ckpt.mkdir()
-    (ckpt / HISTORY_FILE).write_text(json.dumps(history))
-    result = {"epochs_done": 4, "checkpoint_path": str(ckpt)}
+    (ckpt / HISTORY_FILE).write_text(json.dumps(history[:3]))
 
-    assert backfill_epochs(client, run_id, result, "trial_a") == 2
+    assert backfill_epochs(client, run_id, str(ckpt), "trial_a", before=4) == 2
     assert [m.value for m in client.get_metric_history(run_id, "epochs_done")] == [1, 2, 3]
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")] == [
-        (1, 1.0),
-        (2, 0.5),
-        (3, 1 / 3),
-    ]
-    assert backfill_epochs(client, run_id, result, "trial_a") == 0  # nothing twice
+    val_loss = [(m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")]
+    assert val_loss == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert backfill_epochs(client, run_id, str(ckpt), "trial_a", before=4) == 0  # nothing twice
 
-    gone = {"epochs_done": 4, "checkpoint_path": str(tmp_path / "pruned")}  # retention deleted it: a warning
-    other = _run_in(client, "queue")
-    assert backfill_epochs(client, other, gone, "trial_b") == 0
+    last = tmp_path / "checkpoint_000004"  # the trial's end: all the newest checkpoint holds
+    last.mkdir()
+    (last / HISTORY_FILE).write_text(json.dumps(history))
+    assert backfill_epochs(client, run_id, str(last), "trial_a") == 1
+    assert [m.value for m in client.get_metric_history(run_id, "epochs_done")] == [1, 2, 3, 4]
+
+    other = _run_in(client, "queue")  # retention deleted the checkpoint, or it predates histories: a warning
+    assert backfill_epochs(client, other, str(tmp_path / "pruned"), "trial_b", before=4) == 0
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / HISTORY_FILE).write_text(json.dumps([{"epoch": 0}]))
+    assert backfill_epochs(client, other, str(tmp_path / "old"), "trial_b", before=4) == 0
     assert client.get_metric_history(other, "epochs_done") == []
 
 

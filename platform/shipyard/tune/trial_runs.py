@@ -15,6 +15,8 @@ from shipyard.tune.plots import TrialHistory
 from shipyard.tune.schedules import EPOCHS, Schedule
 
 log = logging.getLogger("shipyard.tune.search")  # the search's lines, under the search's logger
+CHECKPOINT_PATH = "checkpoint_path"
+"""In a Train-job trial's results: its job's checkpoint (Ray's TuneReportCallback adds it)."""
 
 
 def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedule: Schedule, pbt: bool):
@@ -29,7 +31,15 @@ def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedul
     class TrialRunLogger(MLflowLoggerCallback):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.seen: set[str] = set()  # trials whose first result this driver has had
+            self.logged: dict[str, int] = {}  # trial id -> the last epochs_done this driver logged
+
+        def _fill(self, trial, checkpoint: str, before: int | None = None) -> None:
+            """Epochs a Train-job trial ran whose results never reached this driver, from its checkpoint: a
+            repair, so a failing one is a warning, never the end of the search."""
+            try:
+                backfill_epochs(mlflow_client_of(self), trial_runs_of(self)[trial], checkpoint, str(trial), before)
+            except Exception as err:
+                log.warning("%s: epochs missing in MLflow not logged (%s: %s)", trial, type(err).__name__, err)
 
         def log_trial_start(self, trial):
             if trial not in trial_runs_of(self):
@@ -50,9 +60,12 @@ def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedul
             self.mlflow_util.log_metrics(run_id=trial_runs_of(self)[trial], metrics_to_log=numeric, step=step)
 
         def log_trial_result(self, iteration: int, trial, result: dict):
-            if trial.trial_id not in self.seen:  # a trial (re)started by this driver
-                self.seen.add(trial.trial_id)
-                backfill_epochs(mlflow_client_of(self), trial_runs_of(self)[trial], result, str(trial))
+            done = int(result.get(EPOCHS) or 0)
+            # a Train-job trial's first result in this driver after epoch 1, or one past a gap: its job went on
+            # from a checkpoint newer than the last result received (a killed driver, a restarted worker group)
+            if result.get(CHECKPOINT_PATH) and done > self.logged.get(trial.trial_id, 0) + 1:
+                self._fill(trial, result[CHECKPOINT_PATH], before=done)
+            self.logged[trial.trial_id] = done
             # Tune's training_iteration restarts at 1 when a multi-worker trial resumes from its Train checkpoint
             self.mlflow_util.log_metrics(
                 run_id=trial_runs_of(self)[trial],
@@ -61,7 +74,16 @@ def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedul
             )
 
         def log_trial_end(self, trial, failed: bool = False):
-            status = schedule.status((trial.last_result or {}).get(EPOCHS, 0), failed)
+            done = (trial.last_result or {}).get(EPOCHS, 0)
+            known = (trial.last_result or {}).get(CHECKPOINT_PATH)
+            if known and trial.trial_id not in self.logged:  # resumed after its job's last checkpoint: it reported
+                from shipyard.train.checkpoints import newest_intact_checkpoint  # nothing; epochs may be missing
+
+                newest = newest_intact_checkpoint(Path(known).parent)  # the Train run's folder
+                if newest is not None and newest[1] + 1 > done:
+                    self._fill(trial, newest[0])
+                    done = newest[1] + 1
+            status = schedule.status(done, failed)
             run_id = trial_runs_of(self)[trial]
             mlflow_client_of(self).set_tag(run_id, "shipyard.trial_status", status)
             super().log_trial_end(trial, failed)  # FINISHED, or FAILED when errored
@@ -76,32 +98,43 @@ def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedul
     )
 
 
-def backfill_epochs(client, run_id: str, result: dict, trial: str) -> int:
-    """The first result of a trial run as a Train job (tune.workers_per_trial > 1) after a driver restart: the job
-    went on from its own newest checkpoint, which can be epochs ahead of the last result the killed driver
-    received and logged. The epochs the trial's MLflow run lacks before this one are logged from the checkpoint's
-    metrics history (train.checkpoints.HISTORY_FILE). Returns how many epochs were logged."""
-    import pyarrow.fs
+def backfill_epochs(client, run_id: str, checkpoint: str, trial: str, before: int | None = None) -> int:
+    """Log into a trial's MLflow run the epochs it lacks that a checkpoint of its Train job holds (its metrics
+    history, train.checkpoints.HISTORY_FILE): those before epoch `before` (epochs_done), or all it holds. A trial
+    run as a Train job (tune.workers_per_trial > 1) goes on from its job's newest checkpoint, which can be epochs
+    ahead of the last result its killed driver received. Each is logged at step epochs_done, as the live results
+    are, with the metrics rank 0 reported (not Tune's own fields: training_iteration, time_total_s) and the time
+    of logging. Returns how many epochs were logged."""
     from mlflow.entities import Metric
 
     from shipyard.train.checkpoints import HISTORY_FILE
 
-    path, done = result.get("checkpoint_path"), int(result.get(EPOCHS) or 0)
-    if not path or done <= 1:
-        return 0
     have = {int(m.value) for m in client.get_metric_history(run_id, EPOCHS)}
-    missing = set(range(1, done)) - have
-    if not missing:
+    wanted = set(range(1, before)) - have if before is not None else None
+    if wanted == set():
         return 0
-    try:  # a local folder or remote storage (s3://, gs://): only the small JSON file is read
-        fs, inner = pyarrow.fs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
-        with fs.open_input_stream(f"{inner.rstrip('/')}/{HISTORY_FILE}") as f:
-            history = json.loads(f.read())
+    try:  # storage_dir is a path (local, or a shared mount on a cluster)
+        history = json.loads((Path(checkpoint) / HISTORY_FILE).read_text())
     except (OSError, ValueError) as err:
-        log.warning("%s: MLflow lacks epochs %s, and %s cannot be read (%s)", trial, sorted(missing), path, err)
+        if wanted:
+            log.warning(
+                "%s: MLflow lacks epochs %s, and %s cannot be read (%s)", trial, sorted(wanted), checkpoint, err
+            )
+        return 0
+    rows = [
+        h
+        for h in history
+        if isinstance(h, dict)
+        and isinstance(h.get(EPOCHS), (int, float))
+        and int(h[EPOCHS]) not in have
+        and (wanted is None or int(h[EPOCHS]) in wanted)
+    ]
+    absent = sorted((wanted or set()) - {int(h[EPOCHS]) for h in rows})
+    if absent:  # a checkpoint written before histories were kept, or one the history does not reach
+        log.warning("%s: MLflow lacks epochs %s, which %s does not hold", trial, absent, checkpoint)
+    if not rows:
         return 0
     now = int(time.time() * 1000)
-    rows = [h for h in history if int(h.get(EPOCHS, 0)) in missing]
     metrics = [Metric(k, float(v), now, int(h[EPOCHS])) for h in rows for k, v in h.items()]
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a call
         client.log_batch(run_id, metrics=metrics[i : i + 1000])

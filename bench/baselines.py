@@ -75,6 +75,27 @@ def torchrun_samples_per_s(model: str, per_worker_batch: int, rows: int, epochs:
     return json.loads(out.stdout.strip().splitlines()[-1])["samples_per_s"]
 
 
+def reference_rate(seconds: float = 0.3) -> float:
+    """This machine's speed now: 256x256 fp32 matmuls a second on 1 torch thread. bench/perfmodel.py times it
+    before every case: its range over a run is how far the machine itself drifted (a 2-vCPU VM's rate moved
+    2054-2595 a second over 20 s with nothing else running), the floor under any prediction's error."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(256, 256)
+        for _ in range(10):
+            a @ a
+        n, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            a @ a
+            n += 1
+        return n / seconds
+    finally:
+        torch.set_num_threads(before)
+
+
 def attribute(case: dict, plain: dict) -> tuple[str, float, dict]:
     """Which part of the step holds the prediction's error: forward, backward and optimizer against the plain
     process's phases; `comm_and_overheads` (the exposed all-reduce, DDP's other costs, and whatever the Ray Train

@@ -23,8 +23,13 @@ prediction is furthest off.
 The training overhead ratio, per built-in model: the model at the default global batch (64) on 1 worker;
 steady-state samples/s through the Ray Train path (training rows / (epoch's training loop incl. waiting for
 batches + its checkpoint and report), epochs after the first) over the samples/s of the same training step in a
-plain loop over in-memory tensors in this process (1 torch thread, as the Ray worker with 1 CPU has); the JSON's
-`train_overhead_ratio` is the worst model's.
+plain loop over in-memory tensors in this process (1 torch thread, as the Ray worker with 1 CPU has), run right
+after the Ray case; the JSON's `train_overhead_ratio` is the worst model's. `ddp_overhead_ratio`: the 2-worker
+case at the default batch over plain `torchrun` DDP run right after it (bench/torchrun_ddp.py; Ray idles beside it).
+
+Drift: a 2-vCPU VM's own speed moves by tens of percent over minutes, so every baseline is measured right beside
+its case, and a reference (256x256 matmuls a second, 1 thread) is timed before each case: `machine_drift` in the
+JSON is its relative range over the run, the floor under any error here.
 
 Last line: one JSON object {"cases", "median_rel_err", "max_rel_err", "measured_median_rel_err",
 "measured_max_rel_err", "train_overhead_ratio", "train_overhead_ratio_per_model", "cpu", ...}.
@@ -47,7 +52,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(0, str(ROOT))  # pipelines.digit_images
 
-from bench.baselines import attribute, plain_loop_samples_per_s, plain_phases_ms, torchrun_samples_per_s  # noqa: E402
+from bench.baselines import (  # noqa: E402
+    attribute,
+    plain_loop_samples_per_s,
+    plain_phases_ms,
+    reference_rate,
+    torchrun_samples_per_s,
+)
 from shipyard import configure_process, load_config  # noqa: E402
 
 IMAGES = {"task.name": "image_classification", "data.builtin": None, "data.image_size": 8, "data.channels": 1}
@@ -191,11 +202,12 @@ def main() -> None:
             return loaded[key]
 
         splits = splits_of(models[0])
+        default_batch = {m: load_config(None, spec[m]).train.batch_size for m in models}
         print(
             f"machine: {cpu_model_name()}, {os.cpu_count()} CPUs; digits ({splits.rows['train']} training rows), "
             f"{args.epochs} epochs per case; profile: {profile.device.op_overhead_us} us/op, gloo "
             f"{profile.interconnect.latency_us} us + bytes / {profile.interconnect.bandwidth_gbps} GB/s; "
-            f"calibration spread {profile.device.spread:.1%}"
+            f"calibration spread {profile.device.spread:.1%}; reference {reference_rate():.0f} matmuls/s"
         )
         measured = {}
         for model in models:  # the measured mode: each model's real step here once, every case priced from it
@@ -211,7 +223,8 @@ def main() -> None:
             )
         print(
             f"{'model':12s} {'batch':>5s} {'workers':>7s} {'predicted_ms':>12s} {'measured_ms':>11s} "
-            f"{'rel_err':>8s} {'meas_mode_ms':>12s} {'rel_err':>8s} {'data_wait_ms':>12s}  error mostly in"
+            f"{'rel_err':>8s} {'meas_mode_ms':>12s} {'rel_err':>8s} {'data_wait_ms':>12s}  error mostly in "
+            "(reference matmuls/s before the case)"
         )
         for model in models:
             for batch in map(int, args.batches.split(",")):
@@ -222,6 +235,7 @@ def main() -> None:
                         "model": model,
                         "batch": batch,
                         "workers": workers,
+                        "machine_rate": reference_rate(),
                         **predict_case(cfg, splits, profile, measured[model]),
                         **measure_case(cfg, splits, f"{model}-b{batch}-w{workers}", tracking_uri),
                     }
@@ -232,36 +246,50 @@ def main() -> None:
                     plain = plain_phases_ms(cfg, splits.info, max(1, batch // workers))
                     case["plain_parts_ms"] = plain
                     part, err_ms, case["part_errors_ms"] = attribute(case, plain)
+                    if batch == default_batch[model]:  # a baseline right after its case: the machine drifts
+                        if workers == 1:
+                            case["plain_samples_per_s"] = plain_loop_samples_per_s(
+                                cfg, to_numpy(splits.train), splits.info, args.epochs
+                            )
+                        elif workers == 2:
+                            case["torchrun_samples_per_s"] = torchrun_samples_per_s(
+                                model, batch // 2, splits.rows["train"], args.epochs
+                            )
                     cases.append(case)
                     print(
                         f"{model:12s} {batch:5d} {workers:7d} {case['predicted_step_time_ms']:12.3f} "
                         f"{case['step_time_ms']:11.3f} {case['rel_err']:+8.1%} "
                         f"{case['measured_mode_step_time_ms']:12.3f} {case['measured_rel_err']:+8.1%} "
-                        f"{case['data_wait_ms']:12.3f}  {part} {err_ms:+.3f} ms",
+                        f"{case['data_wait_ms']:12.3f}  {part} {err_ms:+.3f} ms (machine {case['machine_rate']:.0f})",
                         flush=True,
                     )
-        # Ray Train's overhead per built-in model: its 1-worker case at the default global batch
+        # Ray Train's overhead per built-in model: its 1-worker case at the default global batch against the plain
+        # loop measured right after it (a model whose grid lacks that case gets both measured here, in a row)
         overhead_cfgs = {m: load_config(None, {**spec[m], "scaling.num_workers": 1}) for m in models}
         ray_cases = {}
         for m, ocfg in overhead_cfgs.items():
             ray_cases[m] = next(
                 (c for c in cases if c["model"] == m and c["workers"] == 1 and c["batch"] == ocfg.train.batch_size),
                 None,
-            ) or measure_case(ocfg, splits_of(m), f"{m}-overhead", tracking_uri)
-        train_xy = {m: to_numpy(splits_of(m).train) for m in models}
+            )
+            if ray_cases[m] is None:
+                ray_cases[m] = measure_case(ocfg, splits_of(m), f"{m}-overhead", tracking_uri)
+                ray_cases[m]["plain_samples_per_s"] = plain_loop_samples_per_s(
+                    ocfg, to_numpy(splits_of(m).train), splits_of(m).info, args.epochs
+                )
     finally:
         ray.shutdown()
     ratios = {}
     for m, ocfg in overhead_cfgs.items():
-        plain = plain_loop_samples_per_s(ocfg, train_xy[m], splits_of(m).info, args.epochs)
+        plain = ray_cases[m]["plain_samples_per_s"]
         ratios[m] = ray_cases[m]["ray_samples_per_s"] / plain
         print(
             f"training overhead, {m}: global batch {ocfg.train.batch_size}, 1 worker: Ray Train path "
             f"{ray_cases[m]['ray_samples_per_s']:.0f} samples/s (median per epoch: {ray_cases[m]['steps_per_epoch']} "
-            f"steps, checkpoint + report {ray_cases[m]['report_s']:.3f} s), plain loop {plain:.0f} samples/s -> "
-            f"ratio {ratios[m]:.3f}"
+            f"steps, checkpoint + report {ray_cases[m]['report_s']:.3f} s), plain loop right after it {plain:.0f} "
+            f"samples/s -> ratio {ratios[m]:.3f}"
         )
-    # what the platform costs a data-parallel step: Shipyard's 2-worker case against plain torchrun DDP
+    # what the platform costs a data-parallel step: Shipyard's 2-worker case against plain torchrun DDP right after it
     ddp = {}
     for m, ocfg in overhead_cfgs.items():
         two = next(
@@ -269,12 +297,12 @@ def main() -> None:
         )
         if two is None:
             continue
-        plain_ddp = torchrun_samples_per_s(m, ocfg.train.batch_size // 2, splits_of(m).rows["train"], args.epochs)
+        plain_ddp = two["torchrun_samples_per_s"]
         ddp[m] = two["ray_samples_per_s"] / plain_ddp
         print(
             f"data-parallel overhead, {m}: global batch {ocfg.train.batch_size}, 2 workers: Shipyard "
-            f"{two['ray_samples_per_s']:.0f} samples/s, torchrun DDP (gloo, in-memory tensors) {plain_ddp:.0f} "
-            f"samples/s -> ratio {ddp[m]:.3f}"
+            f"{two['ray_samples_per_s']:.0f} samples/s, torchrun DDP (gloo, in-memory tensors) right after it "
+            f"{plain_ddp:.0f} samples/s -> ratio {ddp[m]:.3f}"
         )
     # scaling.num_workers=auto against measurement: the count the plan picks for each model at the default batch,
     # and whether its measured samples/s is within 10 % of the best count measured
@@ -301,13 +329,17 @@ def main() -> None:
             + ", ".join(f"{w}: {r:.0f}" for w, r in sorted(measured_rates.items()))
             + f" -> {'within' if within else 'NOT within'} 10 % of the best ({best})"
         )
+    from shipyard.perf.measure import relative_range
+
     errs = [abs(c["rel_err"]) for c in cases]
+    drift = relative_range([c["machine_rate"] for c in cases])
     merrs = [abs(c["measured_rel_err"]) for c in cases]
     where = collections.Counter(max(c["part_errors_ms"], key=lambda k: abs(c["part_errors_ms"][k])) for c in cases)
     print(
         f"{len(cases)} cases in {time.perf_counter() - started:.0f} s: analytical median |rel err| "
         f"{statistics.median(errs):.1%}, worst {max(errs):.1%}; measured mode median {statistics.median(merrs):.1%}, "
-        f"worst {max(merrs):.1%}; the largest error per case lies in: {dict(where.most_common())}"
+        f"worst {max(merrs):.1%}; the largest error per case lies in: {dict(where.most_common())}; the machine's "
+        f"own speed (reference matmuls/s before each case) moved {drift:.1%}"
     )
     print(
         json.dumps(
@@ -325,6 +357,7 @@ def main() -> None:
                 "auto_workers": auto,
                 "cpu": cpu_model_name(),
                 "calibration_spread": profile.device.spread,
+                "machine_drift": round(drift, 4),
                 "per_case": [_rounded(c) for c in cases],
             }
         )

@@ -13,7 +13,8 @@ batch x worker count runs Shipyard's Ray Train path (TorchTrainer over Ray Data 
 checkpoint, an MLflow log and a report per epoch) on digits and compares the measured step time (the median
 over the steps of each epoch after the first, then the median over those epochs) with two predictions for the
 same model and per-worker batch: the analytical plan (shipyard.perf) and the measured mode (shipyard.perf.measure:
-each model's real step timed once in this process at 32 rows, every case scaled from it op by op).
+each model's real step timed once in this process at 32 rows, every case scaled from it op by op; and its step
+alone and in DDP on 2 local gloo processes at 32 and 128 rows, which prices the 2-worker cases).
 
 Error attribution: each case's step is also timed in this process (1 thread, in-memory tensors, no Ray) phase by
 phase (forward with the loss, backward, optimizer); the rest of the Ray step (exposed all-reduce, DDP's other
@@ -114,9 +115,9 @@ def measure_case(cfg, splits, name: str, tracking_uri: str) -> dict:
     }
 
 
-def predict_case(cfg, splits, profile, measured=None) -> dict:
-    """The analytical plan's step and its parts; with `measured` (the model's MeasuredStep), the measured
-    mode's step too."""
+def predict_case(cfg, splits, profile, measured=None, parallel=None) -> dict:
+    """The analytical plan's step and its parts; with `measured` (the model's MeasuredStep, and `parallel` its
+    MeasuredDataParallel), the measured mode's step too."""
     from shipyard.perf.estimate import estimate_step
     from shipyard.perf.layers import count_step_work
     from shipyard.perf.measure import measured_estimate
@@ -140,7 +141,7 @@ def predict_case(cfg, splits, profile, measured=None) -> dict:
         },
     }
     if measured is not None:
-        m = measured_estimate(measured, work, profile.device, None, workers, profile.interconnect)
+        m = measured_estimate(measured, work, profile.device, None, workers, profile.interconnect, parallel=parallel)
         out["measured_mode_step_time_ms"] = m.step_time_ms
     return out
 
@@ -166,7 +167,7 @@ def main() -> None:
     from shipyard.data.tables import to_numpy
     from shipyard.perf.calibration import calibrate
     from shipyard.perf.devices import load_profile
-    from shipyard.perf.measure import measure_step
+    from shipyard.perf.measure import measure_data_parallel, measure_step
     from shipyard.perf.probes import cpu_model_name
     from shipyard.tasks import make_task
 
@@ -209,17 +210,23 @@ def main() -> None:
             f"{profile.interconnect.latency_us} us + bytes / {profile.interconnect.bandwidth_gbps} GB/s; "
             f"calibration spread {profile.device.spread:.1%}; reference {reference_rate():.0f} matmuls/s"
         )
-        measured = {}
+        measured, parallel = {}, {}
         for model in models:  # the measured mode: each model's real step here once, every case priced from it
             cfg = load_config(None, spec[model])
             task = make_task(cfg.task, splits_of(model).info)
             measured[model] = measure_step(
                 lambda task=task, cfg=cfg: task.build_model(cfg.model), MEASURED_BATCH, task.example_batch, task.loss
             )
-            m = measured[model]
+            parallel[model] = measure_data_parallel(
+                lambda task=task, cfg=cfg: task.build_model(cfg.model), MEASURED_BATCH, task.example_batch, task.loss
+            )
+            m, dp = measured[model], parallel[model]
             print(
                 f"measured mode, {model}: {m.step_ms:.3f} ms a step at {MEASURED_BATCH} rows here (last rounds "
-                f"within {m.spread:.1%}), {m.matched}/{len(m.op_ms)} counted ops matched"
+                f"within {m.spread:.1%}), {m.matched}/{len(m.op_ms)} counted ops matched; on 2 local gloo peers, "
+                f"alone / DDP: "
+                + ", ".join(f"{b} rows {a:.3f} / {d:.3f} ms" for b, a, d in zip(dp.batches, dp.alone_ms, dp.ddp_ms))
+                + f" -> DDP step = {dp.slowdown:.2f} x alone + {dp.fixed_ms:.3f} ms"
             )
         print(
             f"{'model':12s} {'batch':>5s} {'workers':>7s} {'predicted_ms':>12s} {'measured_ms':>11s} "
@@ -236,7 +243,7 @@ def main() -> None:
                         "batch": batch,
                         "workers": workers,
                         "machine_rate": reference_rate(),
-                        **predict_case(cfg, splits, profile, measured[model]),
+                        **predict_case(cfg, splits, profile, measured[model], parallel[model]),
                         **measure_case(cfg, splits, f"{model}-b{batch}-w{workers}", tracking_uri),
                     }
                     case["rel_err"] = (case["predicted_step_time_ms"] - case["step_time_ms"]) / case["step_time_ms"]

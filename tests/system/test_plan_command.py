@@ -3,6 +3,7 @@ without Ray."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,10 +122,15 @@ def test_plan_measure_times_the_real_step_here_and_prices_other_hardware_from_it
     assert "the real step ran here at 32 rows with 1 thread(s)" in note and "counted ops matched" in note
     assert " ± " in out.stdout.split("predicted step time")[1].split("\n")[0]
     assert "USDT" not in out.stderr  # the profiler's start/stop lines are held back
+    if len(os.sched_getaffinity(0)) >= 2:  # digits trains on 2 workers: the model's own DDP step is measured too
+        ddp = next(line for line in out.stdout.splitlines() if "DDP step on 2 local gloo peers" in line)
+        slowdown = float(ddp.split("= ")[1].split(" x")[0])
+        assert slowdown >= 1.0 and "2 workers on one node are priced from it" in ddp
     gpu = shipyard(
         "plan", DIGITS, "--measure", "--hardware", "h100", "--profile", profile, "--plot", str(tmp_path / "g.png")
     )
     assert gpu.returncode == 0, gpu.stderr
     assert "measured mode" in gpu.stdout and "nvlink4" in gpu.stdout
+    assert "local gloo peers" not in gpu.stdout  # a GPU's data parallelism is not this machine's
     missing = shipyard("plan", DIGITS, "--measure", "--hardware", "h100", "--profile", str(tmp_path / "none.json"))
     assert missing.returncode == 2 and "run `shipyard calibrate`" in missing.stderr

@@ -5,15 +5,23 @@ import pytest
 import torch
 from torch import nn
 
-from shipyard.perf.devices import Device
+from shipyard.perf.devices import Device, Interconnect
 from shipyard.perf.estimate import estimate_step
 from shipyard.perf.layers import OpWork, StepWork, count_step_work
-from shipyard.perf.measure import MeasuredStep, match_ops, measure_step, measured_estimate, relative_range
+from shipyard.perf.measure import (
+    MeasuredDataParallel,
+    MeasuredStep,
+    match_ops,
+    measure_step,
+    measured_estimate,
+    relative_range,
+)
 from shipyard.perf.probes import _time_per_call_s
 
 # 1 TFLOP/s, 100 GB/s, 5 us per op: round numbers for hand-computed times
 FLAT = Device("flat", "cpu", {"fp32": 1.0}, 100.0, 1.0, 1.0, op_overhead_us=5.0, source="hand-made")
 TWICE = Device("twice", "cpu", {"fp32": 2.0}, 200.0, 1.0, 1.0, op_overhead_us=5.0, source="hand-made")
+LOOPBACK = Interconnect("loopback", 1.0, 100.0, "hand-made", overlap=0.0)
 
 
 def _work(batch: int) -> StepWork:
@@ -107,3 +115,22 @@ def test_a_measured_plan_keeps_the_analytical_step_beside_it_for_the_pipeline_to
     line = next(x for x in summary_lines(plan) if "measured mode" in x)
     assert f"at {cfg.train.batch_size} rows" in line and "the analytical model alone" in line
     assert make_plan(cfg, "local", profile=hand_made_profile(tmp_path)).analytical_step is None
+
+
+def test_a_measured_ddp_step_is_a_line_through_its_two_points_and_prices_two_workers_here():
+    # alone 10 and 30 ms, DDP 17 and 47 ms: slope (47 - 17) / (30 - 10) = 1.5, intercept 17 - 1.5 x 10 = 2 ms
+    dp = MeasuredDataParallel(2, (32, 128), (10.0, 30.0), (17.0, 47.0))
+    assert dp.slowdown == pytest.approx(1.5) and dp.fixed_ms == pytest.approx(2.0)
+    assert dp.step_ms(20.0) == pytest.approx(32.0)
+    # a small model whose DDP step did not grow with the batch (7.9 < 8.4 ms): no slope, a fixed cost, the mean gap
+    flat = MeasuredDataParallel(2, (32, 128), (1.9, 2.3), (8.4, 7.9))
+    assert flat.slowdown == 1.0 and flat.fixed_ms == pytest.approx(((8.4 - 1.9) + (7.9 - 2.3)) / 2)
+    # a slope under 1 is noise: a peer never makes the compute faster
+    assert MeasuredDataParallel(2, (32, 128), (10.0, 30.0), (15.0, 20.0)).slowdown == 1.0
+    m = MeasuredStep(_work(32), step_ms=1.0, op_ms=(0.5, 0.2, 0.1), between_ms=0.2, spread=0.0, threads=1)
+    two = measured_estimate(m, _work(32), FLAT, None, 2, LOOPBACK, parallel=dp)
+    assert two.step_time_ms == pytest.approx(1.5 * 1.0 + 2.0)  # 1.5 x the step alone (1 ms) + 2 ms
+    assert two.exposed_comm_ms == 0.0 and two.ddp_overhead_ms == pytest.approx(2.0)
+    # another worker count, or another device, than the one measured: the analytical link's costs
+    four = measured_estimate(m, _work(32), FLAT, None, 4, LOOPBACK, parallel=dp)
+    assert four.step_time_ms == pytest.approx(measured_estimate(m, _work(32), FLAT, None, 4, LOOPBACK).step_time_ms)

@@ -236,9 +236,9 @@ def make_plan(
             options=options,
         )
 
-    measured = None
+    measured = parallel = None
     if measure:
-        from shipyard.perf.measure import measure_step
+        from shipyard.perf.measure import measure_data_parallel, measure_step
 
         measured_batch = max(1, cfg.train.batch_size // (cfg.scaling.max_workers or 1))
         measured = measure_step(
@@ -249,13 +249,24 @@ def make_plan(
             f"{measured.step_ms:.3f} ms (last rounds within {measured.spread:.0%}); {measured.matched} of "
             f"{len(measured.op_ms)} counted ops matched; every other configuration scales it op by op"
         )
+        # this model's own DDP cost, on two local peers, when the run may use more than one worker
+        if hardware == "local" and per_node >= 2 and (cfg.scaling.max_workers or per_node) > 1:
+            parallel = measure_data_parallel(
+                lambda: task.build_model(cfg.model), measured_batch, task.example_batch, task.loss, options, threads
+            )
+            notes.append(
+                f"measured mode: its DDP step on 2 local gloo peers = {parallel.slowdown:.2f} x its step alone + "
+                f"{parallel.fixed_ms:.3f} ms (measured at {parallel.batches[0]} and {parallel.batches[1]} rows a "
+                "worker); 2 workers on one node are priced from it"
+            )
 
     def price(w: StepWork, dev: Device, n: int, lk: Interconnect | None, alg=algorithm, dt=dtype) -> StepEstimate:
         if measured is None:
             return estimate_step(w, dev, n, lk, alg, dt)
         from shipyard.perf.measure import measured_estimate
 
-        return measured_estimate(measured, w, here, dev, n, lk, alg, dt)
+        same_node = parallel if lk is intra else None  # measured on one node's loopback
+        return measured_estimate(measured, w, here, dev, n, lk, alg, dt, parallel=same_node)
 
     @functools.cache
     def eval_s(n: int) -> float:

@@ -125,7 +125,7 @@ def test_plan_measure_times_the_real_step_here_and_prices_other_hardware_from_it
     if len(os.sched_getaffinity(0)) >= 2:  # digits trains on 2 workers: the model's own DDP step is measured too
         ddp = next(line for line in out.stdout.splitlines() if "DDP step on 2 local gloo peers" in line)
         slowdown = float(ddp.split("= ")[1].split(" x")[0])
-        assert slowdown >= 1.0 and "2 workers on one node are priced from it" in ddp
+        assert slowdown >= 1.0 and "2 workers on this node are priced from it" in ddp
     gpu = shipyard(
         "plan", DIGITS, "--measure", "--hardware", "h100", "--profile", profile, "--plot", str(tmp_path / "g.png")
     )

@@ -26,12 +26,14 @@ import difflib
 import functools
 import multiprocessing
 import os
+import queue
 import socket
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -126,7 +128,7 @@ def measure_step(
         model.train()
         for _ in range(3):
             training_step(model, opt, batch, loss_fn, options)
-        rounds = steady_rounds(functools.partial(training_step, model, opt, batch, loss_fn, options), budget_s / 2, 5)
+        rounds = steady_rounds(lambda: training_step(model, opt, batch, loss_fn, options), budget_s)
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
         with _quiet_stderr():
             prof.start()
@@ -252,7 +254,9 @@ def _dp_peer(rank, workers, port, threads, build, batches, make_batch, loss_fn, 
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers, timeout=timedelta(seconds=60)
+    )
     try:
         result = []
         for b in batches:
@@ -301,7 +305,7 @@ def measure_data_parallel(
     """The model's step alone and in DDP on `workers` local processes (gloo on 127.0.0.1, `threads` torch
     threads each), at `batch_size` and 4x it rows a worker; about `budget_s` per batch size. The processes are
     forked, so `build` and `make_batch` may be closures; they must not use what does not survive a fork (a
-    Ray client, a GPU context): plain torch."""
+    Ray client, a GPU context): plain torch. A peer that fails ends the measurement at once (RuntimeError)."""
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     port = _free_port()
@@ -310,18 +314,27 @@ def measure_data_parallel(
     procs = [ctx.Process(target=_dp_peer, args=(rank, *args), daemon=True) for rank in range(workers)]
     for proc in procs:
         proc.start()
+    deadline, result, why = time.monotonic() + timeout_s, None, f"no answer after {timeout_s:.0f} s"
     try:
-        result = out.get(timeout=timeout_s)
-    except Exception as err:
-        codes = [proc.exitcode for proc in procs]
-        raise RuntimeError(
-            f"measuring data parallelism on {workers} local processes failed (exit codes {codes})"
-        ) from err
+        while result is None and time.monotonic() < deadline:
+            try:
+                result = out.get(timeout=0.2)
+            except queue.Empty:
+                failed = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if failed:  # a peer died: the others would wait for it in a collective
+                    why = "peer(s) exited early (rank, exit code): " + ", ".join(f"{r}: {c}" for r, c in failed)
+                    break
     finally:
         for proc in procs:
-            proc.join(timeout=10)
+            proc.join(timeout=2)
             if proc.is_alive():
                 proc.kill()
+        out.close()
+    if result is None:
+        raise RuntimeError(
+            f"measuring the model's data-parallel step on {workers} local gloo processes failed: {why} (their "
+            "tracebacks are above); plan without it: drop --measure (or set plan.measure=false)"
+        )
     return MeasuredDataParallel(workers, batches, (result[0][0], result[1][0]), (result[0][1], result[1][1]))
 
 
@@ -358,7 +371,7 @@ def measured_estimate(
     for op, t in zip(work.ops, measured.op_ms):
         if t is not None:
             phase_ms[op.phase] += measured.between_ms / ran
-    if parallel is not None and workers == parallel.workers and there is here:
+    if parallel is not None and workers == parallel.workers and there == here:
         return replace(
             analytical,
             forward_ms=phase_ms["forward"] * parallel.slowdown,

@@ -249,24 +249,30 @@ def make_plan(
             f"{measured.step_ms:.3f} ms (last rounds within {measured.spread:.0%}); {measured.matched} of "
             f"{len(measured.op_ms)} counted ops matched; every other configuration scales it op by op"
         )
-        # this model's own DDP cost, on two local peers, when the run may use more than one worker
-        if hardware == "local" and per_node >= 2 and (cfg.scaling.max_workers or per_node) > 1:
-            parallel = measure_data_parallel(
-                lambda: task.build_model(cfg.model), measured_batch, task.example_batch, task.loss, options, threads
-            )
-            notes.append(
-                f"measured mode: its DDP step on 2 local gloo peers = {parallel.slowdown:.2f} x its step alone + "
-                f"{parallel.fixed_ms:.3f} ms (measured at {parallel.batches[0]} and {parallel.batches[1]} rows a "
-                "worker); 2 workers on one node are priced from it"
-            )
+        # this model's own DDP cost on two local peers, where 2 workers of the run would share one node: a run that
+        # may use more than one worker, packed, on a profile of one node (a cluster's link is its network's)
+        one_node = hardware == "local" and per_node >= 2 and len(prof.nodes) <= 1
+        if one_node and cfg.scaling.placement_strategy == "PACK" and (cfg.scaling.max_workers or per_node) > 1:
+            per_worker = max(1, cfg.train.batch_size // 2)  # what each of 2 workers gets
+            try:
+                parallel = measure_data_parallel(
+                    lambda: task.build_model(cfg.model), per_worker, task.example_batch, task.loss, options, threads
+                )
+            except RuntimeError as err:  # the plan is advice: 2 workers keep the analytical price
+                notes.append(f"measured mode: 2 workers priced analytically ({err})")
+            else:
+                notes.append(
+                    f"measured mode: its DDP step on 2 local gloo peers = {parallel.slowdown:.2f} x its step alone "
+                    f"+ {parallel.fixed_ms:.3f} ms (measured at {parallel.batches[0]} and {parallel.batches[1]} rows "
+                    "a worker); 2 workers on this node are priced from it"
+                )
 
     def price(w: StepWork, dev: Device, n: int, lk: Interconnect | None, alg=algorithm, dt=dtype) -> StepEstimate:
         if measured is None:
             return estimate_step(w, dev, n, lk, alg, dt)
         from shipyard.perf.measure import measured_estimate
 
-        same_node = parallel if lk is intra else None  # measured on one node's loopback
-        return measured_estimate(measured, w, here, dev, n, lk, alg, dt, parallel=same_node)
+        return measured_estimate(measured, w, here, dev, n, lk, alg, dt, parallel=parallel)
 
     @functools.cache
     def eval_s(n: int) -> float:

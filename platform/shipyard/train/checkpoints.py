@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -226,3 +227,20 @@ def repair_run_snapshot(run_dir: Path) -> None:
         run_dir.name,
         snapshot.with_suffix(".broken").name,
     )
+
+
+CHECKPOINT_TMP_PREFIX = "shipyard-checkpoint-"
+"""Rank 0's checkpoint folders in the worker's temp folder, each deleted by Ray Train once copied into storage."""
+COPY_WAIT_S = 600.0
+
+
+def wait_copied(folder: str | None, timeout_s: float = COPY_WAIT_S) -> None:
+    """Wait until Ray Train's upload thread has copied `folder` into storage (it deletes the folder then). It
+    copies one checkpoint at a time and hands each to the controller, which takes one report per poll: without
+    this wait, epochs shorter than a poll (or than a copy to slow storage) would queue checkpoints without bound."""
+    deadline = time.monotonic() + timeout_s
+    while folder is not None and os.path.exists(folder):
+        if time.monotonic() > deadline:
+            log.warning("checkpoint %s not copied into storage after %.0f s: training goes on", folder, timeout_s)
+            return
+        time.sleep(0.002)

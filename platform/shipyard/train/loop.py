@@ -27,7 +27,15 @@ from torch import nn
 from shipyard.config import Config
 from shipyard.errors import TrainingError
 from shipyard.tasks import Task, make_task
-from shipyard.train.checkpoints import CHECKPOINT_FILE, HISTORY_FILE, ResumePoint, repair_run_snapshot, resume_point
+from shipyard.train.checkpoints import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_TMP_PREFIX,
+    HISTORY_FILE,
+    ResumePoint,
+    repair_run_snapshot,
+    resume_point,
+    wait_copied,
+)
 from shipyard.train.epoch import VAL_BATCH, HeldRows, fits_in_memory, make_optimizer, run_epoch
 from shipyard.train.mlflow_queue import FLUSH_S, UNDELIVERED_FILE, WORKER_ENV, QueuedMlflow, deliver_leftovers
 from shipyard.train.progress import Progress
@@ -129,6 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_rows.load()
     options = StepOptions.of(cfg.train)
     primary = f"val_{task.primary_metric}"
+    pending = None  # rank 0's last checkpoint folder, until Ray Train's upload thread has copied (and deleted) it
     for epoch in range(start_epoch, cfg.train.epochs):
         metrics = run_epoch(
             model,
@@ -143,9 +152,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["epoch"], metrics["epochs_done"] = epoch, epoch + 1  # epochs_done: the search schedulers' clock
         metrics["report_s"] = report_s  # the previous epoch's checkpoint + ray.train.report
         report_start = time.perf_counter()
-        ckpt = None
+        ckpt = tmp = None
         if rank == 0:
-            tmp = tempfile.mkdtemp(prefix="shipyard-checkpoint-")
+            wait_copied(pending)  # one checkpoint at most waits for Ray Train's upload thread
+            tmp = tempfile.mkdtemp(prefix=CHECKPOINT_TMP_PREFIX)
             try:
                 inner = model.module if hasattr(model, "module") else model
                 torch.save(
@@ -209,7 +219,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # on. In SYNC mode the call waits for the controller to take the previous report (a one-slot queue, read
         # once per RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): 18 % of a 1-worker MLP run's training thread (py-spy).
         # Ray Train waits for pending uploads before the worker's function ends.
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        # Bounded by wait_copied above: a run that dies loses at most the epoch in flight and the one before it,
+        # and at most two copies sit in rank 0's temp folder.
+        try:
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        except BaseException:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        pending = tmp
         report_s = time.perf_counter() - report_start
 
 
@@ -357,8 +375,9 @@ def fit(
         if "No space left on device" in str(err):  # errno ENOSPC, in any worker's traceback
             raise TrainingError(
                 f"training run {run_name} failed: the disk holding storage_path ({cfg.storage_dir}) or a worker's "
-                "temp folder is full. The checkpoints saved so far are intact there: free space (or set "
-                "storage_path to a larger disk, with the same path on every node) and rerun with --resume"
+                "temp folder is full. The checkpoints saved so far are intact there: free space (the workers' "
+                f"temp folders may hold {CHECKPOINT_TMP_PREFIX}* copies a failed upload left; delete them), or set "
+                "storage_path to a larger disk, with the same path on every node, and rerun with --resume"
             ) from err
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise TrainingError(
